@@ -1,0 +1,28 @@
+"""sparsecc: a sparsifying compiler for PyTorch models.
+
+    plan = sparsecc.calibrate(model, batches, recipe)       # analysis passes -> Plan
+    sparsecc.sparsify_(model, plan)                          # or sparsify_(model, recipe, batches)
+    model = torch.compile(model, backend="sparsecc")
+"""
+__version__ = "0.1.0"
+
+from . import prune
+from .api import calibrate, sparsify_
+from .backend import sparsecc_backend
+from .calibration import CalibrationSet, sample_batches
+from .capture import Captured, LinearSite, capture
+from .configs import SparsityConfig, Technique, config_from_dict, register_technique
+from .errors import CalibrationError, CaptureError, PipelineError, PlanError, RecipeError, SparseccError
+from .passes import (AnalysisPass, ApplyRecipe, CollectHessians, CollectInputStats, Pass, Pipeline,
+                     PipelineResult, TransformPass)
+from .plan import Plan
+from .report import Report
+from .techniques import MagnitudeConfig
+
+__all__ = [
+    "AnalysisPass", "ApplyRecipe", "CalibrationError", "CalibrationSet", "CaptureError", "Captured",
+    "CollectHessians", "CollectInputStats", "LinearSite", "MagnitudeConfig", "Pass", "Pipeline",
+    "PipelineError", "PipelineResult", "Plan", "PlanError", "RecipeError", "Report", "SparseccError",
+    "SparsityConfig", "Technique", "TransformPass", "calibrate", "capture", "config_from_dict", "prune",
+    "register_technique", "sample_batches", "sparsecc_backend", "sparsify_",
+]

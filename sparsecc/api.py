@@ -1,0 +1,120 @@
+"""The public verbs: `calibrate` (analysis only -> Plan) and `sparsify_` (in place -> Report)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .calibration import describe, validate_batches
+from .capture import capture
+from .configs import technique_for
+from .errors import CalibrationError, PlanError
+from .passes.base import ANALYSIS_PRODUCERS, ApplyRecipe
+from .passes.pipeline import Pipeline
+from .plan import Plan, fingerprint, plan_meta
+from .report import Report
+from .targeting import resolve
+
+
+def _example_batch(model: nn.Module):
+    """A dummy batch for data-free work on language models (token ids only need a valid range)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if not isinstance(emb, nn.Embedding):
+        raise CalibrationError(f"{type(model).__name__} takes no token ids, so sparsecc cannot make an input "
+                               "to capture it: pass batches=[example_input]")
+    return torch.zeros(1, 8, dtype=torch.long, device=emb.weight.device)
+
+
+def _build(model, recipe, batches, debug, progress):
+    captured = capture(model, batches[0])
+    assignments = resolve(recipe, {"linear": list(captured.sites)})
+    needs = sorted({r for c in assignments.values() for r in technique_for(c).requires})
+    passes = [ANALYSIS_PRODUCERS[a](modules=[n for n, c in assignments.items() if a in technique_for(c).requires])
+              for a in needs]
+    passes.append(ApplyRecipe(assignments))
+    return captured, assignments, Pipeline(passes, debug=debug, progress=progress)
+
+
+def calibrate(model: nn.Module, batches, recipe, *, debug: bool = False, progress: bool = True,
+              keep_hessians: bool = False) -> Plan:
+    """Run the analysis passes the recipe needs and compute every decision, block by block on
+    the outputs of the already-transformed blocks, then restore the model: it is unchanged,
+    and the returned Plan holds what `sparsify_(model, plan)` needs to apply without data."""
+    batches_list = validate_batches(model, batches)
+    was_training = model.training
+    model.eval()
+    try:
+        captured, assignments, pipe = _build(model, recipe, batches_list, debug, progress)
+        meta = plan_meta(model, {n: captured.sites[n] for n in assignments})
+    finally:
+        model.train(was_training)
+    result = pipe.run(model, batches_list, captured=captured, keep_changes=False)
+    stats = {a: t for a, t in result.stats.items() if keep_hessians or a != "hessian"}
+    setup = describe(batches_list, getattr(batches, "setup", None))
+    meta["timings"] = result.timings
+    return Plan({n: captured.sites[n] for n in assignments}, assignments, result.decisions, stats, setup,
+                result.rows, meta)
+
+
+def sparsify_(model: nn.Module, recipe_or_plan, batches=None, *, debug: bool = False, progress: bool = True,
+              strict: bool = True) -> Report:
+    """Sparsify `model` in place.
+
+    With a recipe ({module name | "re:<regex>" | "default": config or None}), runs the passes the
+    configs need on `batches` (data-free configs need none). With a Plan from `calibrate`,
+    replays its decisions without data; `strict` checks the weights are those it was made from.
+    A failure leaves the model as it was.
+    """
+    if isinstance(recipe_or_plan, Plan):
+        return _apply_plan(model, recipe_or_plan, strict)
+    if batches is None:
+        batches_list = [_example_batch(model)]
+        setup = {"data": "none (data-free)"}
+    else:
+        batches_list = validate_batches(model, batches)
+        setup = None
+    was_training = model.training
+    model.eval()
+    try:
+        captured, assignments, pipe = _build(model, recipe_or_plan, batches_list, debug, progress)
+    finally:
+        model.train(was_training)
+    if batches is None and pipe.order[:-1]:
+        need = ", ".join(p.name for p in pipe.order[:-1])
+        raise CalibrationError(f"the recipe needs calibration data ({need}); pass batches=...")
+    result = pipe.run(model, batches_list, captured=captured)
+    setup = setup or describe(batches_list, getattr(batches, "setup", None))
+    return Report(result.rows, setup, result.timings, result.scopes)
+
+
+@torch.no_grad()
+def _apply_plan(model: nn.Module, plan: Plan, strict: bool) -> Report:
+    saved: dict[str, torch.Tensor] = {}
+    rows = []
+    try:
+        for name, config in plan.configs.items():
+            site = plan.sites[name]
+            try:
+                weight = site.weight(model)
+            except AttributeError:
+                raise PlanError(f"plan targets {site.param}, which this model does not have") from None
+            if tuple(weight.shape) != (site.out_features, site.in_features):
+                raise PlanError(f"{name}: plan expects [{site.out_features}, {site.in_features}], "
+                                f"model has {list(weight.shape)}")
+            expected = plan.meta.get("fingerprints", {}).get(name)
+            if strict and expected and not all(math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6)
+                                               for a, b in zip(fingerprint(weight), expected)):
+                raise PlanError(f"{name}: weights differ from those the plan was calibrated on (already "
+                                "sparsified, or another checkpoint?); pass strict=False to apply anyway")
+            saved.setdefault(site.param, model.get_parameter(site.param).detach().clone())
+            technique_for(config).apply(config, weight, plan.decisions[name])
+            row = next((r for r in plan.rows if r["module"] == name), {"module": name, "technique":
+                       type(config).__name__, "config": config.to_dict(),
+                       "shape": [site.out_features, site.in_features], "seconds": 0.0})
+            rows.append({**row, "sparsity": float((weight == 0).float().mean())})
+    except BaseException:
+        for param, value in saved.items():
+            model.get_parameter(param).copy_(value)
+        raise
+    return Report(rows, plan.setup, {}, ["plan"])

@@ -1,0 +1,138 @@
+"""The `sparsecc` torch.compile backend.
+
+    torch.compile(model, backend="sparsecc", options={"recipe": {...}, "debug": True})
+
+Registered on import and through the `torch_dynamo_backends` entry point, so no import is
+needed. It rewrites the linear calls a data-free recipe targets (the weight operand becomes
+`weight * mask`, the mask computed once from the weights dynamo hands over) and gives the
+graph to Inductor (`compile_fx`), which also provides the CPU path. Calibrated techniques
+belong before compile: `sparsecc.sparsify_(model, recipe, batches)`.
+"""
+from __future__ import annotations
+
+import difflib
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch._dynamo import register_backend
+
+from .capture import LinearSite, graph_linears
+from .configs import technique_for
+from .errors import RecipeError
+from .targeting import normalize_recipe, resolve
+
+log = logging.getLogger("sparsecc")
+
+OPTIONS = {
+    "recipe": "data-free configs applied at compile time: {module name | 're:<regex>' | 'default': config}",
+    "debug": "log the graph before and after the rewrite and what was rewritten",
+    "inductor": "dict of Inductor config overrides passed to compile_fx",
+}
+
+
+@dataclass
+class BackendOptions:
+    recipe: dict | None = None
+    debug: bool = False
+    inductor: dict = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, options) -> "BackendOptions":
+        options = dict(options or {})
+        for key in options:
+            if key not in OPTIONS:
+                near = difflib.get_close_matches(key, list(OPTIONS), n=1)
+                hint = f"did you mean {near[0]!r}? " if near else ""
+                raise RecipeError(f"unknown sparsecc backend option {key!r}; {hint}known options: "
+                                  + "; ".join(f"{k}: {v}" for k, v in OPTIONS.items()))
+        opts = cls(**options)
+        if opts.recipe is not None:
+            opts.recipe = normalize_recipe(opts.recipe)
+            for key, cfg in opts.recipe.items():
+                if cfg is not None and technique_for(cfg).requires:
+                    raise RecipeError(f"recipe[{key!r}]: {type(cfg).__name__} needs calibration data "
+                                      f"({', '.join(technique_for(cfg).requires)}), which torch.compile cannot "
+                                      "provide; run sparsecc.sparsify_(model, recipe, batches) before compiling")
+        if not isinstance(opts.debug, bool):
+            raise RecipeError(f"option 'debug' must be True or False, got {opts.debug!r}")
+        if not isinstance(opts.inductor, dict):
+            raise RecipeError(f"option 'inductor' must be a dict of Inductor config overrides, got {opts.inductor!r}")
+        return opts
+
+
+def rewrite_linears(gm: fx.GraphModule, example_inputs, recipe) -> tuple[list[torch.Tensor], list[dict]]:
+    """Replace the weight operand of each targeted linear by `weight * mask`.
+
+    Masks are computed once from the weights dynamo passed in and become extra graph inputs
+    (appended after the existing ones); the caller feeds them on every call.
+    """
+    linears = [gl for gl in graph_linears(gm) if gl.module]
+    assignments = resolve(recipe, {"linear": sorted({gl.module for gl in linears})})
+    last_input = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    masks, rewritten = [], []
+    for gl in linears:
+        config = assignments.get(gl.module)
+        if config is None:
+            continue
+        w = example_inputs[gl.input_index]
+        out_f, in_f = (w.shape[1], w.shape[0]) if gl.transposed else tuple(w.shape)
+        site = LinearSite(gl.module, gl.module + ".weight", int(out_f), int(in_f), gl.transposed)
+        view = w.detach().t() if gl.transposed else w.detach()
+        mask = technique_for(config).plan(config, site, view, {})["mask"]
+        masks.append((mask.t() if gl.transposed else mask).to(w.dtype).contiguous())
+        weight_node = gl.node.args[gl.arg_index]
+        with gm.graph.inserting_after(last_input):
+            last_input = gm.graph.placeholder(f"sparsecc_mask_{len(masks) - 1}")
+        with gm.graph.inserting_before(gl.node):
+            masked = gm.graph.call_function(torch.mul, (weight_node, last_input))
+        gl.node.replace_input_with(weight_node, masked)
+        rewritten.append({"module": gl.module, "technique": type(config).__name__,
+                          "shape": [int(out_f), int(in_f)], "sparsity": float(1 - mask.float().mean())})
+    gm.graph.lint()
+    gm.recompile()
+    return masks, rewritten
+
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    return fx.GraphModule(gm, graph)
+
+
+def sparsecc_backend(gm: fx.GraphModule, example_inputs, options=None, mode=None):
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    opts = BackendOptions.parse(options)
+    patches = dict(list_mode_options(mode)) if mode else {}
+    patches.update(opts.inductor)
+    if not opts.recipe:
+        return compile_fx(gm, example_inputs, config_patches=patches or None)
+    if opts.debug:
+        log.warning("sparsecc: graph before rewrite:\n%s", gm.graph)
+    gm = _copy(gm)  # dynamo still reads its own graph after we return: rewrite a copy
+    masks, done = rewrite_linears(gm, example_inputs, opts.recipe)
+    if opts.debug:
+        log.warning("sparsecc: rewrote %d linears: %s\ngraph after:\n%s", len(done), done, gm.graph)
+    compiled = compile_fx(gm, list(example_inputs) + masks, config_patches=patches or None)
+
+    def run(*args):
+        return compiled(*args, *masks)
+
+    return run
+
+
+def _register() -> None:
+    from torch._dynamo.backends import registry
+
+    # Skip when already registered, or when dynamo found our entry point and is importing us to
+    # register it itself (registering twice raises "duplicate name").
+    if "sparsecc" in registry._COMPILER_FNS or registry._BACKENDS.get("sparsecc") is not None:
+        return
+    register_backend(sparsecc_backend, name="sparsecc")
+
+
+_register()

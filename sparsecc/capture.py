@@ -1,0 +1,201 @@
+"""Model -> what torch.compile sees: the linear calls in the dynamo graph, mapped back to modules.
+
+`capture(model, batch)` runs one forward through dynamo with a recording backend. In every
+captured graph it finds the matmul-like calls whose weight operand is a graph input
+(`F.linear(x, W)`, `addmm(b, x, W)` as in GPT-2's Conv1D, `x @ W`); dynamo passes the real
+parameter tensors as those inputs, so each is matched to its parameter name by storage, and
+the module that made the call comes from the node's `nn_module_stack`. Nothing here depends
+on the model family: the same code finds the linears of Llama, OPT, GPT-2 or a plain MLP.
+
+The repeated decoder blocks are found structurally (a ModuleList/Sequential of same-type
+children that hold linears), never by attribute names such as `model.layers`.
+"""
+from __future__ import annotations
+
+import operator
+import re
+import threading
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import CaptureError
+
+# call target -> (index of the weight operand, weight stored as [in, out])
+_LINEAR_TARGETS = {
+    torch._C._nn.linear: (1, False),
+    torch.nn.functional.linear: (1, False),
+    torch.addmm: (2, True),
+    torch.matmul: (1, True),
+    operator.matmul: (1, True),
+}
+
+
+@dataclass(frozen=True)
+class GraphLinear:
+    """A linear call in a captured graph whose weight is graph input number `input_index`."""
+
+    node: fx.Node
+    input_index: int     # position among the graph's placeholders
+    arg_index: int       # position of the weight among the call's arguments
+    module: str          # dotted module path of the caller, "" if unknown
+    transposed: bool     # weight laid out [in, out]
+
+
+def module_path(node: fx.Node) -> str:
+    """Dotted module name of the innermost module that made this call ('' if none)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    # strip the root: "L['self']", "L['args'][0]", "L['fn']", ...
+    path = re.sub(r"^L\[[^\]]*\](\[\d+\])*\.?", "", path)
+    # "_modules['layers']" / "layers[0]" forms -> dotted
+    path = re.sub(r"_modules\['([^']*)'\]", r"\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    return path.strip(".").replace("..", ".")
+
+
+def graph_linears(gm: fx.GraphModule) -> list[GraphLinear]:
+    placeholders = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in _LINEAR_TARGETS:
+            continue
+        idx, transposed = _LINEAR_TARGETS[node.target]
+        if len(node.args) <= idx or not isinstance(node.args[idx], fx.Node):
+            continue
+        w = node.args[idx]
+        if w not in placeholders:
+            continue
+        val = w.meta.get("example_value")
+        if val is not None and val.dim() != 2:
+            continue
+        found.append(GraphLinear(node, placeholders[w], idx, module_path(node), transposed))
+    return found
+
+
+@dataclass(frozen=True)
+class LinearSite:
+    """A linear layer sparsecc can rewrite: module `name` owns the 2-D parameter `param`."""
+
+    name: str
+    param: str
+    out_features: int
+    in_features: int
+    transposed: bool = False  # stored [in, out] (GPT-2 Conv1D)
+    tied: tuple[str, ...] = ()  # other names of the same parameter (e.g. a tied embedding)
+
+    def weight(self, model: nn.Module) -> torch.Tensor:
+        """The weight as an [out, in] view sharing storage with the parameter."""
+        w = model.get_parameter(self.param).data
+        return w.t() if self.transposed else w
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "param": self.param, "out_features": self.out_features,
+                "in_features": self.in_features, "transposed": self.transposed, "tied": list(self.tied)}
+
+
+# --- recording backend -----------------------------------------------------------------
+# One backend object for every capture, so dynamo reuses its cache entry instead of
+# piling up recompiles; the compiled function reports its linears each time it runs,
+# resolving weights from the actual inputs (a new model of the same shape hits the cache).
+_session = threading.local()
+
+
+def _recorder(gm: fx.GraphModule, example_inputs):
+    linears = graph_linears(gm)
+
+    def run(*args):
+        seen = getattr(_session, "seen", None)
+        if seen is not None:
+            seen.append((gm, [(gl.module, args[gl.input_index], gl.transposed) for gl in linears]))
+        return gm.forward(*args)
+
+    return run
+
+
+@dataclass
+class Captured:
+    """Result of `capture`: graphs, linear sites (in call order) and the decoder blocks."""
+
+    model: nn.Module
+    graphs: list[fx.GraphModule]
+    sites: dict[str, LinearSite]
+    blocks: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # module -> why it is not a site
+
+    def block_of(self, site: str) -> int | None:
+        for i, b in enumerate(self.blocks):
+            if site.startswith(b + "."):
+                return i
+        return None
+
+
+def call_model(model: nn.Module, batch):
+    if isinstance(batch, dict):
+        return model(**batch)
+    return model(batch)
+
+
+def capture(model: nn.Module, batch) -> Captured:
+    """Trace `model` on one `batch` through dynamo and collect its linear sites and blocks."""
+    import torch._dynamo
+
+    by_storage: dict[tuple, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_storage.setdefault((p.data_ptr(), tuple(p.shape)), []).append(name)
+
+    _session.seen = []
+    try:
+        with torch.no_grad():
+            call_model(torch._dynamo.optimize(_recorder)(model), batch)
+        seen = _session.seen
+    except Exception as e:
+        raise CaptureError(f"dynamo could not run {type(model).__name__} on the calibration batch: {e}") from e
+    finally:
+        _session.seen = None
+
+    sites: dict[str, LinearSite] = {}
+    skipped: dict[str, str] = {}
+    graphs = []
+    for gm, calls in seen:
+        if gm not in graphs:
+            graphs.append(gm)
+        for mod, tensor, transposed in calls:
+            names = by_storage.get((tensor.data_ptr(), tuple(tensor.shape)), [])
+            # the alias owned by the calling module (a tied lm_head calls with embed_tokens.weight)
+            owned = [n for n in names if n.rpartition(".")[0] == mod]
+            if not owned:
+                if names:
+                    skipped[mod or names[0]] = f"weight {names[0]} is used inside {mod or 'the model'}, not by its owner"
+                continue
+            if mod in sites:
+                continue
+            out_f, in_f = (tensor.shape[1], tensor.shape[0]) if transposed else tuple(tensor.shape)
+            tied = tuple(n for n in names if n != owned[0])
+            sites[mod] = LinearSite(mod, owned[0], int(out_f), int(in_f), transposed, tied)
+    if not sites:
+        raise CaptureError(f"{type(model).__name__} has no linear layers sparsecc can rewrite (it looks for "
+                           "F.linear / addmm / matmul calls whose weight is a 2-D parameter)")
+    return Captured(model, graphs, sites, find_blocks(model, sites), skipped)
+
+
+def find_blocks(model: nn.Module, sites) -> list[str]:
+    """The repeated blocks: the ModuleList/Sequential of same-type children holding the most linears."""
+    best: list[str] = []
+    best_count = 0
+    for name, mod in model.named_modules():
+        if not isinstance(mod, (nn.ModuleList, nn.Sequential)) or len(mod) < 2:
+            continue
+        children = [(f"{name}.{k}" if name else k, c) for k, c in mod.named_children()]
+        if len({type(c) for _, c in children}) != 1:
+            continue
+        counts = [sum(1 for s in sites if s.startswith(cn + ".")) for cn, _ in children]
+        if min(counts) == 0:
+            continue
+        if sum(counts) > best_count:
+            best, best_count = [cn for cn, _ in children], sum(counts)
+    return best

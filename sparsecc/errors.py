@@ -1,0 +1,25 @@
+"""Exceptions raised by sparsecc. Every message names the offending input and the fix."""
+
+
+class SparseccError(Exception):
+    """Base class of sparsecc's errors."""
+
+
+class RecipeError(SparseccError, ValueError):
+    """A recipe or config is malformed: unknown key, bad value, pattern matching nothing."""
+
+
+class CalibrationError(SparseccError, ValueError):
+    """Calibration batches are unusable (empty, wrong dtype/device/shape) or produce NaN/Inf."""
+
+
+class CaptureError(SparseccError, RuntimeError):
+    """The model could not be captured, or has nothing sparsecc can rewrite."""
+
+
+class PipelineError(SparseccError, RuntimeError):
+    """A pipeline is ill-formed (cycle, missing producer) or one of its passes failed."""
+
+
+class PlanError(SparseccError, ValueError):
+    """A saved plan is missing, corrupt, or does not fit the model it is applied to."""

@@ -1,0 +1,186 @@
+"""Block-sequential execution (the SparseGPT/Wanda calibration setup).
+
+One dense forward per calibration batch records how every decoder block is called (its
+arguments and keyword arguments: masks, position embeddings, ...). Then block k runs alone on
+the hidden states that blocks < k produced *after* they were transformed, so statistics of
+block k reflect the already-sparsified prefix and only one block's activations are held at a
+time. Linears outside the blocks (e.g. lm_head) are handled last by whole-model forwards.
+
+Nothing here knows a model family: blocks come from `capture.find_blocks`; the hidden state is
+the block's first tensor argument (or its `hidden_states` keyword) and the first element of
+its output. On the first batch the probe checks that block k's output *is* block k+1's input;
+if not, the model is calibrated as a whole instead (correct, but not memory-sequential).
+"""
+from __future__ import annotations
+
+import inspect
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..calibration import token_mask
+from ..capture import Captured, call_model
+
+
+class _Stop(Exception):
+    pass
+
+
+def _hidden_slot(args, kwargs):
+    if args and isinstance(args[0], torch.Tensor):
+        return ("arg", 0)
+    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+        return ("kw", "hidden_states")
+    return None
+
+
+def _get(slot, args, kwargs):
+    return args[slot[1]] if slot[0] == "arg" else kwargs[slot[1]]
+
+
+def _with_hidden(slot, args, kwargs, hidden):
+    if slot[0] == "arg":
+        args = (hidden,) + tuple(args[1:])
+    else:
+        kwargs = {**kwargs, slot[1]: hidden}
+    return args, kwargs
+
+
+def _same(a, b) -> bool:
+    return a is not None and b is not None and (a is b or (a.shape == b.shape and torch.equal(a, b)))
+
+
+def _hidden_of(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    return None
+
+
+def model_kwargs(model: nn.Module) -> dict:
+    """Calibration forwards need no KV cache: pass use_cache=False where the model takes it."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"use_cache": False} if "use_cache" in params else {}
+
+
+def forward_model(model, batch):
+    extra = model_kwargs(model)
+    if extra and isinstance(batch, dict):
+        return model(**{**extra, **batch})
+    if extra:
+        return model(batch, **extra)
+    return call_model(model, batch)
+
+
+@dataclass
+class Scope:
+    """A unit of calibration: the sites it holds and how to run it over all batches."""
+
+    name: str
+    sites: list
+    run: Callable[[], None]   # one forward over all calibration batches
+
+
+class BlockRunner:
+    """Yields scopes: each decoder block in order, then the rest of the model."""
+
+    def __init__(self, ctx, needs_data: bool = True):
+        self.ctx = ctx
+        self.needs_data = needs_data
+        cap: Captured = ctx.captured
+        self.model = ctx.model
+        self.blocks = [self.model.get_submodule(b) for b in cap.blocks]
+        self.calls: list[list] = []
+        self.hidden: list[torch.Tensor] = []
+        self.sequential = needs_data and bool(self.blocks) and self._probe()
+        if needs_data and cap.blocks and not self.sequential:
+            warnings.warn(f"{type(self.model).__name__}: blocks {cap.blocks[0]}... do not feed each other "
+                          "directly; calibrating the whole model at once instead of block by block")
+
+    def _probe(self) -> bool:
+        n = len(self.blocks)
+        self.calls = [[None] * len(self.ctx.batches) for _ in range(n)]
+        first_in: dict[int, torch.Tensor] = {}
+        first_out: dict[int, torch.Tensor] = {}
+        state = {"b": 0}
+        handles = []
+
+        def pre(k):
+            def hook(mod, args, kwargs):
+                slot = _hidden_slot(args, kwargs)
+                if slot is None:
+                    raise _Stop("no hidden-state argument")
+                h = _get(slot, args, kwargs)
+                if state["b"] == 0:
+                    first_in[k] = h
+                if k == 0:
+                    self.hidden.append(h)
+                args, kwargs = _with_hidden(slot, args, kwargs, None)
+                self.calls[k][state["b"]] = (slot, args, kwargs)
+            return hook
+
+        def post(k):
+            def hook(mod, args, kwargs, out):
+                if state["b"] == 0:
+                    first_out[k] = _hidden_of(out)
+                if k == n - 1:
+                    raise _Stop()
+            return hook
+
+        for k, blk in enumerate(self.blocks):
+            handles.append(blk.register_forward_pre_hook(pre(k), with_kwargs=True))
+            handles.append(blk.register_forward_hook(post(k), with_kwargs=True))
+        try:
+            for b, batch in enumerate(self.ctx.batches):
+                state["b"] = b
+                try:
+                    forward_model(self.model, batch)
+                except _Stop as s:
+                    if s.args:
+                        return False
+                else:
+                    return False  # the last block never ran
+        finally:
+            for h in handles:
+                h.remove()
+        return all(_same(first_out.get(k), first_in.get(k + 1)) for k in range(n - 1))
+
+    def scopes(self):
+        sites = self.ctx.captured.sites
+        if self.sequential:
+            names = self.ctx.captured.blocks
+            for k, block in enumerate(self.blocks):
+                in_block = [s for s in sites.values() if s.name.startswith(names[k] + ".")]
+                yield Scope(names[k], in_block, lambda k=k: self._run_block(k))
+                self.hidden = self._run_block(k)  # outputs after this block's transforms
+                self.calls[k] = None  # free what block k needed
+            rest = [s for s in sites.values() if self.ctx.captured.block_of(s.name) is None]
+        else:
+            rest = list(sites.values())
+        if rest:
+            yield Scope("model" if not self.sequential else "rest", rest, self._run_model)
+
+    @torch.no_grad()
+    def _run_block(self, k: int) -> list[torch.Tensor]:
+        outs = []
+        for b, call in enumerate(self.calls[k]):
+            slot, args, kwargs = call
+            args, kwargs = _with_hidden(slot, args, kwargs, self.hidden[b])
+            self.ctx.set_batch(b, token_mask(self.ctx.batches[b]))
+            outs.append(_hidden_of(self.blocks[k](*args, **kwargs)))
+        return outs
+
+    @torch.no_grad()
+    def _run_model(self) -> None:
+        if not self.needs_data:
+            return
+        for b, batch in enumerate(self.ctx.batches):
+            self.ctx.set_batch(b, token_mask(batch))
+            forward_model(self.model, batch)

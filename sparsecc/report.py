@@ -1,0 +1,42 @@
+"""The report `sparsify_` returns: per-layer rows, calibration setup, per-pass timings."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Report:
+    rows: list[dict]                       # module, technique, config, shape, sparsity, seconds
+    setup: dict = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    scopes: list[str] = field(default_factory=list)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of zeros over all transformed weights."""
+        total = sum(r["shape"][0] * r["shape"][1] for r in self.rows)
+        return sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in self.rows) / total if total else 0.0
+
+    def to_dict(self) -> dict:
+        return {"rows": self.rows, "setup": self.setup, "timings": self.timings, "scopes": self.scopes,
+                "overall_sparsity": self.sparsity}
+
+    def to_json(self, **kw) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str, **kw)
+
+    def table(self) -> str:
+        width = max([len(r["module"]) for r in self.rows] + [6])
+        head = f"{'module':<{width}}  {'technique':<18} {'shape':>11}  {'sparsity':>8}  {'time':>8}"
+        lines = [head, "-" * len(head)]
+        for r in self.rows:
+            pattern = r["config"].get("pattern") or ""
+            shape = "x".join(map(str, r["shape"]))
+            lines.append(f"{r['module']:<{width}}  {(r['technique'].removesuffix('Config') + ' ' + pattern).strip():<18} "
+                         f"{shape:>11}  {r['sparsity']:>8.1%}  {r['seconds']:>7.3f}s")
+        lines.append(f"{'total':<{width}}  {'':<18} {'':>11}  {self.sparsity:>8.1%}  "
+                     f"{sum(r['seconds'] for r in self.rows):>7.3f}s")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()

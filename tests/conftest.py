@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny randomly initialised transformers models of several families."""
+import os
+
+import pytest
+import torch
+from hypothesis import settings
+
+settings.register_profile("ci", deadline=None, derandomize=True, max_examples=25, print_blob=True)
+settings.register_profile("dev", deadline=None, max_examples=25)
+settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+VOCAB = 128
+
+
+def _families():
+    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                              MistralForCausalLM, MixtralConfig, MixtralForCausalLM, OPTConfig, OPTForCausalLM)
+    common = dict(vocab_size=VOCAB, max_position_embeddings=64)
+    return {
+        "llama": lambda: LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                      num_attention_heads=4, num_key_value_heads=2, **common)),
+        "mistral": lambda: MistralForCausalLM(MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                            num_attention_heads=4, num_key_value_heads=2,
+                                                            sliding_window=8, **common)),
+        "mixtral": lambda: MixtralForCausalLM(MixtralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                            num_attention_heads=4, num_key_value_heads=2,
+                                                            num_local_experts=4, num_experts_per_tok=2, **common)),
+        "opt": lambda: OPTForCausalLM(OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                                                word_embed_proj_dim=64, **common)),
+        "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                                   bos_token_id=0, eos_token_id=0)),
+    }
+
+
+FAMILIES = ["llama", "mistral", "mixtral", "opt", "gpt2"]
+
+
+@pytest.fixture
+def make_model():
+    """make_model(family, seed=0) -> a tiny model in eval mode."""
+    def make(family: str = "llama", seed: int = 0):
+        torch.manual_seed(seed)
+        return _families()[family]().eval()
+    return make
+
+
+@pytest.fixture
+def batches():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, VOCAB, (2, 16), generator=g) for _ in range(3)]
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_state(model, snap) -> bool:
+    return all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
+
+
+@pytest.fixture
+def state_tools():
+    return snapshot, same_state

@@ -1,0 +1,83 @@
+"""Bad input gets a clear error naming the fix, and the model is left exactly as it was."""
+import pytest
+import torch
+
+import sparsecc
+
+RECIPE = {"default": sparsecc.MagnitudeConfig(0.5)}
+
+
+@pytest.mark.parametrize("bad, match", [
+    ([], "no calibration batches"),
+    (torch.zeros(2, 8, dtype=torch.long), "list of batches"),
+    ([torch.zeros(2, 8)], "dtype torch.float32.*integer"),
+    ([torch.zeros(8, dtype=torch.long)], r"\[batch, seq_len\].*unsqueeze"),
+    ([torch.zeros(2, 8, dtype=torch.long, device="meta")], "on meta but the model is on cpu"),
+    ([torch.full((2, 8), 999, dtype=torch.long)], r"vocabulary is \[0, 128\)"),
+    ([torch.zeros(2, 0, dtype=torch.long)], "empty"),
+    (["text"], "use a tensor or a dict"),
+    ([{"input_ids": torch.zeros(2, 8, dtype=torch.long), "attention_mask": torch.ones(2, 7)}], "attention_mask shape"),
+])
+@pytest.mark.parametrize("verb", ["sparsify_", "calibrate", "pipeline"])
+def test_bad_batches(bad, match, verb, make_model, state_tools):
+    snapshot, same = state_tools
+    m = make_model("llama")
+    snap = snapshot(m)
+    with pytest.raises(sparsecc.CalibrationError, match=match):
+        if verb == "sparsify_":
+            sparsecc.sparsify_(m, RECIPE, bad, progress=False)
+        elif verb == "calibrate":
+            sparsecc.calibrate(m, bad, RECIPE, progress=False)
+        else:
+            sparsecc.Pipeline([sparsecc.CollectInputStats()], progress=False).run(m, bad)
+    assert same(m, snap)
+
+
+def test_float_model_wants_its_dtype():
+    m = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(sparsecc.CalibrationError, match="float64.*convert"):
+        sparsecc.sparsify_(m, RECIPE, [torch.zeros(2, 4, dtype=torch.float64)], progress=False)
+
+
+def test_model_without_linear_layers():
+    m = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.LayerNorm(4))
+    with pytest.raises(sparsecc.CaptureError, match="no linear layers"):
+        sparsecc.sparsify_(m, RECIPE, [torch.zeros(2, 4)], progress=False)
+
+
+def test_nan_activation_names_module(make_model, batches, state_tools):
+    snapshot, same = state_tools
+    m = make_model("llama")
+    with torch.no_grad():
+        m.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")  # poisons down_proj's input in block 1
+    snap = snapshot(m)
+    with pytest.raises(sparsecc.CalibrationError, match="NaN/Inf in the input of model.layers.1.mlp.down_proj"):
+        sparsecc.Pipeline([sparsecc.CollectInputStats(), sparsecc.ApplyRecipe(
+            {"model.layers.0.mlp.up_proj": sparsecc.MagnitudeConfig(0.5)})], progress=False).run(m, batches)
+    assert same(m, snap)
+
+
+def test_nm_width_error_leaves_model_intact(state_tools):
+    snapshot, same = state_tools
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 6), torch.nn.Linear(6, 2))
+    snap = snapshot(m)
+    with pytest.raises(sparsecc.RecipeError, match="2: 4:8 pattern needs the input width to be a multiple of 8.*6 inputs"):
+        sparsecc.sparsify_(m, sparsecc.MagnitudeConfig(pattern="4:8"), [torch.randn(3, 8)], progress=False)
+    assert same(m, snap)  # layers 0 and 1 were pruned before layer 2 failed, and were restored
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"sparsity": 1.0}, r"\[0, 1\)"), ({"sparsity": -0.1}, r"\[0, 1\)"), ({"pattern": "4:2"}, "0 < N < M"),
+    ({"pattern": "2-4"}, "'N:M'"), ({"group": "row"}, "'layer' or 'output'"),
+])
+def test_config_validation(kwargs, match):
+    with pytest.raises(sparsecc.RecipeError, match=match):
+        sparsecc.MagnitudeConfig(**kwargs)
+
+
+def test_data_free_recipe_needs_no_batches(make_model):
+    m = make_model("llama")
+    rep = sparsecc.sparsify_(m, {"re:.*q_proj": sparsecc.MagnitudeConfig(0.25)}, progress=False)
+    assert [r["module"] for r in rep.rows] == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    assert rep.setup["data"].startswith("none")
+    assert float((m.model.layers[0].self_attn.q_proj.weight == 0).float().mean()) == 0.25

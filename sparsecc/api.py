@@ -90,29 +90,33 @@ def sparsify_(model: nn.Module, recipe_or_plan, batches=None, *, debug: bool = F
 
 @torch.no_grad()
 def _apply_plan(model: nn.Module, plan: Plan, strict: bool) -> Report:
+    for name in plan.decisions:  # check everything before changing anything
+        site = plan.sites[name]
+        try:
+            weight = site.weight(model)
+        except AttributeError:
+            raise PlanError(f"plan targets {site.param}, which this model does not have") from None
+        if tuple(weight.shape) != (site.out_features, site.in_features):
+            raise PlanError(f"{name}: plan expects [{site.out_features}, {site.in_features}], "
+                            f"model has {list(weight.shape)}")
+        expected = plan.meta.get("fingerprints", {}).get(name)
+        if strict and expected and not all(math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6)
+                                           for a, b in zip(fingerprint(weight), expected)):
+            raise PlanError(f"{name}: weights differ from those the plan was calibrated on (already "
+                            "sparsified, or another checkpoint?); pass strict=False to apply anyway")
     saved: dict[str, torch.Tensor] = {}
     rows = []
     try:
-        for name, config in plan.configs.items():
-            site = plan.sites[name]
-            try:
-                weight = site.weight(model)
-            except AttributeError:
-                raise PlanError(f"plan targets {site.param}, which this model does not have") from None
-            if tuple(weight.shape) != (site.out_features, site.in_features):
-                raise PlanError(f"{name}: plan expects [{site.out_features}, {site.in_features}], "
-                                f"model has {list(weight.shape)}")
-            expected = plan.meta.get("fingerprints", {}).get(name)
-            if strict and expected and not all(math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6)
-                                               for a, b in zip(fingerprint(weight), expected)):
-                raise PlanError(f"{name}: weights differ from those the plan was calibrated on (already "
-                                "sparsified, or another checkpoint?); pass strict=False to apply anyway")
-            saved.setdefault(site.param, model.get_parameter(site.param).detach().clone())
-            technique_for(config).apply(config, weight, plan.decisions[name])
+        for name, decision in plan.decisions.items():  # in the order they were made
+            site, config = plan.sites[name], plan.configs[name]
+            tech = technique_for(config)
+            for param in tech.touches(config, site, decision):
+                saved.setdefault(param, model.get_parameter(param).detach().clone())
+            tech.apply(config, model, site, decision)
             row = next((r for r in plan.rows if r["module"] == name), {"module": name, "technique":
                        type(config).__name__, "config": config.to_dict(),
                        "shape": [site.out_features, site.in_features], "seconds": 0.0})
-            rows.append({**row, "sparsity": float((weight == 0).float().mean())})
+            rows.append({**row, "sparsity": float((site.weight(model) == 0).float().mean())})
     except BaseException:
         for param, value in saved.items():
             model.get_parameter(param).copy_(value)

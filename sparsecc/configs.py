@@ -56,11 +56,14 @@ class Technique:
     def plan(self, config: SparsityConfig, site, weight: torch.Tensor, stats: dict[str, Any]) -> dict[str, torch.Tensor]:
         raise NotImplementedError  # abstract
 
-    def apply(self, config: SparsityConfig, weight: torch.Tensor, decision: dict[str, torch.Tensor]) -> None:
-        """Default for weight techniques: copy an updated weight if given, then zero the pruned entries.
+    def touches(self, config: SparsityConfig, site, decision: dict[str, torch.Tensor]) -> list[str]:
+        """Names of the parameters `apply` changes (saved first, so a failure can be undone)."""
+        return [site.param]
 
-        `weight` is the module's weight viewed as [out, in]; it is modified in place.
-        """
+    def apply(self, config: SparsityConfig, model, site, decision: dict[str, torch.Tensor]) -> None:
+        """Default for weight techniques: copy an updated weight if given, then zero the pruned
+        entries of the site's weight (viewed as [out, in], modified in place)."""
+        weight = site.weight(model)
         if "weight" in decision:
             weight.copy_(decision["weight"].to(weight.dtype))
         if "mask" in decision:

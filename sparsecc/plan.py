@@ -55,7 +55,7 @@ class Plan:
                     tensors[f"stats/{art}/{site}/{k}"] = t.detach().contiguous().cpu()
         doc = {"format": FORMAT, "sites": {n: s.to_dict() for n, s in self.sites.items()},
                "configs": {n: c.to_dict() for n, c in self.configs.items()},
-               "setup": self.setup, "rows": self.rows, "meta": self.meta}
+               "order": list(self.decisions), "setup": self.setup, "rows": self.rows, "meta": self.meta}
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -97,6 +97,8 @@ class Plan:
                 raw_stats.setdefault(art, {}).setdefault(site, {})[k] = t
         stats = {art: {s: STAT_TYPES[art].from_tensors(t) for s, t in table.items()}
                  for art, table in raw_stats.items() if art in STAT_TYPES}
+        order = doc.get("order", [])
+        decisions = {n: decisions[n] for n in order if n in decisions} | decisions  # the order they were made
         missing = set(configs) - set(decisions)
         if missing:
             raise PlanError(f"plan at {path} is missing decisions for {sorted(missing)[:3]}")

@@ -109,8 +109,8 @@ class ApplyRecipe(TransformPass):
             stats = {k: ctx.stats[k][site.name] for k in tech.requires}
             weight = site.weight(ctx.model)
             decision = tech.plan(config, site, weight, stats)
-            ctx.save_original(site)
-            tech.apply(config, weight, decision)
+            ctx.save_original(*tech.touches(config, site, decision))
+            tech.apply(config, ctx.model, site, decision)
             ctx.decisions[site.name] = decision
             ctx.record(site, config, weight, time.perf_counter() - t0)
             changed = True

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..calibration import describe, validate_batches
 from ..capture import Captured, capture
 from ..errors import CalibrationError, PipelineError
-from .base import ANALYSIS_PRODUCERS, AnalysisPass, Pass, TransformPass
+from .base import ANALYSIS_PRODUCERS, AnalysisPass, ApplyRecipe, Pass, TransformPass
 from .blockwise import BlockRunner
 from .checks import verify
 
@@ -48,9 +48,12 @@ class PassContext:
     def set_batch(self, index: int, mask: torch.Tensor | None) -> None:
         self.batch_index, self.token_mask = index, mask
 
-    def save_original(self, site) -> None:
-        if site.param not in self.originals:
-            self.originals[site.param] = self.model.get_parameter(site.param).detach().clone()
+    def save_original(self, *params) -> None:
+        """Keep the current value of each parameter (a name or a site) before a pass changes it."""
+        for p in params:
+            name = p if isinstance(p, str) else p.param
+            if name not in self.originals:
+                self.originals[name] = self.model.get_parameter(name).detach().clone()
 
     def restore(self) -> None:
         with torch.no_grad():
@@ -74,6 +77,14 @@ class PipelineResult:
     setup: dict
     scopes: list[str]
     sites: dict
+    configs: dict = field(default_factory=dict)   # module -> config, from ApplyRecipe passes
+
+    def save(self, path):
+        """Save what every pass collected (and any decisions) as a Plan: JSON + safetensors."""
+        from ..plan import Plan
+
+        return Plan(self.sites, self.configs, self.decisions, self.stats, self.setup, self.rows,
+                    {"timings": self.timings, "order": self.order}).save(path)
 
     def summary(self) -> str:
         lines = [f"pipeline: {' -> '.join(self.order)}",
@@ -136,7 +147,8 @@ class Pipeline:
             timings = self._run(ctx)
             result = PipelineResult([p.name for p in self.order], ctx.stats, ctx.decisions, ctx.rows, timings,
                                     describe(batches_list, getattr(batches, "setup", None)),
-                                    self._scopes, dict(captured.sites))
+                                    self._scopes, dict(captured.sites),
+                                    {n: c for p in self.order if isinstance(p, ApplyRecipe) for n, c in p.assignments.items()})
             if not keep_changes:
                 ctx.restore()
             return result

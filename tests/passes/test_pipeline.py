@@ -61,6 +61,15 @@ def test_analysis_only_leaves_parameters_bit_identical(make_model, batches, stat
     assert res.timings["collect_hessians"] > 0 and "collect_hessians" in res.summary()
 
 
+def test_result_saves_and_reloads_stats(make_model, batches, tmp_path):
+    res = Pipeline([CollectInputStats(), CollectHessians()], progress=False).run(make_model("llama"), batches)
+    plan = sparsecc.Plan.load(res.save(tmp_path / "stats"))
+    name = "model.layers.1.mlp.down_proj"
+    assert torch.equal(plan.stats["hessian"][name].xtx, res.stats["hessian"][name].xtx)
+    assert torch.equal(plan.stats["input_stats"][name].l2, res.stats["input_stats"][name].l2)
+    assert plan.stats["input_stats"][name].count == 96 and plan.setup == res.setup | {"shapes": [[2, 16]]}
+
+
 @given(order=st.permutations([0, 1]))
 def test_independent_passes_commute(order):
     torch.manual_seed(0)

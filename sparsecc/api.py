@@ -26,13 +26,19 @@ def _example_batch(model: nn.Module):
     return torch.zeros(1, 8, dtype=torch.long, device=emb.weight.device)
 
 
-def _build(model, recipe, batches, debug, progress):
+def _build(model, recipe, batches, debug, progress, data: bool = True):
     captured = capture(model, batches[0])
     assignments = resolve(recipe, {"linear": list(captured.sites)})
+    if not data:
+        needy = [f"{n} ({type(c).__name__})" for n, c in assignments.items() if technique_for(c).needs_data(c)]
+        if needy:
+            raise CalibrationError(f"the recipe needs calibration data for {', '.join(needy[:3])}"
+                                   f"{' ...' if len(needy) > 3 else ''}; pass batches=...")
     needs = sorted({r for c in assignments.values() for r in technique_for(c).requires})
     passes = [ANALYSIS_PRODUCERS[a](modules=[n for n, c in assignments.items() if a in technique_for(c).requires])
               for a in needs]
-    passes.append(ApplyRecipe(assignments))
+    overrides = {}
+    passes.append(ApplyRecipe(assignments, overrides))
     return captured, assignments, Pipeline(passes, debug=debug, progress=progress)
 
 
@@ -77,12 +83,10 @@ def sparsify_(model: nn.Module, recipe_or_plan, batches=None, *, debug: bool = F
     was_training = model.training
     model.eval()
     try:
-        captured, assignments, pipe = _build(model, recipe_or_plan, batches_list, debug, progress)
+        captured, assignments, pipe = _build(model, recipe_or_plan, batches_list, debug, progress,
+                                             data=batches is not None)
     finally:
         model.train(was_training)
-    if batches is None and pipe.order[:-1]:
-        need = ", ".join(p.name for p in pipe.order[:-1])
-        raise CalibrationError(f"the recipe needs calibration data ({need}); pass batches=...")
     result = pipe.run(model, batches_list, captured=captured)
     setup = setup or describe(batches_list, getattr(batches, "setup", None))
     return Report(result.rows, setup, result.timings, result.scopes)

@@ -51,10 +51,9 @@ class BackendOptions:
         if opts.recipe is not None:
             opts.recipe = normalize_recipe(opts.recipe)
             for key, cfg in opts.recipe.items():
-                if cfg is not None and technique_for(cfg).requires:
-                    raise RecipeError(f"recipe[{key!r}]: {type(cfg).__name__} needs calibration data "
-                                      f"({', '.join(technique_for(cfg).requires)}), which torch.compile cannot "
-                                      "provide; run sparsecc.sparsify_(model, recipe, batches) before compiling")
+                if cfg is not None and technique_for(cfg).needs_data(cfg):
+                    raise RecipeError(f"recipe[{key!r}]: {cfg} needs calibration data, which torch.compile "
+                                      "cannot provide; run sparsecc.sparsify_(model, recipe, batches) before compiling")
         if not isinstance(opts.debug, bool):
             raise RecipeError(f"option 'debug' must be True or False, got {opts.debug!r}")
         if not isinstance(opts.inductor, dict):

@@ -12,6 +12,7 @@ children that hold linears), never by attribute names such as `model.layers`.
 """
 from __future__ import annotations
 
+import dataclasses
 import operator
 import re
 import threading
@@ -21,15 +22,16 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .channels import feeding_linears
 from .errors import CaptureError
 
-# call target -> (index of the weight operand, weight stored as [in, out])
+# call target -> (index of the input operand, index of the weight operand, weight stored as [in, out])
 _LINEAR_TARGETS = {
-    torch._C._nn.linear: (1, False),
-    torch.nn.functional.linear: (1, False),
-    torch.addmm: (2, True),
-    torch.matmul: (1, True),
-    operator.matmul: (1, True),
+    torch._C._nn.linear: (0, 1, False),
+    torch.nn.functional.linear: (0, 1, False),
+    torch.addmm: (1, 2, True),
+    torch.matmul: (0, 1, True),
+    operator.matmul: (0, 1, True),
 }
 
 
@@ -40,6 +42,7 @@ class GraphLinear:
     node: fx.Node
     input_index: int     # position among the graph's placeholders
     arg_index: int       # position of the weight among the call's arguments
+    x_index: int         # position of the input among the call's arguments
     module: str          # dotted module path of the caller, "" if unknown
     transposed: bool     # weight laid out [in, out]
 
@@ -64,7 +67,7 @@ def graph_linears(gm: fx.GraphModule) -> list[GraphLinear]:
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in _LINEAR_TARGETS:
             continue
-        idx, transposed = _LINEAR_TARGETS[node.target]
+        x_idx, idx, transposed = _LINEAR_TARGETS[node.target]
         if len(node.args) <= idx or not isinstance(node.args[idx], fx.Node):
             continue
         w = node.args[idx]
@@ -73,7 +76,7 @@ def graph_linears(gm: fx.GraphModule) -> list[GraphLinear]:
         val = w.meta.get("example_value")
         if val is not None and val.dim() != 2:
             continue
-        found.append(GraphLinear(node, placeholders[w], idx, module_path(node), transposed))
+        found.append(GraphLinear(node, placeholders[w], idx, x_idx, module_path(node), transposed))
     return found
 
 
@@ -87,6 +90,9 @@ class LinearSite:
     in_features: int
     transposed: bool = False  # stored [in, out] (GPT-2 Conv1D)
     tied: tuple[str, ...] = ()  # other names of the same parameter (e.g. a tied embedding)
+    # parameters whose output channels are this layer's input channels, as (name, transposed):
+    # permuting its input columns together with their rows keeps the model's function (channels.py)
+    feeders: tuple[tuple[str, bool], ...] = ()
 
     def weight(self, model: nn.Module) -> torch.Tensor:
         """The weight as an [out, in] view sharing storage with the parameter."""
@@ -95,7 +101,12 @@ class LinearSite:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "param": self.param, "out_features": self.out_features,
-                "in_features": self.in_features, "transposed": self.transposed, "tied": list(self.tied)}
+                "in_features": self.in_features, "transposed": self.transposed, "tied": list(self.tied),
+                "feeders": [list(f) for f in self.feeders]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LinearSite":
+        return cls(**{**d, "tied": tuple(d.get("tied", ())), "feeders": tuple(tuple(f) for f in d.get("feeders", ()))})
 
 
 # --- recording backend -----------------------------------------------------------------
@@ -107,11 +118,16 @@ _session = threading.local()
 
 def _recorder(gm: fx.GraphModule, example_inputs):
     linears = graph_linears(gm)
+    by_node = {gl.node: gl for gl in linears}
+    fed = {}
+    for gl in linears:
+        producers = feeding_linears(gl.node, gl.node.args[gl.x_index], set(by_node))
+        fed[gl.node] = [by_node[p].module for p in producers or ()]
 
     def run(*args):
         seen = getattr(_session, "seen", None)
         if seen is not None:
-            seen.append((gm, [(gl.module, args[gl.input_index], gl.transposed) for gl in linears]))
+            seen.append((gm, [(gl.module, args[gl.input_index], gl.transposed, fed[gl.node]) for gl in linears]))
         return gm.forward(*args)
 
     return run
@@ -159,12 +175,13 @@ def capture(model: nn.Module, batch) -> Captured:
         _session.seen = None
 
     sites: dict[str, LinearSite] = {}
+    feeds: dict[str, list[str]] = {}
     skipped: dict[str, str] = {}
     graphs = []
     for gm, calls in seen:
         if gm not in graphs:
             graphs.append(gm)
-        for mod, tensor, transposed in calls:
+        for mod, tensor, transposed, producers in calls:
             names = by_storage.get((tensor.data_ptr(), tuple(tensor.shape)), [])
             # the alias owned by the calling module (a tied lm_head calls with embed_tokens.weight)
             owned = [n for n in names if n.rpartition(".")[0] == mod]
@@ -177,10 +194,24 @@ def capture(model: nn.Module, batch) -> Captured:
             out_f, in_f = (tensor.shape[1], tensor.shape[0]) if transposed else tuple(tensor.shape)
             tied = tuple(n for n in names if n != owned[0])
             sites[mod] = LinearSite(mod, owned[0], int(out_f), int(in_f), transposed, tied)
+            feeds[mod] = producers
     if not sites:
         raise CaptureError(f"{type(model).__name__} has no linear layers sparsecc can rewrite (it looks for "
                            "F.linear / addmm / matmul calls whose weight is a 2-D parameter)")
+    for name, producers in feeds.items():
+        if producers and all(p in sites for p in producers):
+            sites[name] = dataclasses.replace(sites[name], feeders=_feeder_params(model, sites, producers))
     return Captured(model, graphs, sites, find_blocks(model, sites), skipped)
+
+
+def _feeder_params(model: nn.Module, sites: dict[str, LinearSite], producers: list[str]) -> tuple:
+    out = []
+    for p in producers:
+        out.append((sites[p].param, sites[p].transposed))
+        bias = getattr(model.get_submodule(p), "bias", None)
+        if isinstance(bias, nn.Parameter):
+            out.append((p + ".bias", False))
+    return tuple(out)
 
 
 def find_blocks(model: nn.Module, sites) -> list[str]:

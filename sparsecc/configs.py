@@ -53,6 +53,10 @@ class Technique:
     #: analysis results needed, by artefact name (e.g. "input_stats", "hessian")
     requires: tuple[str, ...] = ()
 
+    def needs_data(self, config: SparsityConfig) -> bool:
+        """Whether this config can only be carried out with calibration data."""
+        return bool(self.requires)
+
     def plan(self, config: SparsityConfig, site, weight: torch.Tensor, stats: dict[str, Any]) -> dict[str, torch.Tensor]:
         raise NotImplementedError  # abstract
 

@@ -82,7 +82,7 @@ class Plan:
             raise PlanError(f"plan at {path} is corrupt or truncated: {e}") from None
         if doc.get("format") != FORMAT:
             raise PlanError(f"plan at {path} has format {doc.get('format')!r}; this sparsecc reads format {FORMAT}")
-        sites = {n: LinearSite(**{**d, "tied": tuple(d.get("tied", ()))}) for n, d in doc["sites"].items()}
+        sites = {n: LinearSite.from_dict(d) for n, d in doc["sites"].items()}
         configs = {n: config_from_dict(d) for n, d in doc["configs"].items()}
         decisions: dict[str, dict[str, torch.Tensor]] = {}
         raw_stats: dict[str, dict[str, dict[str, torch.Tensor]]] = {}

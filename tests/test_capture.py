@@ -46,3 +46,29 @@ def test_plain_modules_without_blocks():
     m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 2))
     cap = sparsecc.capture(m, torch.randn(3, 4))
     assert list(cap.sites) == ["0", "2"] and cap.blocks == []
+
+
+FED = {"llama": ("model.layers.0.mlp.down_proj", 2), "opt": ("model.decoder.layers.0.fc2", 2),
+       "gpt2": ("transformer.h.0.mlp.c_proj", 2), "mistral": ("model.layers.1.mlp.down_proj", 2)}
+
+
+@pytest.mark.parametrize("family", sorted(FED))
+def test_feeders_found_and_permuting_them_keeps_function(family, make_model, batches):
+    m = make_model(family)
+    cap = sparsecc.capture(m, batches[0])
+    consumer, n = FED[family]
+    site = cap.sites[consumer]
+    assert len(site.feeders) == n
+    # attention outputs mix heads and the residual stream feeds everything: never permutable
+    assert not any(s.feeders for name, s in cap.sites.items() if "attn" in name or "lm_head" in name)
+    with torch.no_grad():
+        before = m(batches[0]).logits
+        perm = torch.randperm(site.in_features, generator=torch.Generator().manual_seed(0))
+        for name, transposed in site.feeders:
+            t = m.get_parameter(name).data
+            view = t.t() if transposed else t
+            view.copy_(view[perm].clone())
+        w = site.weight(m)
+        w.copy_(w[:, perm].clone())
+        after = m(batches[0]).logits
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)

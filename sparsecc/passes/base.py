@@ -9,6 +9,7 @@ decoder block at a time, see blockwise.py):
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 
@@ -91,8 +92,9 @@ class ApplyRecipe(TransformPass):
     name = "apply_recipe"
     produces = ("weights",)
 
-    def __init__(self, assignments: dict):
+    def __init__(self, assignments: dict, sparsity: dict | None = None):
         self.assignments = dict(assignments)
+        self.sparsity = dict(sparsity or {})  # per-module overrides (OWL's allocation)
         self.requires = tuple(sorted({r for c in self.assignments.values() for r in technique_for(c).requires}))
 
     def run(self, ctx, sites):
@@ -101,6 +103,8 @@ class ApplyRecipe(TransformPass):
             config = self.assignments.get(site.name)
             if config is None:
                 continue
+            if site.name in self.sparsity:
+                config = dataclasses.replace(config, sparsity=self.sparsity[site.name])
             tech = technique_for(config)
             if site.tied:
                 warnings.warn(f"{site.param} is tied to {', '.join(site.tied)}: rewriting {site.name} changes "

@@ -17,11 +17,12 @@ from .passes import (AnalysisPass, ApplyRecipe, CollectHessians, CollectInputSta
                      PipelineResult, TransformPass)
 from .plan import Plan
 from .report import Report
-from .techniques import MagnitudeConfig
+from .techniques import MagnitudeConfig, OBSConfig, PruningConfig, SparseGPTConfig, WandaConfig
 
 __all__ = [
     "AnalysisPass", "ApplyRecipe", "CalibrationError", "CalibrationSet", "CaptureError", "Captured",
-    "CollectHessians", "CollectInputStats", "LinearSite", "MagnitudeConfig", "Pass", "Pipeline",
+    "CollectHessians", "CollectInputStats", "LinearSite", "MagnitudeConfig", "OBSConfig", "Pass",
+    "PruningConfig", "SparseGPTConfig", "WandaConfig", "Pipeline",
     "PipelineError", "PipelineResult", "Plan", "PlanError", "RecipeError", "Report", "SparseccError",
     "SparsityConfig", "Technique", "TransformPass", "calibrate", "capture", "config_from_dict", "prune",
     "register_technique", "sample_batches", "sparsecc_backend", "sparsify_",

@@ -14,6 +14,7 @@ from .passes.base import ANALYSIS_PRODUCERS, ApplyRecipe
 from .passes.pipeline import Pipeline
 from .plan import Plan, fingerprint, plan_meta
 from .report import Report
+from .layerwise import owl_sparsities_for
 from .targeting import resolve
 
 
@@ -37,7 +38,7 @@ def _build(model, recipe, batches, debug, progress, data: bool = True):
     needs = sorted({r for c in assignments.values() for r in technique_for(c).requires})
     passes = [ANALYSIS_PRODUCERS[a](modules=[n for n, c in assignments.items() if a in technique_for(c).requires])
               for a in needs]
-    overrides = {}
+    overrides = owl_sparsities_for(model, captured, assignments, batches, progress) if data else {}
     passes.append(ApplyRecipe(assignments, overrides))
     return captured, assignments, Pipeline(passes, debug=debug, progress=progress)
 

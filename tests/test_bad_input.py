@@ -61,7 +61,7 @@ def test_nm_width_error_leaves_model_intact(state_tools):
     snapshot, same = state_tools
     m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 6), torch.nn.Linear(6, 2))
     snap = snapshot(m)
-    with pytest.raises(sparsecc.RecipeError, match="2: 4:8 pattern needs the input width to be a multiple of 8.*6 inputs"):
+    with pytest.raises(sparsecc.RecipeError, match="4:8 pattern needs the input width to be a multiple of 8, but 2 has 6 inputs"):
         sparsecc.sparsify_(m, sparsecc.MagnitudeConfig(pattern="4:8"), [torch.randn(3, 8)], progress=False)
     assert same(m, snap)  # layers 0 and 1 were pruned before layer 2 failed, and were restored
 

@@ -91,9 +91,10 @@ class Scope:
 class BlockRunner:
     """Yields scopes: each decoder block in order, then the rest of the model."""
 
-    def __init__(self, ctx, needs_data: bool = True):
+    def __init__(self, ctx, needs_data: bool = True, relevant: set[str] | None = None):
         self.ctx = ctx
         self.needs_data = needs_data
+        self.relevant = relevant  # sites some pass cares about (None: all)
         cap: Captured = ctx.captured
         self.model = ctx.model
         self.blocks = [self.model.get_submodule(b) for b in cap.blocks]
@@ -164,6 +165,8 @@ class BlockRunner:
             rest = [s for s in sites.values() if self.ctx.captured.block_of(s.name) is None]
         else:
             rest = list(sites.values())
+        if self.relevant is not None:
+            rest = [s for s in rest if s.name in self.relevant] and rest  # skip a rest nobody needs
         if rest:
             yield Scope("model" if not self.sequential else "rest", rest, self._run_model)
 

@@ -171,7 +171,16 @@ class Pipeline:
                 stages[-1].append(p)
             else:
                 stages.append([p])
-        runner = BlockRunner(ctx, needs_data=any(isinstance(p, AnalysisPass) for p in self.order))
+        relevant: set[str] | None = set()
+        for p in self.order:
+            if isinstance(p, AnalysisPass):
+                relevant |= p._wanted
+            elif isinstance(p, ApplyRecipe):
+                relevant |= set(p.assignments)
+            else:
+                relevant = None  # a custom transform may touch any site
+                break
+        runner = BlockRunner(ctx, needs_data=any(isinstance(p, AnalysisPass) for p in self.order), relevant=relevant)
         self._scopes = []
         done: list[str] = []
         total = len(ctx.captured.blocks) + 1 if runner.sequential else 1

@@ -1,5 +1,18 @@
-"""Per-matrix pruning functions, usable without any pipeline: weight (+ statistics) -> keep-mask."""
+"""Per-matrix pruning functions, usable without any pipeline: weight (+ statistics) -> mask.
+
+    keep = sparsecc.prune.magnitude(w, 0.5, group="output")
+    keep = sparsecc.prune.wanda(w, act_norm, 0.5, pattern="2:4")
+    new_w, keep = sparsecc.prune.sparsegpt(w, H, 0.5)
+    new_w, keep = sparsecc.prune.obs(w, H, 0.5)
+"""
+from .hessian_error import reconstruction_error
 from .magnitude import magnitude
 from .masks import nm_mask, parse_pattern, unstructured_mask
+from .obs import obs
+from .owl import outlier_ratio, owl_sparsities
+from .permute import find_permutation, nm_retained
+from .sparsegpt import sparsegpt
+from .wanda import wanda
 
-__all__ = ["magnitude", "nm_mask", "parse_pattern", "unstructured_mask"]
+__all__ = ["find_permutation", "magnitude", "nm_mask", "nm_retained", "obs", "outlier_ratio", "owl_sparsities",
+           "parse_pattern", "reconstruction_error", "sparsegpt", "unstructured_mask", "wanda"]

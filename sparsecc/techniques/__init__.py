@@ -1,4 +1,4 @@
-"""Registered techniques: each module defines a config and the `Technique` that carries it out."""
-from .magnitude import MagnitudeConfig
+"""Registered techniques: each module defines configs and the `Technique`s that carry them out."""
+from .pruning import MagnitudeConfig, OBSConfig, PruningConfig, SparseGPTConfig, WandaConfig
 
-__all__ = ["MagnitudeConfig"]
+__all__ = ["MagnitudeConfig", "OBSConfig", "PruningConfig", "SparseGPTConfig", "WandaConfig"]

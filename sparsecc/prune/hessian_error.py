@@ -1,0 +1,23 @@
+"""Layer-wise reconstruction error, the objective SparseGPT/OBS minimise (seed 002 "Layer-wise
+reconstruction": argmin ||WX - W^X||_2^2; seed 003 §1.1: ||(w - w')^T X||^2 = <H(w - w'), w - w'>).
+
+With X as [tokens, in] and the raw Gram matrix H = X^T X ([in, in]):
+    ||X W^T - X W^^T||_F^2 = trace((W - W^) H (W - W^)^T) = sum_ij [(W - W^) H]_ij (W - W^)_ij.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import RecipeError
+
+
+def reconstruction_error(weight: torch.Tensor, new_weight: torch.Tensor, hessian_xtx: torch.Tensor) -> float:
+    """||W X - W^ X||^2 over the calibration tokens, from H = X^T X (computed in fp64)."""
+    if weight.shape != new_weight.shape or weight.dim() != 2:
+        raise RecipeError(f"weight and new_weight must be 2-D of one shape, got {tuple(weight.shape)} "
+                          f"and {tuple(new_weight.shape)}")
+    cols = weight.shape[1]
+    if tuple(hessian_xtx.shape) != (cols, cols):
+        raise RecipeError(f"hessian_xtx must be [in, in] = [{cols}, {cols}], got {tuple(hessian_xtx.shape)}")
+    delta = weight.detach().double() - new_weight.detach().double().to(weight.device)
+    return float(((delta @ hessian_xtx.detach().double().to(weight.device)) * delta).sum())

@@ -1,0 +1,179 @@
+"""SparseGPT (Frantar & Alistarh 2023): seed 000, "Algorithm 1 The SparseGPT algorithm".
+
+    H^-1 <- Cholesky(H^-1)^T                 (upper factor U of the damped inverse Hessian)
+    for each block of B columns, for each column j in it:
+        if j mod B_s = 0: mask the p% of W[:, j:j+B_s] with smallest w^2 / U_cc^2
+        E[:, j-i] <- (1 - M[:, j]) * W[:, j] / U_jj                (pruning error, kept ones frozen)
+        W[:, j:i+B] -= E[:, j-i] U[j, j:i+B]                      (OBS update inside the block)
+    after each block: W[:, i+B:] -= E U[i:i+B, i+B:]               (lazy batch update)
+
+Seed 003 §2 proves why this is the OBS update (Lemma 1) with the Cholesky simplification
+(H_/S^-1)_{:,j} ~ L_jj L_jR. The Hessian is conditioned as in the reference code: dead inputs
+(H_jj = 0) get H_jj = 1 and their weights are zeroed, then lambda*I with lambda = damp*mean(diag H)
+is added (`passes.stats.dampen`).
+
+Mask-count rule (unstructured): each mask block of B_s consecutive columns (the last one may be
+narrower, width b) prunes exactly floor(sparsity * rows * b) entries, chosen over all rows of the
+block. N:M: at every column j with j mod M = 0, each row keeps the N largest w^2/U_cc^2 of
+columns j..j+M (scores taken on the weights as updated so far, like the B_s masks).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from ..errors import CalibrationError, RecipeError
+from ..passes.stats import dampen
+from .masks import check_nm_width, check_sparsity, nm_mask, parse_pattern, unstructured_mask
+
+MAX_DAMP = 1.0  # the largest relative damping tried before giving up on Cholesky
+
+
+class HessianWarning(UserWarning):
+    """The Hessian of a layer needed more damping than asked for, or could not be inverted."""
+
+
+def check_hessian(weight: torch.Tensor, hessian: torch.Tensor, method: str) -> None:
+    """Shape/finiteness checks shared by SparseGPT and OBS."""
+    if weight.dim() != 2:
+        raise RecipeError(f"{method} expects a 2-D weight [out, in], got shape {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise RecipeError(f"{method} needs a floating-point weight, got {weight.dtype}")
+    cols = weight.shape[1]
+    if hessian.dim() != 2 or tuple(hessian.shape) != (cols, cols):
+        raise RecipeError(f"{method} needs a Hessian of shape [in, in] = [{cols}, {cols}] (X^T X over the "
+                          f"layer's inputs), got shape {tuple(hessian.shape)}")
+    if not torch.isfinite(hessian).all():
+        raise CalibrationError(f"{method}: the Hessian has NaN/Inf entries; the calibration activations "
+                               "overflowed or were not finite")
+
+
+def _damp_schedule(damp: float) -> list[float]:
+    """damp, then x10 steps (from 1e-4 when damp = 0) up to MAX_DAMP."""
+    tries = [float(damp)]
+    d = damp if damp > 0 else 1e-4
+    while d * 10 <= MAX_DAMP * (1 + 1e-9):
+        d *= 10
+        tries.append(d)
+    if tries[-1] < MAX_DAMP:
+        tries.append(MAX_DAMP)
+    return tries
+
+
+def _finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t).all())
+
+
+def inverse_hessian(hessian: torch.Tensor, damp: float, name: str, upper_factor: bool,
+                    method: str = "SparseGPT") -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(H + lambda I)^-1, or its upper Cholesky factor U (H^-1 = U^T U) when `upper_factor`.
+
+    Tries `damp` then larger dampings (warning when more than `damp` was needed); if every
+    Cholesky fails it falls back to the diagonal inverse 1/|H_jj| (Wanda-like scores, no
+    weight updates since the off-diagonal terms are zero) and warns. Returns
+    (matrix, dead-input mask, exact) where exact is False for the diagonal fallback.
+    """
+    tries = _damp_schedule(damp)
+    for k, d in enumerate(tries):
+        h, dead = dampen(hessian, d)
+        chol, info = torch.linalg.cholesky_ex(h)
+        if info.item() != 0 or not _finite(chol):
+            continue
+        out = torch.cholesky_inverse(chol)
+        if upper_factor:
+            out, info = torch.linalg.cholesky_ex(out, upper=True)
+            if info.item() != 0:
+                continue
+        if not _finite(out):
+            continue
+        if k:
+            warnings.warn(f"{method}: Cholesky of the Hessian of {name!r} failed with damp={tries[0]:g}; "
+                          f"used damp={d:g} (tried {[f'{t:g}' for t in tries[:k + 1]]})", HessianWarning,
+                          stacklevel=3)
+        return out, dead, True
+    warnings.warn(f"{method}: Cholesky of the Hessian of {name!r} failed for every damping tried "
+                  f"({[f'{t:g}' for t in tries]}); falling back to a diagonal inverse Hessian 1/|H_jj| "
+                  "(Wanda-like scores, no weight updates)", HessianWarning, stacklevel=3)
+    _, dead = dampen(hessian, damp)
+    diag = hessian.diagonal().abs().clone()
+    diag[(diag == 0) | ~torch.isfinite(diag)] = 1.0
+    inv = 1.0 / diag
+    return torch.diag(inv.sqrt() if upper_factor else inv), dead, False
+
+
+def _check_blocks(blocksize: int, mask_blocksize: int | None, nm: tuple[int, int] | None) -> tuple[int, int]:
+    for label, b in (("blocksize", blocksize), ("mask_blocksize", mask_blocksize)):
+        if b is not None and (not isinstance(b, int) or isinstance(b, bool) or b < 1):
+            raise RecipeError(f"SparseGPT {label} must be a positive int, got {b!r}")
+    bs = blocksize if mask_blocksize is None else mask_blocksize
+    if nm is not None:
+        # an N:M group must not straddle a lazy block (its later columns would lack this block's
+        # updates when the group is scored): round B to a multiple of M
+        m = nm[1]
+        return max(m, blocksize // m * m), bs
+    if bs % blocksize and blocksize % bs:
+        # a mask block must start on fully updated columns: B_s divides B (inside one block) or
+        # B divides B_s (starts at a block boundary, after the lazy update)
+        raise RecipeError(f"SparseGPT mask_blocksize ({bs}) must divide blocksize ({blocksize}) or be a "
+                          "multiple of it")
+    return blocksize, bs
+
+
+def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float = 0.5, pattern: str | None = None,
+              blocksize: int = 128, damp: float = 0.01, mask_blocksize: int | None = None,
+              name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune `weight` [out, in] with SparseGPT given its Hessian [in, in] (X^T X; any positive scale).
+
+    Returns (new_weight, keep_mask): new_weight has the weight's dtype/device and is exactly zero
+    wherever keep_mask (bool, [out, in]) is False. `sparsity` is ignored for an "N:M" pattern.
+    `name` (the layer) only appears in warnings.
+    """
+    check_hessian(weight, hessian, "SparseGPT")
+    nm = parse_pattern(pattern)
+    rows, cols = weight.shape
+    if nm is not None:
+        check_nm_width(nm, cols, name)
+    else:
+        check_sparsity(sparsity)
+    if not isinstance(damp, (int, float)) or not math.isfinite(damp) or damp < 0:
+        raise RecipeError(f"SparseGPT damp must be a finite number >= 0, got {damp!r}")
+    B, Bs = _check_blocks(blocksize, mask_blocksize, nm)
+    if nm is None and sparsity == 0:
+        return weight.detach().clone(), torch.ones(rows, cols, dtype=torch.bool, device=weight.device)
+
+    cdtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    W = weight.detach().to(cdtype).clone()
+    U, dead, _ = inverse_hessian(hessian.detach().to(weight.device, cdtype), float(damp), name, upper_factor=True)
+    W[:, dead] = 0  # inputs never active: their weights contribute nothing on the calibration data
+    d = U.diagonal()
+    keep = torch.ones(rows, cols, dtype=torch.bool, device=weight.device)
+
+    for i1 in range(0, cols, B):
+        i2 = min(i1 + B, cols)
+        W1 = W[:, i1:i2].clone()
+        E = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for j in range(i1, i2):
+            c = j - i1
+            if nm is not None:
+                if j % nm[1] == 0:  # a new group of M (B is a multiple of M: it lies inside this block)
+                    sc = W1[:, c:c + nm[1]] ** 2 / d[j:j + nm[1]] ** 2
+                    keep[:, j:j + nm[1]] = nm_mask(sc, *nm)
+            elif j % Bs == 0:
+                jb = min(j + Bs, cols)
+                # columns beyond this block are up to date here: B divides B_s, so j = i1 and the
+                # previous blocks' lazy updates have been applied
+                blk = W1[:, c:c + (jb - j)] if jb <= i2 else W[:, j:jb]
+                keep[:, j:jb] = unstructured_mask(blk ** 2 / d[j:jb] ** 2, sparsity, per_row=False)
+            # pruning error of column j, frozen (zero) where the weight is kept
+            err = torch.where(keep[:, j], torch.zeros((), dtype=cdtype), W1[:, c] / U1[c, c])
+            W1[:, c:] -= err[:, None] * U1[c, c:][None, :]
+            E[:, c] = err
+        W[:, i1:i2] = W1
+        if i2 < cols:
+            W[:, i2:] -= E @ U[i1:i2, i2:]  # lazy batch update of all later columns
+
+    W[~keep] = 0
+    return W.to(weight.dtype), keep

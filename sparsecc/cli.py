@@ -6,6 +6,11 @@ import json
 import sys
 import time
 
+from .techniques import MagnitudeConfig, SparseGPTConfig, WandaConfig
+
+
+METHODS = {"magnitude": MagnitudeConfig, "wanda": WandaConfig, "sparsegpt": SparseGPTConfig}
+
 
 def demo(args) -> int:
     import torch
@@ -26,7 +31,8 @@ def demo(args) -> int:
 
     batches = sparsecc.sample_batches(train_ids, nsamples=args.nsamples, seqlen=seqlen, seed=args.seed,
                                       batch_size=8, source={"corpus": corpus.source})
-    recipe = {"default": sparsecc.MagnitudeConfig(sparsity=args.sparsity, group="output"), "lm_head": None}
+    config = METHODS[args.method](sparsity=args.sparsity, pattern=args.pattern)
+    recipe = {"default": config, "lm_head": None}
     report = sparsecc.sparsify_(model, recipe, batches)
     compiled = torch.compile(model, backend="sparsecc")
     pruned = perplexity(compiled, test_ids, seqlen, max_windows=windows)
@@ -35,7 +41,8 @@ def demo(args) -> int:
     print(report.table())
     print(f"\n{'model':<28} {'test perplexity':>16}")
     print(f"{'dense':<28} {dense:>16.2f}")
-    print(f"{'magnitude ' + format(args.sparsity, '.0%') + ' (compiled)':<28} {pruned:>16.2f}")
+    label = f"{args.method} {args.pattern or format(args.sparsity, '.0%')} (compiled)"
+    print(f"{label:<28} {pruned:>16.2f}")
     print(f"\nevaluated on {corpus.source.get('name')} test, "
           f"{'all' if windows is None else windows} windows of {seqlen} tokens; total {time.time() - t0:.0f} s")
     if args.json:
@@ -52,7 +59,9 @@ def main(argv=None) -> int:
     d.add_argument("--model", default="tiny", choices=["tiny", "ref"], help="zoo variant (default: tiny)")
     d.add_argument("--data-dir", default=None, help="folder with wikitext-2/ (default: ../shared/data, "
                    "$SPARSECC_DATA, else text from the Python installation)")
+    d.add_argument("--method", default="sparsegpt", choices=sorted(METHODS))
     d.add_argument("--sparsity", type=float, default=0.5)
+    d.add_argument("--pattern", default=None, help="N:M pattern such as 2:4 (overrides --sparsity)")
     d.add_argument("--nsamples", type=int, default=32, help="calibration windows")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--eval-windows", type=int, default=0, help="limit test windows (0 = whole test split)")

@@ -142,24 +142,21 @@ def test_block_k_sees_outputs_of_pruned_blocks(make_model, batches):
     m = make_model("llama")
     recipe = ApplyRecipe({"model.layers.0.mlp.down_proj": sparsecc.MagnitudeConfig(0.9)})
     res = Pipeline([CollectHessians(), recipe], progress=False).run(m, batches)
-    # recompute block 1's q_proj input by hand on the pruned model
+    name = "model.layers.1.self_attn.q_proj"
+    x = _inputs_of(m, name, batches)  # block 1's q_proj input, recomputed on the pruned model
+    torch.testing.assert_close(res.stats["hessian"][name].xtx, x.T @ x, rtol=1e-4, atol=1e-3)
+    xd = _inputs_of(make_model("llama"), name, batches)  # and on the dense model: must differ
+    assert not torch.allclose(res.stats["hessian"][name].xtx, xd.T @ xd, rtol=1e-4, atol=1e-3)
+
+
+def _inputs_of(model, name, batches):
     seen = []
-    h = m.model.layers[1].self_attn.q_proj.register_forward_pre_hook(lambda mod, a: seen.append(a[0].reshape(-1, 64)))
+    h = model.get_submodule(name).register_forward_pre_hook(lambda mod, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
     with torch.no_grad():
         for b in batches:
-            m(b, use_cache=False)
+            model(b, use_cache=False)
     h.remove()
-    x = torch.cat(seen)
-    torch.testing.assert_close(res.stats["hessian"]["model.layers.1.self_attn.q_proj"].xtx, x.T @ x, rtol=1e-4, atol=1e-3)
-    dense = make_model("llama")
-    seen.clear()
-    h = dense.model.layers[1].self_attn.q_proj.register_forward_pre_hook(lambda mod, a: seen.append(a[0].reshape(-1, 64)))
-    with torch.no_grad():
-        for b in batches:
-            dense(b, use_cache=False)
-    h.remove()
-    xd = torch.cat(seen)
-    assert not torch.allclose(res.stats["hessian"]["model.layers.1.self_attn.q_proj"].xtx, xd.T @ xd, rtol=1e-4, atol=1e-3)
+    return torch.cat(seen)
 
 
 def test_padding_tokens_are_not_counted(make_model):

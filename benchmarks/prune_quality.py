@@ -1,0 +1,99 @@
+"""Perplexity of the reference model pruned by each method, in the layout of the seeds' tables.
+
+    python benchmarks/prune_quality.py [--model ref|tiny] [--nsamples 128] [--eval-windows 0] [--write-results]
+
+Dense; magnitude, Wanda, SparseGPT at 50% unstructured, 4:8 and 2:4; then 70% uniform vs OWL.
+Every linear but lm_head is pruned (as in SparseGPT/Wanda), calibrating block-sequentially on
+`nsamples` random windows of the training split; perplexity on the whole test split.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+
+import sparsecc
+from sparsecc.evaluate import perplexity
+from sparsecc.zoo import encode_text, load_corpus, load_model
+
+try:
+    from results import machine, write_section
+except ImportError:  # run as a module
+    from benchmarks.results import machine, write_section
+
+METHODS = {"Magnitude": lambda **kw: sparsecc.MagnitudeConfig(**kw),
+           "Wanda": lambda **kw: sparsecc.WandaConfig(**kw),
+           "SparseGPT": lambda **kw: sparsecc.SparseGPTConfig(**kw)}
+SETTINGS = {"50%": dict(sparsity=0.5), "4:8": dict(pattern="4:8"), "2:4": dict(pattern="2:4")}
+
+
+def run(model, batches, test_ids, seqlen, recipe, windows):
+    m = copy.deepcopy(model)
+    t = time.perf_counter()
+    if recipe is not None:
+        sparsecc.sparsify_(m, recipe, batches, progress=False)
+    secs = time.perf_counter() - t
+    return perplexity(m, test_ids, seqlen, max_windows=windows), secs
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="ref", choices=["ref", "tiny"])
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-windows", type=int, default=0, help="0 = the whole test split")
+    p.add_argument("--write-results", action="store_true")
+    args = p.parse_args(argv)
+
+    model, tok, info = load_model(args.model, data_dir=args.data_dir)
+    corpus = load_corpus(args.data_dir)
+    seqlen = model.config.max_position_embeddings
+    train_ids, test_ids = encode_text(tok, corpus.train_text), encode_text(tok, corpus.test_text)
+    batches = sparsecc.sample_batches(train_ids, args.nsamples, seqlen, seed=args.seed, batch_size=16,
+                                      source={"corpus": corpus.source})
+    windows = args.eval_windows or None
+    skip = {"lm_head": None}
+
+    dense, _ = run(model, batches, test_ids, seqlen, None, windows)
+    print(f"dense: {dense:.2f}", flush=True)
+    table = {}
+    for name, make in METHODS.items():
+        for col, kw in SETTINGS.items():
+            table[name, col] = run(model, batches, test_ids, seqlen, {"default": make(**kw), **skip}, windows)
+            print(f"{name} {col}: {table[name, col][0]:.2f} ({table[name, col][1]:.1f} s)", flush=True)
+    owl = {}
+    for name, make in METHODS.items():
+        for col, kw in {"uniform": {}, "OWL": dict(layerwise="owl")}.items():
+            owl[name, col] = run(model, batches, test_ids, seqlen, {"default": make(sparsity=0.7, **kw), **skip}, windows)
+            print(f"{name} 70% {col}: {owl[name, col][0]:.2f}", flush=True)
+
+    lines = [f"| {args.model} model | {' | '.join(SETTINGS)} |", "| --- |" + " ---: |" * len(SETTINGS),
+             f"| Dense | {' | '.join(f'{dense:.2f}' for _ in SETTINGS)} |"]
+    for name in METHODS:
+        lines.append(f"| {name} | {' | '.join(f'{table[name, c][0]:.2f}' for c in SETTINGS)} |")
+    lines += ["", "| 70% sparsity | uniform | OWL |", "| --- | ---: | ---: |"]
+    for name in METHODS:
+        lines.append(f"| {name} | {owl[name, 'uniform'][0]:.2f} | {owl[name, 'OWL'][0]:.2f} |")
+    lines += ["", "| pruning time (s, whole model) | " + " | ".join(SETTINGS) + " |", "| --- |" + " ---: |" * len(SETTINGS)]
+    for name in METHODS:
+        lines.append(f"| {name} | {' | '.join(f'{table[name, c][1]:.1f}' for c in SETTINGS)} |")
+    text = "\n".join(lines)
+    print("\n" + text)
+    if args.write_results:
+        scope = "the whole test split" if windows is None else f"{windows} test windows"
+        write_section("prune-quality", "\n".join([
+            "## Pruning quality (WikiText-2 test perplexity)", "",
+            f"The `{args.model}` zoo model ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+            f"context {seqlen}); every linear but lm_head pruned; calibration: {args.nsamples} random windows of "
+            f"{seqlen} tokens from the training split (seed {args.seed}), block-sequential; perplexity on {scope}.", "",
+            text, "",
+            f"Measured {time.strftime('%Y-%m-%d')} on {machine()}. Produced by "
+            f"`python benchmarks/prune_quality.py --model {args.model} --write-results`."]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

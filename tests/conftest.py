@@ -61,3 +61,30 @@ def same_state(model, snap) -> bool:
 @pytest.fixture
 def state_tools():
     return snapshot, same_state
+
+
+@pytest.fixture(scope="session")
+def zoo_cache(tmp_path_factory):
+    """Where zoo models are cached for the session: $SPARSECC_CACHE (so CI can keep it), else a temp dir."""
+    return os.environ.get("SPARSECC_CACHE") or str(tmp_path_factory.mktemp("zoo-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(zoo_cache):
+    """(model, tokenizer, info, seconds): the zoo's tiny model, trained once per session (~1.5 min on
+    2 cores) unless cached. Tests must deepcopy the model before changing it."""
+    import time
+
+    from sparsecc.zoo import load_model
+    t0 = time.perf_counter()
+    model, tok, info = load_model("tiny", cache_dir=zoo_cache, progress=False)
+    return model, tok, info, time.perf_counter() - t0
+
+
+@pytest.fixture(scope="session")
+def tiny_streams(tiny_zoo):
+    """(train_ids, test_ids): the corpus encoded with the tiny model's tokenizer."""
+    from sparsecc.zoo import encode_text, load_corpus
+    corpus = load_corpus()
+    tok = tiny_zoo[1]
+    return encode_text(tok, corpus.train_text), encode_text(tok, corpus.test_text)

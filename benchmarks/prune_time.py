@@ -9,7 +9,7 @@ with X drawn LLM-like: per-channel scales, a few outlier channels and a rank-64 
 work, not pruning. Wanda's ||X_j||_2 is read off diag(X^T X) (the same number InputStats gives).
 OBS is not run on the whole layer: the call is made to show its cost guard refusing it, and its
 time is extrapolated from running it on a few rows (its cost is linear in the rows).
-Prints a markdown table; writes nothing. SparseGPT's column sweep, OBS and the permutation search
+Prints a markdown table (--write-results: also the "prune-time" section of RESULTS.md). SparseGPT's column sweep, OBS and the permutation search
 run their small-op loops on one thread whatever --threads says (see sparsegpt.single_thread).
 """
 from __future__ import annotations
@@ -26,9 +26,9 @@ from sparsecc.prune.sparsegpt import sparsegpt
 from sparsecc.prune.wanda import wanda
 
 try:
-    from results import machine
+    from results import machine, write_section
 except ImportError:  # run as a module
-    from benchmarks.results import machine
+    from benchmarks.results import machine, write_section
 
 # Seed 002 (Wanda talk), "Pruning Efficiency", LLaMA, whole model; the seed states neither unit
 # nor hardware (the Wanda paper: seconds, excluding the shared forward passes).
@@ -69,6 +69,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0,
                     help="torch intra-op threads (0: torch's default); on a busy machine 1 can be far faster")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--write-results", action="store_true", help="update the prune-time section of RESULTS.md")
     a = ap.parse_args()
     d, s = a.size, a.sparsity
     if a.threads:
@@ -100,20 +101,22 @@ def main() -> None:
                      f"~{t_obs * d / r:,.0f} estimated ({t_obs:.1f} s measured on {r} of the {d} rows)"))
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"One {d}x{d} linear, Hessian from {a.tokens} tokens ({t_h:.1f} s to build, not counted); "
-          f"{machine()}; load average {load:.1f} at the end.\n")
-    print("| method | sparsity | seconds, this machine, one layer |")
-    print("| --- | --- | --- |")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
-    print("\nSeed figures (whole models):\n")
-    print("| method | seed 002: LLaMA 7B / 13B / 30B / 65B (no unit given; the paper says seconds) "
-          "| seed 003: BERT-base CoNLL, seconds |")
-    print("| --- | --- | --- |")
-    for m in ("SparseGPT", "Wanda"):
-        print(f"| {m} | {' / '.join(str(v) for v in SEED_002[m].values())} | {SEED_003[m]} |")
-    print(f"| OBS | - | {SEED_003['OBS']} |")
-
+    out = [f"One {d}x{d} linear, Hessian from {a.tokens} tokens ({t_h:.1f} s to build, not counted); "
+           f"{machine()}; load average {load:.1f} at the end.", "",
+           "| method | sparsity | seconds, this machine, one layer |", "| --- | --- | --- |"]
+    out += ["| " + " | ".join(row) + " |" for row in rows]
+    out += ["", "Seed figures (whole models):", "",
+            "| method | seed 002: LLaMA 7B / 13B / 30B / 65B (no unit given; the paper says seconds) "
+            "| seed 003: BERT-base CoNLL, seconds |", "| --- | --- | --- |"]
+    out += [f"| {m} | {' / '.join(str(v) for v in SEED_002[m].values())} | {SEED_003[m]} |" for m in ("SparseGPT", "Wanda")]
+    out.append(f"| OBS | - | {SEED_003['OBS']} |")
+    text = "\n".join(out)
+    print(text)
+    if a.write_results:
+        write_section("prune-time", "\n".join([
+            "## Pruning time", "", text, "",
+            f"Measured {time.strftime('%Y-%m-%d')}. Produced by `python benchmarks/prune_time.py --write-results`. "
+            "The seeds time whole models on hardware they do not state, so compare the ratios between methods, not the seconds."]))
 
 if __name__ == "__main__":
     main()

@@ -10,12 +10,14 @@ from . import prune
 from .api import calibrate, sparsify_
 from .backend import sparsecc_backend
 from .calibration import CalibrationSet, sample_batches
+from .checkpoint import load_pruned, save_pruned
 from .capture import Captured, LinearSite, capture
 from .configs import SparsityConfig, Technique, config_from_dict, register_technique
 from .errors import CalibrationError, CaptureError, PipelineError, PlanError, RecipeError, SparseccError
 from .passes import (AnalysisPass, ApplyRecipe, CollectHessians, CollectInputStats, Pass, Pipeline,
                      PipelineResult, TransformPass)
 from .plan import Plan
+from .recipes import dump_recipe, load_recipe
 from .report import Report
 from .techniques import MagnitudeConfig, OBSConfig, PruningConfig, SparseGPTConfig, WandaConfig
 
@@ -24,6 +26,7 @@ __all__ = [
     "CollectHessians", "CollectInputStats", "LinearSite", "MagnitudeConfig", "OBSConfig", "Pass",
     "PruningConfig", "SparseGPTConfig", "WandaConfig", "Pipeline",
     "PipelineError", "PipelineResult", "Plan", "PlanError", "RecipeError", "Report", "SparseccError",
-    "SparsityConfig", "Technique", "TransformPass", "calibrate", "capture", "config_from_dict", "prune",
-    "register_technique", "sample_batches", "sparsecc_backend", "sparsify_",
+    "SparsityConfig", "Technique", "TransformPass", "calibrate", "capture", "config_from_dict", "dump_recipe",
+    "load_pruned", "load_recipe", "prune", "register_technique", "sample_batches", "save_pruned", "sparsecc_backend",
+    "sparsify_",
 ]

@@ -15,6 +15,7 @@ from .passes.pipeline import Pipeline
 from .plan import Plan, fingerprint, plan_meta
 from .report import Report
 from .layerwise import owl_sparsities_for
+from .memory import check_hessian_memory
 from .targeting import resolve
 
 
@@ -36,6 +37,10 @@ def _build(model, recipe, batches, debug, progress, data: bool = True):
             raise CalibrationError(f"the recipe needs calibration data for {', '.join(needy[:3])}"
                                    f"{' ...' if len(needy) > 3 else ''}; pass batches=...")
     needs = sorted({r for c in assignments.values() for r in technique_for(c).requires})
+    if "hessian" in needs:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        check_hessian_memory(captured, [n for n, c in assignments.items() if "hessian" in technique_for(c).requires],
+                             device)
     passes = [ANALYSIS_PRODUCERS[a](modules=[n for n, c in assignments.items() if a in technique_for(c).requires])
               for a in needs]
     overrides = owl_sparsities_for(model, captured, assignments, batches, progress) if data else {}
@@ -118,7 +123,8 @@ def _apply_plan(model: nn.Module, plan: Plan, strict: bool) -> Report:
             for param in tech.touches(config, site, decision):
                 saved.setdefault(param, model.get_parameter(param).detach().clone())
             tech.apply(config, model, site, decision)
-            row = next((r for r in plan.rows if r["module"] == name), {"module": name, "technique":
+            row = next((r for r in plan.rows if r["module"] == name), {"module": name, "param": site.param,
+                       "transposed": site.transposed, "technique":
                        type(config).__name__, "config": config.to_dict(),
                        "shape": [site.out_features, site.in_features], "seconds": 0.0})
             rows.append({**row, "sparsity": float((site.weight(model) == 0).float().mean())})

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Report:
-    rows: list[dict]                       # module, technique, config, shape, sparsity, seconds
+    rows: list[dict]  # module, param, technique, config, shape, sparsity, error (+ error_kind), seconds
     setup: dict = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     scopes: list[str] = field(default_factory=list)
@@ -27,16 +27,27 @@ class Report:
 
     def table(self) -> str:
         width = max([len(r["module"]) for r in self.rows] + [6])
-        head = f"{'module':<{width}}  {'technique':<18} {'shape':>11}  {'sparsity':>8}  {'time':>8}"
+        head = f"{'module':<{width}}  {'technique':<18} {'shape':>11}  {'sparsity':>8}  {'rel. error':>10}  {'time':>8}"
         lines = [head, "-" * len(head)]
         for r in self.rows:
             pattern = r["config"].get("pattern") or ""
             shape = "x".join(map(str, r["shape"]))
             lines.append(f"{r['module']:<{width}}  {(r['technique'].removesuffix('Config') + ' ' + pattern).strip():<18} "
-                         f"{shape:>11}  {r['sparsity']:>8.1%}  {r['seconds']:>7.3f}s")
-        lines.append(f"{'total':<{width}}  {'':<18} {'':>11}  {self.sparsity:>8.1%}  "
+                         f"{shape:>11}  {r['sparsity']:>8.1%}  {_error(r):>10}  {r['seconds']:>7.3f}s")
+        lines.append(f"{'total':<{width}}  {'':<18} {'':>11}  {self.sparsity:>8.1%}  {'':>10}  "
                      f"{sum(r['seconds'] for r in self.rows):>7.3f}s")
+        if any(r.get("error_kind") == "diagonal" for r in self.rows):
+            lines.append("rel. error = ||(W - W')X||^2 / ||WX||^2 on the calibration inputs; ~ marks an estimate "
+                         "from diag(X^T X) (no Hessian collected)")
+        elif any(r.get("error") is not None for r in self.rows):
+            lines.append("rel. error = ||(W - W')X||^2 / ||WX||^2 on the calibration inputs")
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.table()
+
+
+def _error(row: dict) -> str:
+    if row.get("error") is None:
+        return "-"
+    return ("~" if row.get("error_kind") == "diagonal" else "") + f"{row['error']:.4f}"

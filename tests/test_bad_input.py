@@ -81,3 +81,15 @@ def test_data_free_recipe_needs_no_batches(make_model):
     assert [r["module"] for r in rep.rows] == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
     assert rep.setup["data"].startswith("none")
     assert float((m.model.layers[0].self_attn.q_proj.weight == 0).float().mean()) == 0.25
+
+
+def test_hessian_memory_is_checked_before_any_work(make_model, batches, state_tools, monkeypatch):
+    import sparsecc.memory
+    snapshot, same = state_tools
+    m = make_model("llama")
+    snap = snapshot(m)
+    monkeypatch.setattr(sparsecc.memory, "available_bytes", lambda device: 100_000)
+    with pytest.raises(sparsecc.CalibrationError, match=r"needs ~0\.\d+ GiB .*decoder block model\.layers\.\d.*WandaConfig"):
+        sparsecc.sparsify_(m, sparsecc.SparseGPTConfig(0.5), batches, progress=False)
+    assert same(m, snap)
+    sparsecc.sparsify_(m, sparsecc.WandaConfig(0.5), batches, progress=False)  # no Hessian: no check

@@ -16,6 +16,7 @@ import warnings
 import torch
 
 from ..configs import technique_for
+from ..prune.hessian_error import relative_error
 from ..targeting import select
 from .stats import HessianStats, InputStats
 
@@ -112,13 +113,29 @@ class ApplyRecipe(TransformPass):
             t0 = time.perf_counter()
             stats = {k: ctx.stats[k][site.name] for k in tech.requires}
             weight = site.weight(ctx.model)
+            before = weight.detach().clone()
             decision = tech.plan(config, site, weight, stats)
             ctx.save_original(*tech.touches(config, site, decision))
             tech.apply(config, ctx.model, site, decision)
             ctx.decisions[site.name] = decision
-            ctx.record(site, config, weight, time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            ctx.record(site, config, weight, seconds, error=self._error(ctx, site, before, decision))
             changed = True
         return changed
+
+
+    @staticmethod
+    def _error(ctx, site, before, decision):
+        """Relative reconstruction error of the rewritten weight on the calibration inputs."""
+        after = site.weight(ctx.model).detach()
+        if "perm" in decision:  # columns were permuted: compare in the original order of the stats
+            unperm = torch.empty_like(after)
+            unperm[:, decision["perm"].to(after.device)] = after
+            after = unperm
+        hess = ctx.stats.get("hessian", {}).get(site.name)
+        inp = ctx.stats.get("input_stats", {}).get(site.name)
+        return relative_error(before, after, hess.xtx if hess is not None else None,
+                              inp.sumsq if inp is not None else None)
 
 
 ANALYSIS_PRODUCERS = {"input_stats": CollectInputStats, "hessian": CollectHessians}

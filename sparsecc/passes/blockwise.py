@@ -162,13 +162,20 @@ class BlockRunner:
                 yield Scope(names[k], in_block, lambda k=k: self._run_block(k))
                 self.hidden = self._run_block(k)  # outputs after this block's transforms
                 self.calls[k] = None  # free what block k needed
-            rest = [s for s in sites.values() if self.ctx.captured.block_of(s.name) is None]
-        else:
-            rest = list(sites.values())
-        if self.relevant is not None:
-            rest = [s for s in rest if s.name in self.relevant] and rest  # skip a rest nobody needs
+        rest = self._rest()
         if rest:
             yield Scope("model" if not self.sequential else "rest", rest, self._run_model)
+
+    def num_scopes(self) -> int:
+        return (len(self.blocks) if self.sequential else 0) + bool(self._rest())
+
+    def _rest(self) -> list:
+        """Sites outside the blocks (all of them when not sequential); empty if none is relevant."""
+        sites = self.ctx.captured.sites.values()
+        rest = [s for s in sites if not self.sequential or self.ctx.captured.block_of(s.name) is None]
+        if self.relevant is not None:
+            rest = [s for s in rest if s.name in self.relevant] and rest  # skip a rest nobody needs
+        return rest
 
     @torch.no_grad()
     def _run_block(self, k: int) -> list[torch.Tensor]:

@@ -61,10 +61,12 @@ class PassContext:
                 self.model.get_parameter(name).copy_(value)
         self.originals.clear()
 
-    def record(self, site, config, weight, seconds: float) -> None:
-        self.rows.append({"module": site.name, "technique": type(config).__name__,
+    def record(self, site, config, weight, seconds: float, error=(None, None)) -> None:
+        self.rows.append({"module": site.name, "param": site.param, "transposed": site.transposed,
+                          "technique": type(config).__name__,
                           "config": config.to_dict(), "shape": [site.out_features, site.in_features],
-                          "sparsity": float((weight == 0).float().mean()), "seconds": seconds})
+                          "sparsity": float((weight == 0).float().mean()), "error": error[0],
+                          "error_kind": error[1], "seconds": seconds})
 
 
 @dataclass
@@ -183,8 +185,7 @@ class Pipeline:
         runner = BlockRunner(ctx, needs_data=any(isinstance(p, AnalysisPass) for p in self.order), relevant=relevant)
         self._scopes = []
         done: list[str] = []
-        total = len(ctx.captured.blocks) + 1 if runner.sequential else 1
-        bar = tqdm(runner.scopes(), total=total, desc="sparsecc", unit="block", disable=not self.progress, leave=False)
+        bar = tqdm(runner.scopes(), total=runner.num_scopes(), desc="sparsecc", unit="block", disable=not self.progress, leave=False)
         for scope in bar:
             bar.set_postfix_str(scope.name)
             self._scopes.append(scope.name)

@@ -21,3 +21,21 @@ def reconstruction_error(weight: torch.Tensor, new_weight: torch.Tensor, hessian
         raise RecipeError(f"hessian_xtx must be [in, in] = [{cols}, {cols}], got {tuple(hessian_xtx.shape)}")
     delta = weight.detach().double() - new_weight.detach().double().to(weight.device)
     return float(((delta @ hessian_xtx.detach().double().to(weight.device)) * delta).sum())
+
+
+def relative_error(weight: torch.Tensor, new_weight: torch.Tensor, xtx: torch.Tensor | None = None,
+                   sumsq: torch.Tensor | None = None) -> tuple[float | None, str | None]:
+    """||(W - W^)X||^2 / ||WX||^2 on the calibration inputs, for the per-layer report.
+
+    Exact from X^T X when the layer's Hessian was collected ("hessian"); otherwise estimated from
+    the per-column sums of squares diag(X^T X) alone, ignoring input correlations ("diagonal");
+    (None, None) when neither statistic exists (data-free pruning)."""
+    if xtx is not None:
+        base = reconstruction_error(weight, torch.zeros_like(weight), xtx)
+        return (reconstruction_error(weight, new_weight, xtx) / base if base > 0 else 0.0), "hessian"
+    if sumsq is not None:
+        s = sumsq.detach().double().to(weight.device)
+        w, d = weight.detach().double(), weight.detach().double() - new_weight.detach().double()
+        base = float((w * w * s).sum())
+        return (float((d * d * s).sum()) / base if base > 0 else 0.0), "diagonal"
+    return None, None

@@ -74,8 +74,13 @@ def prune(args) -> int:
     ids = tokenize(tok, read_text(args.calib), what=f"calibration text {args.calib!r}")
     batches = sparsecc.sample_batches(ids, nsamples=args.nsamples, seqlen=seqlen, seed=args.seed,
                                       batch_size=args.batch_size, source={"calib": str(args.calib)})
-    report = sparsecc.sparsify_(model, recipe, batches, progress=not args.quiet)
-    out = save_pruned(model, args.out, report, recipe=recipe, tokenizer=tok, compress=args.compress,
+    plan = None
+    if args.save_plan:  # calibrate to a Plan (kept in the checkpoint), then apply it
+        plan = sparsecc.calibrate(model, batches, recipe, progress=not args.quiet)
+        report = sparsecc.sparsify_(model, plan)
+    else:
+        report = sparsecc.sparsify_(model, recipe, batches, progress=not args.quiet)
+    out = save_pruned(model, args.out, report, recipe=recipe, tokenizer=tok, plan=plan, compress=args.compress,
                       overwrite=args.overwrite)
     print(report.table())
     print(f"\nwrote {out} ({report.sparsity:.1%} of the pruned weights are zero)")
@@ -129,6 +134,8 @@ def main(argv=None) -> int:
     pr.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     pr.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once the new one is complete)")
     pr.add_argument("--compress", action="store_true", help="store N:M weights compressed (values + 2-bit positions for 2:4)")
+    pr.add_argument("--save-plan", action="store_true", help="also keep the Plan (decisions and activation "
+                    "statistics) in OUT/plan, to re-apply to the dense model without data")
     pr.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
     pr.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
     pr.add_argument("--seqlen", type=int, default=0, help="window length (default: the model's context, at most 2048)")

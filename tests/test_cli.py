@@ -4,6 +4,7 @@ import re
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import sparsecc
 from sparsecc import cli
@@ -42,7 +43,7 @@ def run(capsys, *argv):
 def test_prune_then_eval(model_dir, texts, tmp_path, capsys):
     out = tmp_path / "pruned"
     code, stdout, err = run(capsys, "prune", model_dir, "--recipe", texts / "recipe.yaml", "--calib", texts / "calib.txt",
-                            "--out", out, "--nsamples", 8, "--quiet", "--compress", "--json", tmp_path / "r.json")
+                            "--out", out, "--nsamples", 8, "--quiet", "--compress", "--save-plan", "--json", tmp_path / "r.json")
     assert code == 0, err
     assert "down_proj" in stdout and "wrote" in stdout
     report = json.loads((tmp_path / "r.json").read_text())
@@ -52,6 +53,10 @@ def test_prune_then_eval(model_dir, texts, tmp_path, capsys):
     w = loaded.get_parameter("model.layers.0.mlp.down_proj.weight")
     assert torch.equal((w.reshape(w.shape[0], -1, 4) != 0).sum(-1).clamp(max=2), (w.reshape(w.shape[0], -1, 4) != 0).sum(-1))
     assert (out / "tokenizer.json").is_file()
+    dense = type(loaded)(loaded.config)
+    dense.load_state_dict(load_file(str(model_dir / "model.safetensors")))
+    sparsecc.sparsify_(dense, sparsecc.Plan.load(out / "plan"))  # the kept plan reproduces the checkpoint
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in dense.state_dict().items())
 
     code, dense_out, err = run(capsys, "eval", model_dir, "--text", texts / "test.txt", "--quiet", "--json", tmp_path / "d.json")
     assert code == 0, err
@@ -101,3 +106,13 @@ def test_ctrl_c_during_pruning_leaves_no_output(model_dir, texts, tmp_path, caps
                        "--out", out, "--nsamples", 4, "--quiet")
     assert code == 130 and "interrupted" in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("script", ["train_reference.py", "prune_time.py", "prune_quality.py"])
+def test_bench_scripts_parse_their_options(script):
+    import subprocess
+    import sys
+    from pathlib import Path
+    path = Path(cli.__file__).resolve().parents[1] / "benchmarks" / script
+    done = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "--write-results" in done.stdout, done.stderr

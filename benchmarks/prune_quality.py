@@ -16,12 +16,13 @@ import torch
 
 import sparsecc
 from sparsecc.evaluate import perplexity
+from sparsecc.prune.owl import outlier_ratio
 from sparsecc.zoo import encode_text, load_corpus, load_model
 
 try:
-    from results import machine, write_section
+    from results import README, machine, write_section
 except ImportError:  # run as a module
-    from benchmarks.results import machine, write_section
+    from benchmarks.results import README, machine, write_section
 
 METHODS = {"Magnitude": lambda **kw: sparsecc.MagnitudeConfig(**kw),
            "Wanda": lambda **kw: sparsecc.WandaConfig(**kw),
@@ -36,6 +37,23 @@ def run(model, batches, test_ids, seqlen, recipe, windows):
         sparsecc.sparsify_(m, recipe, batches, progress=False)
     secs = time.perf_counter() - t
     return perplexity(m, test_ids, seqlen, max_windows=windows), secs
+
+
+def outlier_lines(model, batches, skip) -> list[str]:
+    """Why Wanda/OWL can (or cannot) beat magnitude here: the spread of the input column norms
+    ||X_j|| (Wanda's score is |W_ij| ||X_j||: equal norms make it magnitude) and OWL's outlier
+    ratio D_l (M = 5) per linear, from the dense model on the calibration batches."""
+    stats = sparsecc.Pipeline([sparsecc.CollectInputStats()], progress=False).run(
+        model, batches, keep_changes=False).stats["input_stats"]
+    mods = dict(model.named_modules())
+    lines = ["| linear (dense model) | max / median of ‖X_j‖₂ | max abs(x) | OWL D (M=5, %) |", "| --- | ---: | ---: | ---: |"]
+    for name, st in stats.items():
+        if name in skip:
+            continue
+        l2 = st.l2
+        d = outlier_ratio(mods[name].weight.detach().abs() * l2[None, :], 5.0)
+        lines.append(f"| {name} | {float(l2.max() / l2.median()):.1f} | {float(st.max_abs.max()):.1f} | {100 * d:.2f} |")
+    return lines
 
 
 def main(argv=None) -> int:
@@ -80,8 +98,9 @@ def main(argv=None) -> int:
     lines += ["", "| pruning time (s, whole model) | " + " | ".join(SETTINGS) + " |", "| --- |" + " ---: |" * len(SETTINGS)]
     for name in METHODS:
         lines.append(f"| {name} | {' | '.join(f'{table[name, c][1]:.1f}' for c in SETTINGS)} |")
+    outliers = "\n".join(outlier_lines(model, batches, skip))
     text = "\n".join(lines)
-    print("\n" + text)
+    print("\n" + text + "\n\n" + outliers)
     if args.write_results:
         scope = "the whole test split" if windows is None else f"{windows} test windows"
         write_section("prune-quality", "\n".join([
@@ -90,8 +109,17 @@ def main(argv=None) -> int:
             f"context {seqlen}); every linear but lm_head pruned; calibration: {args.nsamples} random windows of "
             f"{seqlen} tokens from the training split (seed {args.seed}), block-sequential; perplexity on {scope}.", "",
             text, "",
+            "Activation outliers in the dense model: seed 002 credits Wanda's gain over magnitude to the "
+            "emergent large-magnitude features of LLMs, and OWL allocates by them; where the column norms "
+            "are nearly equal, Wanda's score is magnitude times a near-constant:", "",
+            outliers, "",
             f"Measured {time.strftime('%Y-%m-%d')} on {machine()}. Produced by "
             f"`python benchmarks/prune_quality.py --model {args.model} --write-results`."]))
+        write_section("prune-quality", "\n".join([  # the same tables, in README's Results section
+            f"WikiText-2 test perplexity of the `{args.model}` reference model, every linear but lm_head pruned "
+            f"(`python benchmarks/prune_quality.py --write-results`; details in `benchmarks/RESULTS.md`):", "",
+            "\n".join(lines[:lines.index("| pruning time (s, whole model) | " + " | ".join(SETTINGS) + " |") - 1])]),
+            path=README)
     return 0
 
 

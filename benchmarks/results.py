@@ -5,6 +5,7 @@ import platform
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+README = RESULTS.parents[1] / "README.md"
 
 
 def write_section(name: str, text: str, path: Path = RESULTS) -> None:

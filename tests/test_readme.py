@@ -34,3 +34,15 @@ def test_readme_block_runs(i, namespace, tmp_path_factory, monkeypatch):
     monkeypatch.chdir(tmp_path_factory.getbasetemp())  # files the examples write land here
     torch._dynamo.reset()
     exec(compile(BLOCKS[i], f"README.md python block {i}", "exec"), namespace)
+
+
+def test_readme_results_match_results_md():
+    """README's results tables are the ones the benchmark wrote into benchmarks/RESULTS.md."""
+    text = README.read_text()
+    assert "<!-- prune-quality:start -->" in text, "README lost its results section"
+    section = text.split("<!-- prune-quality:start -->", 1)[1].split("<!-- prune-quality:end -->", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    assert len(rows) >= 8
+    results = (README.parent / "benchmarks" / "RESULTS.md").read_text()
+    missing = [r for r in rows if r not in results]
+    assert not missing, f"README rows not in benchmarks/RESULTS.md (re-run prune_quality.py --write-results): {missing}"

@@ -48,21 +48,18 @@ def test_errors_name_the_key_and_suggest(data, match):
         parse_recipe(data)
 
 
-def test_file_errors(tmp_path):
-    with pytest.raises(sparsecc.RecipeError, match="does not exist"):
-        load_recipe(tmp_path / "missing.yaml")
-    (tmp_path / "r.txt").write_text("{}")
-    with pytest.raises(sparsecc.RecipeError, match="unknown suffix"):
-        load_recipe(tmp_path / "r.txt")
-    (tmp_path / "bad.yaml").write_text("default: {method: wanda\n")
-    with pytest.raises(sparsecc.RecipeError, match="bad.yaml.*not valid YAML"):
-        load_recipe(tmp_path / "bad.yaml")
-    (tmp_path / "bad.toml").write_text("default = [\n")
-    with pytest.raises(sparsecc.RecipeError, match="not valid TOML"):
-        load_recipe(tmp_path / "bad.toml")
-    (tmp_path / "evil.yaml").write_text("default: !!python/object/apply:os.system ['echo pwned']\n")
-    with pytest.raises(sparsecc.RecipeError, match="not valid YAML"):  # safe_load refuses tags
-        load_recipe(tmp_path / "evil.yaml")
+@pytest.mark.parametrize("name, text, match", [
+    ("missing.yaml", None, "does not exist"),
+    ("r.txt", "{}", "unknown suffix"),
+    ("bad.yaml", "default: {method: wanda\n", "bad.yaml.*not valid YAML"),
+    ("bad.toml", "default = [\n", "not valid TOML"),
+    ("evil.yaml", "default: !!python/object/apply:os.system ['echo pwned']\n", "not valid YAML"),  # safe_load refuses tags
+])
+def test_file_errors(tmp_path, name, text, match):
+    if text is not None:
+        (tmp_path / name).write_text(text)
+    with pytest.raises(sparsecc.RecipeError, match=match):
+        load_recipe(tmp_path / name)
 
 
 plain = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8),

@@ -11,6 +11,7 @@ from .api import calibrate, sparsify_
 from .backend import sparsecc_backend
 from .calibration import CalibrationSet, sample_batches
 from .checkpoint import load_pruned, save_pruned
+from .compressed import NMLinear, compress_nm_
 from .capture import Captured, LinearSite, capture
 from .configs import SparsityConfig, Technique, config_from_dict, register_technique
 from .errors import CalibrationError, CaptureError, PipelineError, PlanError, RecipeError, SparseccError
@@ -23,10 +24,10 @@ from .techniques import MagnitudeConfig, OBSConfig, PruningConfig, SparseGPTConf
 
 __all__ = [
     "AnalysisPass", "ApplyRecipe", "CalibrationError", "CalibrationSet", "CaptureError", "Captured",
-    "CollectHessians", "CollectInputStats", "LinearSite", "MagnitudeConfig", "OBSConfig", "Pass",
+    "CollectHessians", "CollectInputStats", "LinearSite", "MagnitudeConfig", "NMLinear", "OBSConfig", "Pass",
     "PruningConfig", "SparseGPTConfig", "WandaConfig", "Pipeline",
     "PipelineError", "PipelineResult", "Plan", "PlanError", "RecipeError", "Report", "SparseccError",
-    "SparsityConfig", "Technique", "TransformPass", "calibrate", "capture", "config_from_dict", "dump_recipe",
+    "SparsityConfig", "Technique", "TransformPass", "calibrate", "capture", "compress_nm_", "config_from_dict", "dump_recipe",
     "load_pruned", "load_recipe", "prune", "register_technique", "sample_batches", "save_pruned", "sparsecc_backend",
     "sparsify_",
 ]

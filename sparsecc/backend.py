@@ -7,6 +7,10 @@ needed. It rewrites the linear calls a data-free recipe targets (the weight oper
 `weight * mask`, the mask computed once from the weights dynamo hands over) and gives the
 graph to Inductor (`compile_fx`), which also provides the CPU path. Calibrated techniques
 belong before compile: `sparsecc.sparsify_(model, recipe, batches)`.
+
+sparsecc's own ops (`torch.ops.sparsecc.*`, e.g. the N:M linear of `sparsecc.compress_nm_`)
+stay single nodes through Inductor and run their Triton kernel or reference at call time
+(option "kernels"; `sparsecc.codegen.ops`). "debug" lists them with their shapes.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import torch.fx as fx
 from torch._dynamo import register_backend
 
 from .capture import LinearSite, graph_linears
+from .codegen.ops import MODES, use_kernels
 from .configs import technique_for
 from .errors import RecipeError
 from .targeting import normalize_recipe, resolve
@@ -29,6 +34,8 @@ OPTIONS = {
     "recipe": "data-free configs applied at compile time: {module name | 're:<regex>' | 'default': config}",
     "debug": "log the graph before and after the rewrite and what was rewritten",
     "inductor": "dict of Inductor config overrides passed to compile_fx",
+    "kernels": "'auto' (Triton kernels on CUDA, references elsewhere), 'triton' (kernels on any device; on CPU "
+               "under TRITON_INTERPRET=1) or 'reference' for the sparsecc ops in this model",
 }
 
 
@@ -37,6 +44,7 @@ class BackendOptions:
     recipe: dict | None = None
     debug: bool = False
     inductor: dict = field(default_factory=dict)
+    kernels: str | None = None
 
     @classmethod
     def parse(cls, options) -> "BackendOptions":
@@ -56,6 +64,8 @@ class BackendOptions:
                                       "cannot provide; run sparsecc.sparsify_(model, recipe, batches) before compiling")
         if not isinstance(opts.debug, bool):
             raise RecipeError(f"option 'debug' must be True or False, got {opts.debug!r}")
+        if opts.kernels is not None and opts.kernels not in MODES:
+            raise RecipeError(f"option 'kernels' must be one of {', '.join(MODES)}, got {opts.kernels!r}")
         if not isinstance(opts.inductor, dict):
             raise RecipeError(f"option 'inductor' must be a dict of Inductor config overrides, got {opts.inductor!r}")
         return opts
@@ -101,6 +111,17 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph)
 
 
+def sparse_ops(gm: fx.GraphModule) -> list[dict]:
+    """The torch.ops.sparsecc.* calls in a graph, with their input shapes: what the kernels will run."""
+    found = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and str(node.target).startswith("sparsecc."):
+            shapes = [list(a.meta["example_value"].shape) for a in node.args
+                      if isinstance(a, fx.Node) and isinstance(a.meta.get("example_value"), torch.Tensor)]
+            found.append({"node": node.name, "op": str(node.target), "shapes": shapes})
+    return found
+
+
 def sparsecc_backend(gm: fx.GraphModule, example_inputs, options=None, mode=None):
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
@@ -108,18 +129,25 @@ def sparsecc_backend(gm: fx.GraphModule, example_inputs, options=None, mode=None
     opts = BackendOptions.parse(options)
     patches = dict(list_mode_options(mode)) if mode else {}
     patches.update(opts.inductor)
-    if not opts.recipe:
-        return compile_fx(gm, example_inputs, config_patches=patches or None)
+    masks: list[torch.Tensor] = []
+    if opts.recipe:
+        if opts.debug:
+            log.warning("sparsecc: graph before rewrite:\n%s", gm.graph)
+        gm = _copy(gm)  # dynamo still reads its own graph after we return: rewrite a copy
+        masks, done = rewrite_linears(gm, example_inputs, opts.recipe)
+        if opts.debug:
+            log.warning("sparsecc: rewrote %d linears: %s\ngraph after:\n%s", len(done), done, gm.graph)
     if opts.debug:
-        log.warning("sparsecc: graph before rewrite:\n%s", gm.graph)
-    gm = _copy(gm)  # dynamo still reads its own graph after we return: rewrite a copy
-    masks, done = rewrite_linears(gm, example_inputs, opts.recipe)
-    if opts.debug:
-        log.warning("sparsecc: rewrote %d linears: %s\ngraph after:\n%s", len(done), done, gm.graph)
+        log.warning("sparsecc: sparsecc ops in the graph (kernels=%s): %s", opts.kernels or "auto", sparse_ops(gm))
     compiled = compile_fx(gm, list(example_inputs) + masks, config_patches=patches or None)
+    if not masks and opts.kernels is None:
+        return compiled
 
     def run(*args):
-        return compiled(*args, *masks)
+        if opts.kernels is None:
+            return compiled(*args, *masks)
+        with use_kernels(opts.kernels):
+            return compiled(*args, *masks)
 
     return run
 

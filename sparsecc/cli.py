@@ -116,7 +116,8 @@ def bench(args) -> int:
                                 "clone the repository and install it with pip install -e .")
     runs = [["train_reference.py", "--variant", "tiny" if args.quick else "ref"],
             ["prune_time.py", *(["--size", "1024", "--tokens", "16384"] if args.quick else [])],
-            ["prune_quality.py", *(["--model", "tiny", "--eval-windows", "64", "--nsamples", "32"] if args.quick else [])]]
+            ["prune_quality.py", *(["--model", "tiny", "--eval-windows", "64", "--nsamples", "32"] if args.quick else [])],
+            ["nm_linear.py", *(["--quick"] if args.quick else [])]]  # GPU if there is one
     for script, *rest in runs:
         cmd = [sys.executable, str(root / script), *rest, *(["--write-results"] if args.write_results else [])]
         print(f"$ {' '.join(cmd[1:])}", flush=True)

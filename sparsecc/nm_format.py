@@ -33,21 +33,23 @@ def compress(weight: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.
     if nonzero.numel() and int(nonzero.sum(-1).max()) > n:
         raise PlanError(f"weight is not {n}:{m} sparse (a group of {m} has more than {n} nonzeros)")
     # positions of the kept entries: nonzeros first, then (for short groups) the lowest zero slots
-    order = torch.argsort((~nonzero).to(torch.int8) * m + torch.arange(m), dim=-1, stable=True)[..., :n]
+    order = torch.argsort((~nonzero).to(torch.int8) * m + torch.arange(m, device=weight.device), dim=-1, stable=True)[..., :n]
     index = order.sort(dim=-1).values                                  # [rows, groups, n], ascending
     values = groups.gather(-1, index).reshape(rows, -1)
     return values.contiguous(), _pack(index.reshape(rows, -1).to(torch.uint8), index_bits(m))
 
 
-def decompress(values: torch.Tensor, packed: torch.Tensor, n: int, m: int, in_features: int) -> torch.Tensor:
-    """The dense [out, in_features] weight back from `compress`'s output."""
+def decompress(values: torch.Tensor, packed: torch.Tensor, n: int, m: int, in_features: int,
+               check: bool = True) -> torch.Tensor:
+    """The dense [out, in_features] weight back from `compress`'s output (`check=False` skips the
+    data-dependent index check, for code that torch.compile traces)."""
     rows = values.shape[0]
     if values.shape[1] * m != in_features * n:
         raise PlanError(f"compressed {n}:{m} values of width {values.shape[1]} do not fit {in_features} inputs")
     index = _unpack(packed, index_bits(m), values.shape[1]).long().reshape(rows, in_features // m, n)
-    if index.numel() and int(index.max()) >= m:
+    if check and index.numel() and int(index.max()) >= m:
         raise PlanError(f"corrupt {n}:{m} index (position >= {m})")
-    dense = torch.zeros(rows, in_features // m, m, dtype=values.dtype)
+    dense = torch.zeros(rows, in_features // m, m, dtype=values.dtype, device=values.device)
     dense.scatter_(-1, index, values.reshape(rows, in_features // m, n))
     return dense.reshape(rows, in_features)
 
@@ -57,12 +59,12 @@ def _pack(index: torch.Tensor, bits: int) -> torch.Tensor:
     rows, width = index.shape
     pad = (-width) % per
     x = torch.nn.functional.pad(index, (0, pad)).reshape(rows, -1, per).to(torch.int32)
-    shifts = torch.arange(per, dtype=torch.int32) * bits
+    shifts = torch.arange(per, dtype=torch.int32, device=index.device) * bits
     return (x << shifts).sum(-1).to(torch.uint8)
 
 
 def _unpack(packed: torch.Tensor, bits: int, width: int) -> torch.Tensor:
     per = 8 // bits
-    shifts = torch.arange(per, dtype=torch.int32) * bits
+    shifts = torch.arange(per, dtype=torch.int32, device=packed.device) * bits
     x = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     return x.reshape(packed.shape[0], -1)[:, :width]

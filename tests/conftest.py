@@ -1,9 +1,14 @@
 """Shared fixtures: tiny randomly initialised transformers models of several families."""
 import os
 
-import pytest
-import torch
-from hypothesis import settings
+# Triton kernels are tested on CPU tensors in triton's interpreter, which must be switched on
+# before the kernels are defined (at `import sparsecc`). On a GPU machine run with
+# TRITON_INTERPRET=0 to test them on the device.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 settings.register_profile("ci", deadline=None, derandomize=True, max_examples=25, print_blob=True)
 settings.register_profile("dev", deadline=None, max_examples=25)

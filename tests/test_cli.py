@@ -1,6 +1,7 @@
 """The command line on a locally saved model: prune -> checkpoint -> eval, and its errors."""
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,11 +109,24 @@ def test_ctrl_c_during_pruning_leaves_no_output(model_dir, texts, tmp_path, caps
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("script", ["train_reference.py", "prune_time.py", "prune_quality.py"])
+@pytest.mark.parametrize("script", sorted(p.name for p in (Path(cli.__file__).resolve().parents[1] / "benchmarks").glob("*.py")
+                                           if p.name != "results.py"))
 def test_bench_scripts_parse_their_options(script):
     import subprocess
     import sys
-    from pathlib import Path
     path = Path(cli.__file__).resolve().parents[1] / "benchmarks" / script
     done = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "--write-results" in done.stdout, done.stderr
+
+
+def test_nm_linear_benchmark_runs_quick():
+    """The N:M benchmark's CPU path: checks the op against the dense product, prints the table."""
+    import subprocess
+    import sys
+    path = Path(cli.__file__).resolve().parents[1] / "benchmarks" / "nm_linear.py"
+    done = subprocess.run([sys.executable, str(path), "--quick", "--device", "cpu", "--reps", "2"],
+                          capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
+                                                                            "TRITON_INTERPRET": "0"})
+    assert done.returncode == 0, done.stderr
+    rows = [r for r in done.stdout.splitlines() if r.startswith("| 256 x 256 |")]
+    assert rows and all(float(r.split("|")[-2]) < 1e-5 for r in rows), done.stdout  # relative error column

@@ -1,0 +1,84 @@
+"""The sparsecc ops as torch.library custom ops, so dynamo/Inductor keep them as single nodes.
+
+    torch.ops.sparsecc.nm_linear(x, values, index, bias, n, m, in_features)
+
+Each op runs either its Triton kernel or its pure-PyTorch reference. Which one (`kernel_mode`):
+"auto" (default) uses the kernel on CUDA tensors and the reference elsewhere; "triton" forces
+the kernel on any device (on CPU only under TRITON_INTERPRET=1: how the tests run the kernels);
+"reference" never uses a kernel. Set it with the environment variable SPARSECC_KERNELS, with
+`use_kernels(mode)`, or per compiled model with torch.compile(..., options={"kernels": mode}).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+
+import torch
+
+from .nm_linear import nm_linear as nm_linear_triton
+from .nm_linear import nm_linear_reference
+from ..nm_format import decompress
+
+MODES = ("auto", "triton", "reference")
+_mode: contextvars.ContextVar[str | None] = contextvars.ContextVar("sparsecc_kernels", default=None)
+
+
+def check_mode(mode) -> str:
+    if mode not in MODES:
+        raise ValueError(f"kernel mode must be one of {', '.join(MODES)}, got {mode!r}")
+    return mode
+
+
+def kernel_mode() -> str:
+    mode = _mode.get()
+    return mode if mode is not None else check_mode(os.environ.get("SPARSECC_KERNELS", "auto"))
+
+
+@contextlib.contextmanager
+def use_kernels(mode: str):
+    """Within the block, sparsecc ops use `mode` ("auto", "triton" or "reference")."""
+    token = _mode.set(check_mode(mode))
+    try:
+        yield
+    finally:
+        _mode.reset(token)
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    mode = kernel_mode()
+    return mode == "triton" or (mode == "auto" and x.is_cuda)
+
+
+@torch.library.custom_op("sparsecc::nm_linear", mutates_args=())
+def nm_linear(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, bias: torch.Tensor | None,
+              n: int, m: int, in_features: int) -> torch.Tensor:
+    """x @ Wᵀ + bias for an N:M weight W stored compressed (values, packed index)."""
+    if use_triton(x):
+        return nm_linear_triton(x, values, index, n, m, in_features, bias)
+    return nm_linear_reference(x, values, index, n, m, in_features, bias)
+
+
+@nm_linear.register_fake
+def _(x, values, index, bias, n, m, in_features):
+    return x.new_empty(*x.shape[:-1], values.shape[0])
+
+
+def _setup_context(ctx, inputs, output):
+    x, values, index, bias, n, m, in_features = inputs
+    ctx.save_for_backward(values, index)
+    ctx.nm = (n, m, in_features)
+    ctx.bias_shape = None if bias is None else bias.shape
+
+
+def _backward(ctx, grad):
+    """d/dx (x Wᵀ + b) = grad · W with W decompressed; the compressed weight itself is frozen."""
+    values, index = ctx.saved_tensors
+    n, m, in_features = ctx.nm
+    w = decompress(values, index, n, m, in_features, check=False).to(grad.dtype)
+    grad_x = grad @ w if ctx.needs_input_grad[0] else None
+    grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.bias_shape is not None and ctx.needs_input_grad[3] else None
+    return grad_x, None, None, grad_b, None, None, None
+
+
+nm_linear.register_autograd(_backward, setup_context=_setup_context)

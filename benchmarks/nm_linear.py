@@ -14,7 +14,6 @@ time (above 1: faster than dense). Bytes = the weight bytes one product must rea
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
@@ -25,26 +24,12 @@ from sparsecc.nm_format import compress
 from sparsecc.prune import magnitude
 
 try:
-    from results import machine, write_section
+    from results import machine, median_time, write_section
 except ImportError:  # run as a module
-    from benchmarks.results import machine, write_section
+    from benchmarks.results import machine, median_time, write_section
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # LLaMA-7B: q/k/v/o, gate/up, down ([out, in])
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def median_time(fn, device: str, reps: int) -> float:
-    """Median seconds of fn() (after a warm-up)."""
-    if device == "cuda":
-        import triton.testing
-        return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") / 1e3
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def semi_structured(w: torch.Tensor):

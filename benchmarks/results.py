@@ -1,4 +1,5 @@
-"""Write one named section of benchmarks/RESULTS.md, between markers, leaving the rest alone."""
+"""Shared by the benchmark scripts: write one named section of benchmarks/RESULTS.md between
+markers (leaving the rest alone), describe the machine, time a function."""
 from __future__ import annotations
 
 import platform
@@ -27,3 +28,21 @@ def machine() -> str:
     import torch
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
             f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
+
+
+def median_time(fn, device: str, reps: int = 5) -> float:
+    """Median seconds of fn() after a warm-up: CUDA events via triton.testing.do_bench on GPU,
+    perf_counter over `reps` calls on CPU."""
+    import statistics
+    import time
+
+    if device == "cuda":
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") / 1e3
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)

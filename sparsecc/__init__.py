@@ -20,14 +20,15 @@ from .passes import (AnalysisPass, ApplyRecipe, CollectHessians, CollectInputSta
 from .plan import Plan
 from .recipes import dump_recipe, load_recipe
 from .report import Report
-from .techniques import MagnitudeConfig, OBSConfig, PruningConfig, SparseGPTConfig, WandaConfig
+from .techniques.cats import activation_sparsity
+from .techniques import CATSConfig, CATSMLP, MagnitudeConfig, OBSConfig, PruningConfig, SparseGPTConfig, WandaConfig
 
 __all__ = [
-    "AnalysisPass", "ApplyRecipe", "CalibrationError", "CalibrationSet", "CaptureError", "Captured",
+    "AnalysisPass", "ApplyRecipe", "CATSConfig", "CATSMLP", "CalibrationError", "CalibrationSet", "CaptureError", "Captured",
     "CollectHessians", "CollectInputStats", "LinearSite", "MagnitudeConfig", "NMLinear", "OBSConfig", "Pass",
     "PruningConfig", "SparseGPTConfig", "WandaConfig", "Pipeline",
     "PipelineError", "PipelineResult", "Plan", "PlanError", "RecipeError", "Report", "SparseccError",
-    "SparsityConfig", "Technique", "TransformPass", "calibrate", "capture", "compress_nm_", "config_from_dict", "dump_recipe",
+    "SparsityConfig", "Technique", "TransformPass", "calibrate", "activation_sparsity", "capture", "compress_nm_", "config_from_dict", "dump_recipe",
     "load_pruned", "load_recipe", "prune", "register_technique", "sample_batches", "save_pruned", "sparsecc_backend",
     "sparsify_",
 ]

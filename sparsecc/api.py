@@ -9,14 +9,16 @@ from torch import nn
 from .calibration import describe, validate_batches
 from .capture import capture
 from .configs import technique_for
-from .errors import CalibrationError, PlanError
+from .errors import CalibrationError, PlanError, RecipeError
 from .passes.base import ANALYSIS_PRODUCERS, ApplyRecipe
+from .passes.blockwise import forward_model
 from .passes.pipeline import Pipeline
 from .plan import Plan, fingerprint, plan_meta
 from .report import Report
 from .layerwise import owl_sparsities_for
 from .memory import check_hessian_memory
-from .targeting import resolve
+from .targeting import normalize_recipe, resolve
+from .techniques.cats import apply_cats
 
 
 def _example_batch(model: nn.Module):
@@ -30,7 +32,13 @@ def _example_batch(model: nn.Module):
 
 def _build(model, recipe, batches, debug, progress, data: bool = True):
     captured = capture(model, batches[0])
-    assignments = resolve(recipe, {"linear": list(captured.sites)})
+    recipe = normalize_recipe(recipe)
+    if not captured.gated and any(c is not None and c.TARGET == "gated_mlp" for c in recipe.values()):
+        raise RecipeError(f"{type(model).__name__} has no gated MLP (down(act(gate(x)) * up(x)), as in Llama or "
+                          "Mistral) for CATSConfig to gate; remove it from the recipe")
+    assignments = resolve(recipe, {"linear": list(captured.sites), "gated_mlp": list(captured.gated)})
+    modules = {n: c for n, c in assignments.items() if c.TARGET != "linear"}  # module rewrites (CATS)
+    assignments = {n: c for n, c in assignments.items() if c.TARGET == "linear"}
     if not data:
         needy = [f"{n} ({type(c).__name__})" for n, c in assignments.items() if technique_for(c).needs_data(c)]
         if needy:
@@ -45,7 +53,7 @@ def _build(model, recipe, batches, debug, progress, data: bool = True):
               for a in needs]
     overrides = owl_sparsities_for(model, captured, assignments, batches, progress) if data else {}
     passes.append(ApplyRecipe(assignments, overrides))
-    return captured, assignments, Pipeline(passes, debug=debug, progress=progress)
+    return captured, assignments, modules, Pipeline(passes, debug=debug, progress=progress)
 
 
 def calibrate(model: nn.Module, batches, recipe, *, debug: bool = False, progress: bool = True,
@@ -57,7 +65,11 @@ def calibrate(model: nn.Module, batches, recipe, *, debug: bool = False, progres
     was_training = model.training
     model.eval()
     try:
-        captured, assignments, pipe = _build(model, recipe, batches_list, debug, progress)
+        captured, assignments, modules, pipe = _build(model, recipe, batches_list, debug, progress)
+        if modules:
+            raise RecipeError(f"calibrate/Plan cover weight pruning; {type(next(iter(modules.values()))).__name__} "
+                              f"rewrites modules ({next(iter(modules))}): apply it with sparsecc.sparsify_(model, "
+                              "recipe, batches)")
         meta = plan_meta(model, {n: captured.sites[n] for n in assignments})
     finally:
         model.train(was_training)
@@ -89,11 +101,16 @@ def sparsify_(model: nn.Module, recipe_or_plan, batches=None, *, debug: bool = F
     was_training = model.training
     model.eval()
     try:
-        captured, assignments, pipe = _build(model, recipe_or_plan, batches_list, debug, progress,
-                                             data=batches is not None)
+        captured, assignments, modules, pipe = _build(model, recipe_or_plan, batches_list, debug, progress,
+                                                      data=batches is not None)
     finally:
         model.train(was_training)
-    result = pipe.run(model, batches_list, captured=captured)
+    then = None
+    if modules:  # after the weights are pruned, inside the pipeline's undo scope (cats.py)
+        def then(ctx):
+            ctx.rows.extend(apply_cats(model, captured.gated, modules, batches_list, forward_model, ctx.on_restore,
+                                       progress))
+    result = pipe.run(model, batches_list, captured=captured, then=then)
     setup = setup or describe(batches_list, getattr(batches, "setup", None))
     return Report(result.rows, setup, result.timings, result.scopes)
 

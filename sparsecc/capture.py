@@ -23,6 +23,7 @@ import torch.fx as fx
 from torch import nn
 
 from .channels import feeding_linears
+from .gated import GatedMLP, find_gated, gated_mlp
 from .errors import CaptureError
 
 # call target -> (index of the input operand, index of the weight operand, weight stored as [in, out])
@@ -124,10 +125,13 @@ def _recorder(gm: fx.GraphModule, example_inputs):
         producers = feeding_linears(gl.node, gl.node.args[gl.x_index], set(by_node))
         fed[gl.node] = [by_node[p].module for p in producers or ()]
 
+    gated = find_gated([gl for gl in linears if gl.module])
+
     def run(*args):
         seen = getattr(_session, "seen", None)
         if seen is not None:
-            seen.append((gm, [(gl.module, args[gl.input_index], gl.transposed, fed[gl.node]) for gl in linears]))
+            seen.append((gm, [(gl.module, args[gl.input_index], gl.transposed, fed[gl.node]) for gl in linears],
+                         gated))
         return gm.forward(*args)
 
     return run
@@ -142,6 +146,7 @@ class Captured:
     sites: dict[str, LinearSite]
     blocks: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # module -> why it is not a site
+    gated: dict[str, GatedMLP] = field(default_factory=dict)  # gated MLP modules (gated.py), by name
 
     def block_of(self, site: str) -> int | None:
         for i, b in enumerate(self.blocks):
@@ -178,9 +183,12 @@ def capture(model: nn.Module, batch) -> Captured:
     feeds: dict[str, list[str]] = {}
     skipped: dict[str, str] = {}
     graphs = []
-    for gm, calls in seen:
+    gated: dict[str, GatedMLP] = {}
+    for gm, calls, found in seen:
         if gm not in graphs:
             graphs.append(gm)
+        for g in filter(None, (gated_mlp(*f) for f in found)):
+            gated.setdefault(g.name, g)
         for mod, tensor, transposed, producers in calls:
             names = by_storage.get((tensor.data_ptr(), tuple(tensor.shape)), [])
             # the alias owned by the calling module (a tied lm_head calls with embed_tokens.weight)
@@ -201,7 +209,8 @@ def capture(model: nn.Module, batch) -> Captured:
     for name, producers in feeds.items():
         if producers and all(p in sites for p in producers):
             sites[name] = dataclasses.replace(sites[name], feeders=_feeder_params(model, sites, producers))
-    return Captured(model, graphs, sites, find_blocks(model, sites), skipped)
+    gated = {n: g for n, g in gated.items() if all(f"{n}.{c}" in sites for c in (g.gate, g.up, g.down))}
+    return Captured(model, graphs, sites, find_blocks(model, sites), skipped, gated)
 
 
 def _feeder_params(model: nn.Module, sites: dict[str, LinearSite], producers: list[str]) -> tuple:

@@ -117,7 +117,9 @@ def bench(args) -> int:
     runs = [["train_reference.py", "--variant", "tiny" if args.quick else "ref"],
             ["prune_time.py", *(["--size", "1024", "--tokens", "16384"] if args.quick else [])],
             ["prune_quality.py", *(["--model", "tiny", "--eval-windows", "64", "--nsamples", "32"] if args.quick else [])],
-            ["nm_linear.py", *(["--quick"] if args.quick else [])]]  # GPU if there is one
+            ["cats_quality.py", *(["--model", "tiny", "--nsamples", "32"] if args.quick else [])],
+            ["nm_linear.py", *(["--quick"] if args.quick else [])],  # these two: GPU if there is one
+            ["cats_mlp.py", *(["--quick"] if args.quick else [])]]
     for script, *rest in runs:
         cmd = [sys.executable, str(root / script), *rest, *(["--write-results"] if args.write_results else [])]
         print(f"$ {' '.join(cmd[1:])}", flush=True)

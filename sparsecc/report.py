@@ -14,9 +14,10 @@ class Report:
 
     @property
     def sparsity(self) -> float:
-        """Fraction of zeros over all transformed weights."""
-        total = sum(r["shape"][0] * r["shape"][1] for r in self.rows)
-        return sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in self.rows) / total if total else 0.0
+        """Fraction of zeros over all transformed weights (module rewrites such as CATS not counted)."""
+        rows = [r for r in self.rows if r.get("shape")]
+        total = sum(r["shape"][0] * r["shape"][1] for r in rows)
+        return sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in rows) / total if total else 0.0
 
     def to_dict(self) -> dict:
         return {"rows": self.rows, "setup": self.setup, "timings": self.timings, "scopes": self.scopes,
@@ -30,12 +31,14 @@ class Report:
         head = f"{'module':<{width}}  {'technique':<18} {'shape':>11}  {'sparsity':>8}  {'rel. error':>10}  {'time':>8}"
         lines = [head, "-" * len(head)]
         for r in self.rows:
-            pattern = r["config"].get("pattern") or ""
-            shape = "x".join(map(str, r["shape"]))
+            pattern = r["config"].get("pattern") or (f"t={r['threshold']:.3g}" if "threshold" in r else "")
+            shape = "x".join(map(str, r["shape"])) if r.get("shape") else "-"
             lines.append(f"{r['module']:<{width}}  {(r['technique'].removesuffix('Config') + ' ' + pattern).strip():<18} "
                          f"{shape:>11}  {r['sparsity']:>8.1%}  {_error(r):>10}  {r['seconds']:>7.3f}s")
         lines.append(f"{'total':<{width}}  {'':<18} {'':>11}  {self.sparsity:>8.1%}  {'':>10}  "
                      f"{sum(r['seconds'] for r in self.rows):>7.3f}s")
+        if any("threshold" in r for r in self.rows):
+            lines.append("CATS rows: the share of MLP neurons zeroed on average (calibration tokens), threshold t")
         if any(r.get("error_kind") == "diagonal" for r in self.rows):
             lines.append("rel. error = ||(W - W')X||^2 / ||WX||^2 on the calibration inputs; ~ marks an estimate "
                          "from diag(X^T X) (no Hessian collected)")

@@ -1,6 +1,7 @@
 """The sparsecc ops as torch.library custom ops, so dynamo/Inductor keep them as single nodes.
 
     torch.ops.sparsecc.nm_linear(x, values, index, bias, n, m, in_features)
+    torch.ops.sparsecc.cats_mlp(x, w_gate, b_gate, w_up, b_up, w_down, b_down, threshold, act)
 
 Each op runs either its Triton kernel or its pure-PyTorch reference. Which one (`kernel_mode`):
 "auto" (default) uses the kernel on CUDA tensors and the reference elsewhere; "triton" forces
@@ -17,6 +18,7 @@ import os
 import torch
 
 from .nm_linear import nm_linear as nm_linear_triton
+from .cats_mlp import cats_mlp_backward, cats_mlp_reference, cats_mlp_triton
 from .nm_linear import nm_linear_reference
 from ..nm_format import decompress
 
@@ -82,3 +84,34 @@ def _backward(ctx, grad):
 
 
 nm_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("sparsecc::cats_mlp", mutates_args=())
+def cats_mlp(x: torch.Tensor, w_gate: torch.Tensor, b_gate: torch.Tensor | None, w_up: torch.Tensor,
+             b_up: torch.Tensor | None, w_down: torch.Tensor, b_down: torch.Tensor | None, threshold: float,
+             act: str) -> torch.Tensor:
+    """down((act(gate(x)) thresholded at |.| >= threshold) * up(x)): a CATS-gated MLP."""
+    if use_triton(x):
+        return cats_mlp_triton(x, w_gate, b_gate, w_up, b_up, w_down, b_down, threshold, act)
+    return cats_mlp_reference(x, w_gate, b_gate, w_up, b_up, w_down, b_down, threshold, act)
+
+
+@cats_mlp.register_fake
+def _(x, w_gate, b_gate, w_up, b_up, w_down, b_down, threshold, act):
+    return x.new_empty(*x.shape[:-1], w_down.shape[0])
+
+
+def _cats_setup(ctx, inputs, output):
+    x, w_gate, b_gate, w_up, b_up, w_down, b_down, threshold, act = inputs
+    ctx.save_for_backward(x, w_gate, b_gate, w_up, b_up, w_down)
+    ctx.threshold, ctx.act, ctx.has_b_down = threshold, act, b_down is not None
+
+
+def _cats_backward(ctx, grad):
+    x, w_gate, b_gate, w_up, b_up, w_down = ctx.saved_tensors
+    dx, dwg, dbg, dwu, dbu, dwd, dbd = cats_mlp_backward(grad, x, w_gate, b_gate, w_up, b_up, w_down,
+                                                         ctx.threshold, ctx.act)
+    return dx, dwg, dbg, dwu, dbu, dwd, dbd if ctx.has_b_down else None, None, None
+
+
+cats_mlp.register_autograd(_cats_backward, setup_context=_cats_setup)

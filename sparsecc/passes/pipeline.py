@@ -38,6 +38,7 @@ class PassContext:
     decisions: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     rows: list[dict] = field(default_factory=list)                         # per-layer report rows
     originals: dict[str, torch.Tensor] = field(default_factory=dict)      # param -> value before
+    on_restore: list = field(default_factory=list)                         # undo callables (module swaps)
     batch_index: int = 0
     token_mask: torch.Tensor | None = None
 
@@ -56,6 +57,9 @@ class PassContext:
                 self.originals[name] = self.model.get_parameter(name).detach().clone()
 
     def restore(self) -> None:
+        for undo in reversed(self.on_restore):  # module swaps first, then the weights inside them
+            undo()
+        self.on_restore.clear()
         with torch.no_grad():
             for name, value in self.originals.items():
                 self.model.get_parameter(name).copy_(value)
@@ -136,9 +140,11 @@ class Pipeline:
                             f"{' -> '.join(self.passes[u].name for u, _ in cycle)} -> {a})")
 
     def run(self, model: torch.nn.Module, batches, captured: Captured | None = None,
-            keep_changes: bool = True) -> PipelineResult:
+            keep_changes: bool = True, then=None) -> PipelineResult:
         """Run on `model` with calibration `batches`. keep_changes=False restores the weights
-        afterwards (what `calibrate` does); on any error they are always restored."""
+        afterwards (what `calibrate` does); on any error they are always restored. `then(ctx)`, if
+        given, runs after the passes, still inside that guarantee (module rewrites register their
+        undo in ctx.on_restore)."""
         batches_list = validate_batches(model, batches)
         was_training = model.training
         model.eval()
@@ -147,6 +153,10 @@ class Pipeline:
             captured = captured or capture(model, batches_list[0])
             ctx = PassContext(model, captured, batches_list, self.debug)
             timings = self._run(ctx)
+            if then is not None:
+                t0 = time.perf_counter()
+                then(ctx)
+                timings["module rewrites"] = time.perf_counter() - t0
             result = PipelineResult([p.name for p in self.order], ctx.stats, ctx.decisions, ctx.rows, timings,
                                     describe(batches_list, getattr(batches, "setup", None)),
                                     self._scopes, dict(captured.sites),

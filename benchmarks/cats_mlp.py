@@ -23,27 +23,22 @@ import torch.nn.functional as F
 from sparsecc.codegen.ops import use_kernels
 
 try:
-    from results import machine, median_time, write_section
+    from results import add_device_args, device_dtype, machine, median_time, write_section
 except ImportError:  # run as a module
-    from benchmarks.results import machine, median_time, write_section
-
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    from benchmarks.results import add_device_args, device_dtype, machine, median_time, write_section
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: fp16 on GPU, fp32 on CPU")
+    add_device_args(p)
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--inter", type=int, default=11008)
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 16])
     p.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.7, 0.9])
     p.add_argument("--quick", action="store_true", help="hidden 256, intermediate 512")
-    p.add_argument("--reps", type=int, default=5, help="CPU repeats (GPU: triton.testing.do_bench)")
     p.add_argument("--write-results", action="store_true")
     args = p.parse_args(argv)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    dtype = DTYPES[args.dtype or ("fp16" if device == "cuda" else "fp32")]
+    device, dtype = device_dtype(args)
     hidden, inter = (256, 512) if args.quick else (args.hidden, args.inter)
     g = torch.Generator(device=device).manual_seed(0)
     w_gate, w_up = (torch.randn(inter, hidden, device=device, generator=g, dtype=dtype) / hidden ** 0.5 for _ in "gu")

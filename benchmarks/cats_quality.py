@@ -16,12 +16,11 @@ import time
 
 import sparsecc
 from sparsecc.evaluate import perplexity
-from sparsecc.zoo import encode_text, load_corpus, load_model
 
 try:
-    from results import machine, write_section
+    from results import machine, quality_setup, write_section
 except ImportError:  # run as a module
-    from benchmarks.results import machine, write_section
+    from benchmarks.results import machine, quality_setup, write_section
 
 SEED_LLAMA2_AVG_ACC = {"dense": 0.6589, 0.5: 0.6433, 0.7: 0.6143, 0.9: 0.4764}
 
@@ -35,12 +34,7 @@ def main(argv=None) -> int:
     p.add_argument("--write-results", action="store_true")
     args = p.parse_args(argv)
 
-    model, tok, _ = load_model(args.model, data_dir=args.data_dir)
-    corpus = load_corpus(args.data_dir)
-    seqlen = model.config.max_position_embeddings
-    train_ids, test_ids = encode_text(tok, corpus.train_text), encode_text(tok, corpus.test_text)
-    batches = sparsecc.sample_batches(train_ids, args.nsamples, seqlen, seed=args.seed, batch_size=16,
-                                      source={"corpus": corpus.source})
+    model, corpus, seqlen, batches, test_ids = quality_setup(args.model, args.data_dir, args.nsamples, args.seed)
     held = list(test_ids[: len(test_ids) // seqlen * seqlen].reshape(-1, seqlen).split(16))
     dense = perplexity(model, test_ids, seqlen)
     print(f"dense: {dense:.2f}", flush=True)

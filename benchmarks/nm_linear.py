@@ -24,12 +24,11 @@ from sparsecc.nm_format import compress
 from sparsecc.prune import magnitude
 
 try:
-    from results import machine, median_time, write_section
+    from results import add_device_args, device_dtype, machine, median_time, write_section
 except ImportError:  # run as a module
-    from benchmarks.results import machine, median_time, write_section
+    from benchmarks.results import add_device_args, device_dtype, machine, median_time, write_section
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # LLaMA-7B: q/k/v/o, gate/up, down ([out, in])
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def semi_structured(w: torch.Tensor):
@@ -43,16 +42,13 @@ def semi_structured(w: torch.Tensor):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: fp16 on GPU, fp32 on CPU")
+    add_device_args(p)
     p.add_argument("--pattern", default="2:4")
     p.add_argument("--tokens", type=int, nargs="+", default=None, help="default: 1 16 2048 (GPU), 1 16 256 (CPU)")
     p.add_argument("--quick", action="store_true", help="small shapes, few repeats")
-    p.add_argument("--reps", type=int, default=5, help="CPU repeats (GPU: triton.testing.do_bench)")
     p.add_argument("--write-results", action="store_true")
     args = p.parse_args(argv)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    dtype = DTYPES[args.dtype or ("fp16" if device == "cuda" else "fp32")]
+    device, dtype = device_dtype(args)
     n, m = (int(v) for v in args.pattern.split(":"))
     shapes = [(256, 256), (512, 256)] if args.quick else SHAPES
     tokens = args.tokens or ([1, 16] if args.quick else [1, 16, 2048] if device == "cuda" else [1, 16, 256])

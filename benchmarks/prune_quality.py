@@ -17,12 +17,11 @@ import torch
 import sparsecc
 from sparsecc.evaluate import perplexity
 from sparsecc.prune.owl import outlier_ratio
-from sparsecc.zoo import encode_text, load_corpus, load_model
 
 try:
-    from results import README, machine, write_section
+    from results import README, machine, quality_setup, write_section
 except ImportError:  # run as a module
-    from benchmarks.results import README, machine, write_section
+    from benchmarks.results import README, machine, quality_setup, write_section
 
 METHODS = {"Magnitude": lambda **kw: sparsecc.MagnitudeConfig(**kw),
            "Wanda": lambda **kw: sparsecc.WandaConfig(**kw),
@@ -66,12 +65,7 @@ def main(argv=None) -> int:
     p.add_argument("--write-results", action="store_true")
     args = p.parse_args(argv)
 
-    model, tok, info = load_model(args.model, data_dir=args.data_dir)
-    corpus = load_corpus(args.data_dir)
-    seqlen = model.config.max_position_embeddings
-    train_ids, test_ids = encode_text(tok, corpus.train_text), encode_text(tok, corpus.test_text)
-    batches = sparsecc.sample_batches(train_ids, args.nsamples, seqlen, seed=args.seed, batch_size=16,
-                                      source={"corpus": corpus.source})
+    model, corpus, seqlen, batches, test_ids = quality_setup(args.model, args.data_dir, args.nsamples, args.seed)
     windows = args.eval_windows or None
     skip = {"lm_head": None}
 

@@ -1,5 +1,6 @@
 """Shared by the benchmark scripts: write one named section of benchmarks/RESULTS.md between
-markers (leaving the rest alone), describe the machine, time a function."""
+markers (leaving the rest alone), describe the machine, time a function, and the set-up the
+kernel benchmarks (device/dtype options) and quality benchmarks (model, calibration, test ids) share."""
 from __future__ import annotations
 
 import platform
@@ -46,3 +47,36 @@ def median_time(fn, device: str, reps: int = 5) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+
+def add_device_args(p) -> None:
+    """--device/--dtype/--reps options of the kernel benchmarks."""
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: fp16 on GPU, fp32 on CPU")
+    p.add_argument("--reps", type=int, default=5, help="CPU repeats (GPU: triton.testing.do_bench)")
+
+
+def device_dtype(args):
+    """(device, torch dtype) chosen by add_device_args' options."""
+    import torch
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    return device, getattr(torch, DTYPES[args.dtype or ("fp16" if device == "cuda" else "fp32")])
+
+
+def quality_setup(model_name: str, data_dir, nsamples: int, seed: int):
+    """The zoo model, its corpus, calibration batches from the train split and the encoded test
+    split: (model, corpus, seqlen, batches, test_ids)."""
+    import sparsecc
+    from sparsecc.zoo import encode_text, load_corpus, load_model
+
+    model, tok, _ = load_model(model_name, data_dir=data_dir)
+    corpus = load_corpus(data_dir)
+    seqlen = model.config.max_position_embeddings
+    train_ids, test_ids = encode_text(tok, corpus.train_text), encode_text(tok, corpus.test_text)
+    batches = sparsecc.sample_batches(train_ids, nsamples, seqlen, seed=seed, batch_size=16,
+                                      source={"corpus": corpus.source})
+    return model, corpus, seqlen, batches, test_ids

@@ -80,37 +80,36 @@ if triton is not None:
             return tl.maximum(g, 0.0)
 
     @triton.jit
+    def _x_wT_tile(x_ptr, w_ptr, rt, ri, row_ok, T, H, sxt, sw, DOT_FP32: tl.constexpr, BLOCK_T: tl.constexpr,
+                   BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr):
+        """fp32 tile x[rt] @ w[ri]ᵀ over the H inputs; rows of w with row_ok False are never read."""
+        rk = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_T, BLOCK_I), dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            kk = k0 + rk
+            x = tl.load(x_ptr + rt[:, None] * sxt + kk[None, :], mask=(rt[:, None] < T) & (kk[None, :] < H), other=0.0)
+            w = tl.load(w_ptr + ri[:, None] * sw + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < H), other=0.0)
+            if DOT_FP32:
+                acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
+            else:
+                acc += tl.dot(x, tl.trans(w))
+        return acc
+
+    @triton.jit
     def _cats_gate_up_kernel(x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr, T, H, I, threshold,
                              sxt, swg, swu, sht, ACT: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
                              DOT_FP32: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr,
                              BLOCK_K: tl.constexpr):
         rt = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         ri = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-        rk = tl.arange(0, BLOCK_K)
-        acc_g = tl.zeros((BLOCK_T, BLOCK_I), dtype=tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            kk = k0 + rk
-            x = tl.load(x_ptr + rt[:, None] * sxt + kk[None, :], mask=(rt[:, None] < T) & (kk[None, :] < H), other=0.0)
-            w = tl.load(wg_ptr + ri[:, None] * swg + kk[None, :], mask=(ri[:, None] < I) & (kk[None, :] < H), other=0.0)
-            if DOT_FP32:
-                acc_g += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
-            else:
-                acc_g += tl.dot(x, tl.trans(w))
+        acc_g = _x_wT_tile(x_ptr, wg_ptr, rt, ri, ri < I, T, H, sxt, swg, DOT_FP32, BLOCK_T, BLOCK_I, BLOCK_K)
         if HAS_BG:
             acc_g += tl.load(bg_ptr + ri, mask=ri < I, other=0.0).to(tl.float32)[None, :]
         v = _act(acc_g, ACT)
         keep = (tl.abs(v) >= threshold) & (rt[:, None] < T)
         active = tl.max(keep.to(tl.int32), axis=0) > 0          # [BLOCK_I]: needed by some token
-        acc_u = tl.zeros((BLOCK_T, BLOCK_I), dtype=tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            kk = k0 + rk
-            x = tl.load(x_ptr + rt[:, None] * sxt + kk[None, :], mask=(rt[:, None] < T) & (kk[None, :] < H), other=0.0)
-            w = tl.load(wu_ptr + ri[:, None] * swu + kk[None, :],
-                        mask=active[:, None] & (ri[:, None] < I) & (kk[None, :] < H), other=0.0)
-            if DOT_FP32:
-                acc_u += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
-            else:
-                acc_u += tl.dot(x, tl.trans(w))
+        acc_u = _x_wT_tile(x_ptr, wu_ptr, rt, ri, active & (ri < I), T, H, sxt, swu, DOT_FP32, BLOCK_T, BLOCK_I,
+                           BLOCK_K)
         if HAS_BU:
             acc_u += tl.load(bu_ptr + ri, mask=active & (ri < I), other=0.0).to(tl.float32)[None, :]
         h = tl.where(keep, v * acc_u, 0.0)

@@ -7,7 +7,6 @@ from hypothesis import strategies as st
 
 import sparsecc
 from sparsecc.codegen import interpreted, nm_linear, nm_linear_reference, use_kernels
-from sparsecc.codegen import ops
 from sparsecc.nm_format import compress
 from sparsecc.prune import magnitude
 
@@ -113,14 +112,12 @@ def test_compress_nm_keeps_outputs_and_refuses_dense_targets():
 
 
 @needs_kernels
-def test_backend_runs_the_kernels(monkeypatch):
+def test_backend_runs_the_kernels(kernel_calls):
     """Compiled with kernels='triton' runs the Triton kernel for every N:M linear and matches eager."""
     model = tiny_llama()
     sparsecc.sparsify_(model, {"default": sparsecc.MagnitudeConfig(pattern="2:4"), "lm_head": None}, progress=False)
     sparsecc.compress_nm_(model, "2:4")
-    calls = []
-    kernel = ops.nm_linear_triton
-    monkeypatch.setattr(ops, "nm_linear_triton", lambda *a, **k: calls.append(a[0].shape) or kernel(*a, **k))
+    calls = kernel_calls("nm_linear_triton")
     ids = torch.randint(0, 128, (1, 10))
     torch._dynamo.reset()
     with torch.no_grad():

@@ -18,7 +18,7 @@ from .report import Report
 from .layerwise import owl_sparsities_for
 from .memory import check_hessian_memory
 from .targeting import normalize_recipe, resolve
-from .techniques.cats import apply_cats
+from .rewrites import RewriteContext, apply_rewrites, is_rewrite, rewrite_candidates
 
 
 def _example_batch(model: nn.Module):
@@ -33,14 +33,13 @@ def _example_batch(model: nn.Module):
 def _build(model, recipe, batches, debug, progress, data: bool = True):
     captured = capture(model, batches[0])
     recipe = normalize_recipe(recipe)
-    if not captured.gated and any(c is not None and c.TARGET == "gated_mlp" for c in recipe.values()):
-        raise RecipeError(f"{type(model).__name__} has no gated MLP (down(act(gate(x)) * up(x)), as in Llama or "
-                          "Mistral) for CATSConfig to gate; remove it from the recipe")
-    assignments = resolve(recipe, {"linear": list(captured.sites), "gated_mlp": list(captured.gated)})
-    modules = {n: c for n, c in assignments.items() if c.TARGET != "linear"}  # module rewrites (CATS)
-    assignments = {n: c for n, c in assignments.items() if c.TARGET == "linear"}
+    kinds = {"linear": list(captured.sites), **rewrite_candidates(recipe, captured, type(model).__name__)}
+    assignments = resolve(recipe, kinds)
+    modules = {n: c for n, c in assignments.items() if is_rewrite(c)}  # module rewrites (rewrites.py)
+    assignments = {n: c for n, c in assignments.items() if not is_rewrite(c)}
     if not data:
-        needy = [f"{n} ({type(c).__name__})" for n, c in assignments.items() if technique_for(c).needs_data(c)]
+        needy = [f"{n} ({type(c).__name__})" for n, c in {**assignments, **modules}.items()
+                 if technique_for(c).needs_data(c)]
         if needy:
             raise CalibrationError(f"the recipe needs calibration data for {', '.join(needy[:3])}"
                                    f"{' ...' if len(needy) > 3 else ''}; pass batches=...")
@@ -106,10 +105,10 @@ def sparsify_(model: nn.Module, recipe_or_plan, batches=None, *, debug: bool = F
     finally:
         model.train(was_training)
     then = None
-    if modules:  # after the weights are pruned, inside the pipeline's undo scope (cats.py)
+    if modules:  # after the weights are pruned, inside the pipeline's undo scope (rewrites.py)
         def then(ctx):
-            ctx.rows.extend(apply_cats(model, captured.gated, modules, batches_list, forward_model, ctx.on_restore,
-                                       progress))
+            ctx.rows.extend(apply_rewrites(RewriteContext(model, captured, batches_list, forward_model,
+                                                          ctx.on_restore, progress), modules))
     result = pipe.run(model, batches_list, captured=captured, then=then)
     setup = setup or describe(batches_list, getattr(batches, "setup", None))
     return Report(result.rows, setup, result.timings, result.scopes)

@@ -28,7 +28,7 @@ from torch import nn
 from . import __version__
 from .errors import PlanError
 from .nm_format import compress as nm_compress
-from .techniques.cats import restore_cats
+from .rewrites import is_rewrite_row, restore_rewrites
 from .nm_format import decompress as nm_decompress
 from .prune.masks import parse_pattern
 from .recipes import dump_recipe
@@ -48,7 +48,7 @@ def save_pruned(model: nn.Module, path, report, *, recipe=None, tokenizer=None, 
     params = dict(model.named_parameters(remove_duplicate=False))
     pruned = {}
     for row in report.rows:
-        if row.get("technique") == "CATSConfig":  # a module rewrite: its row (threshold) is the state
+        if is_rewrite_row(row):  # a module rewrite (CATS threshold, attention form): its row is the state
             continue
         if row.get("param") not in params:
             raise PlanError(f"report row {row.get('module')!r} names no parameter of this model; "
@@ -166,7 +166,7 @@ def load_pruned(path, model: nn.Module | None = None):
             if bool((p.detach()[~mask.to(p.device)] != 0).any()):
                 raise PlanError(f"{name!r} has nonzero weights where its mask prunes: the checkpoint was "
                                 "modified after saving")
-    restore_cats(model, meta.get("rows", []))
+    restore_rewrites(model, meta.get("rows", []))
     return model.eval(), meta
 
 

@@ -23,10 +23,11 @@ from torch import nn
 
 from ..calibration import token_mask
 from ..codegen import ops as _ops  # noqa: F401  (registers torch.ops.sparsecc.cats_mlp)
-from ..configs import SparsityConfig, Technique, register_technique
+from ..configs import SparsityConfig, register_technique
 from ..errors import CalibrationError, PlanError, RecipeError
 from ..gated import ACTIVATIONS, GatedMLP
 from ..prune.masks import check_sparsity
+from ..rewrites import ModuleRewrite, RewriteContext
 
 MAX_SAMPLES = 1 << 20  # |v| values kept per MLP for the quantile (a uniform random subset beyond)
 
@@ -43,8 +44,19 @@ class CATSConfig(SparsityConfig):
 
 
 @register_technique(CATSConfig)
-class CATSTechnique(Technique):
+class CATSTechnique(ModuleRewrite):
     requires = ("gate_activations",)  # collected by calibrate_thresholds, not by a linear pass
+    what = "gated MLP (down(act(gate(x)) * up(x)), as in Llama or Mistral)"
+    order = 20
+
+    def candidates(self, captured) -> dict[str, GatedMLP]:
+        return captured.gated
+
+    def rewrite(self, ctx: RewriteContext, specs: dict[str, GatedMLP], configs: dict[str, CATSConfig]) -> list[dict]:
+        return apply_cats(ctx.model, specs, configs, ctx.batches, ctx.forward, ctx.on_restore, ctx.progress)
+
+    def restore(self, model: nn.Module, rows: list[dict]) -> list[str]:
+        return restore_cats(model, rows)
 
 
 class CATSMLP(nn.Module):

@@ -91,16 +91,16 @@ def test_cats_composes_with_nm_pruning_and_compression(make_model):
 
 
 def test_a_failure_after_pruning_leaves_the_model_as_it_was(make_model, monkeypatch):
-    import sparsecc.api as api
+    from sparsecc.techniques import cats
     model = make_model("llama")
     state = copy.deepcopy(model.state_dict())
-    real = api.apply_cats
+    real = cats.apply_cats
 
     def apply_then_fail(*a, **k):
         real(*a, **k)  # swaps the MLPs (and the weights were already pruned) ...
         raise KeyboardInterrupt  # ... then the user presses Ctrl-C
 
-    monkeypatch.setattr(api, "apply_cats", apply_then_fail)
+    monkeypatch.setattr(cats, "apply_cats", apply_then_fail)
     with pytest.raises(KeyboardInterrupt):
         sparsecc.sparsify_(model, {"default": sparsecc.MagnitudeConfig(0.5), "re:.*mlp": sparsecc.CATSConfig(0.5)},
                            batches_for(model, 0), progress=False)

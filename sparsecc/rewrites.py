@@ -1,0 +1,107 @@
+"""Module rewrites: techniques that replace whole modules rather than edit a linear's weight.
+
+A config whose TARGET is not "linear" (e.g. "gated_mlp" for CATSConfig, "attention" for the
+attention forms) is carried out by a registered `ModuleRewrite`. It names the candidate modules
+of its kind in a captured model (`candidates`), rewrites the ones a recipe assigns it (`rewrite`,
+which records the undo of each change in `on_restore` *before* making it, so a failure leaves
+the model as it was), and re-applies itself from its report rows when a checkpoint is loaded
+(`restore`). `sparsify_` runs the rewrites after the weight pruning, inside the pipeline's undo
+scope, in increasing `order`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import nn
+
+from .configs import SparsityConfig, Technique, technique_for
+from .errors import RecipeError
+
+
+@dataclass
+class RewriteContext:
+    model: nn.Module
+    captured: Any                 # capture.Captured
+    batches: list                 # validated calibration batches (one dummy batch when data-free)
+    forward: Callable             # forward(model, batch)
+    on_restore: list              # undo callables, run in reverse on failure
+    progress: bool = False
+
+
+class ModuleRewrite(Technique):
+    """Base of the techniques that replace modules; subclasses are registered with
+    `configs.register_technique(ConfigType)` like any technique."""
+
+    #: what the candidates are, for error messages ("gated MLP (down(act(gate(x)) * up(x)))")
+    what: str = "module"
+    #: rewrites run in increasing order (data-free attention forms before calibrated MLP rewrites)
+    order: int = 0
+
+    def needs_data(self, config: SparsityConfig) -> bool:
+        return bool(self.requires)
+
+    def candidates(self, captured) -> dict[str, Any]:
+        """{module name: spec} of the modules of this kind in the captured model."""
+        raise NotImplementedError
+
+    def rewrite(self, ctx: RewriteContext, specs: dict[str, Any], configs: dict[str, SparsityConfig]) -> list[dict]:
+        """Rewrite the modules `configs` names; returns one report row per module."""
+        raise NotImplementedError
+
+    def restore(self, model: nn.Module, rows: list[dict]) -> list[str]:
+        """Re-apply the rewrite from this technique's report rows (checking before changing)."""
+        raise NotImplementedError
+
+
+def is_rewrite(config: SparsityConfig | None) -> bool:
+    return config is not None and isinstance(technique_for(config), ModuleRewrite)
+
+
+def rewrite_candidates(recipe: dict, captured, model_name: str) -> dict[str, list[str]]:
+    """{target kind: candidate names} for the module-rewrite configs in a recipe; a kind with no
+    candidate in the model is an error naming the config."""
+    kinds: dict[str, list[str]] = {}
+    for cfg in filter(is_rewrite, recipe.values()):
+        if cfg.TARGET in kinds:
+            continue
+        tech = technique_for(cfg)
+        kinds[cfg.TARGET] = list(tech.candidates(captured))
+        if not kinds[cfg.TARGET]:
+            raise RecipeError(f"{model_name} has no {tech.what} for {type(cfg).__name__}; remove it from the recipe")
+    return kinds
+
+
+def apply_rewrites(ctx: RewriteContext, assignments: dict[str, SparsityConfig]) -> list[dict]:
+    """Run every module rewrite of `assignments` ({module: config}), grouped by technique."""
+    groups: dict[int, tuple[ModuleRewrite, dict]] = {}
+    for name, cfg in assignments.items():
+        tech = technique_for(cfg)
+        groups.setdefault(id(tech), (tech, {}))[1][name] = cfg
+    rows = []
+    for tech, configs in sorted(groups.values(), key=lambda g: g[0].order):
+        specs = tech.candidates(ctx.captured)
+        rows.extend(tech.rewrite(ctx, {n: specs[n] for n in configs}, configs))
+    return rows
+
+
+def restore_rewrites(model: nn.Module, rows: list[dict]) -> list[str]:
+    """Re-apply the module rewrites recorded in report rows (a loaded checkpoint)."""
+    from .configs import config_from_dict
+
+    done, by_tech = [], {}
+    for row in rows:
+        cfg = config_from_dict(row["config"]) if isinstance(row.get("config"), dict) else None
+        if is_rewrite(cfg):
+            tech = technique_for(cfg)
+            by_tech.setdefault(id(tech), (tech, []))[1].append(row)
+    for tech, tech_rows in sorted(by_tech.values(), key=lambda g: g[0].order):
+        done.extend(tech.restore(model, tech_rows))
+    return done
+
+
+def is_rewrite_row(row: dict) -> bool:
+    """Whether a report row records a module rewrite (no weight of its own to save or count)."""
+    from .configs import config_from_dict
+
+    return isinstance(row.get("config"), dict) and is_rewrite(config_from_dict(row["config"]))

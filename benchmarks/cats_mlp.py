@@ -15,7 +15,6 @@ slower than dense: no CPU kernel skips inactive neurons yet). The seed's goal: â
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +22,9 @@ import torch.nn.functional as F
 from sparsecc.codegen.ops import use_kernels
 
 try:
-    from results import add_device_args, device_dtype, machine, median_time, write_section
+    from results import add_device_args, device_dtype, median_time, report_kernel
 except ImportError:  # run as a module
-    from benchmarks.results import add_device_args, device_dtype, machine, median_time, write_section
+    from benchmarks.results import add_device_args, device_dtype, median_time, report_kernel
 
 
 def main(argv=None) -> int:
@@ -65,17 +64,10 @@ def main(argv=None) -> int:
             err = float((y.double() - ref).norm() / ref.norm())
             lines.append(f"| {t} | {s:.0%} | {t_dense * 1e3:.3f} | {t_cats * 1e3:.3f} | {t_dense / t_cats:.2f} | {err:.1e} |")
             print(lines[-1], flush=True)
-    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     path = "Triton kernel" if device == "cuda" else "reference (dense MLP plus mask)"
-    text = "\n".join(lines)
-    print("\n" + text)
-    if args.write_results:
-        write_section(f"cats-mlp-{device}", "\n".join([
-            f"## CATS MLP ({hidden} -> {inter} -> {hidden}, {str(dtype).replace('torch.', '')}) on {name}", "",
-            f"sparsecc's op runs the {path}; ratio = dense MLP time / its time.", "", text, "",
-            f"Measured {time.strftime('%Y-%m-%d')} on {machine()}" + (f", {name}" if device == "cuda" else "")
-            + f". Produced by `python benchmarks/cats_mlp.py --device {device}{' --quick' if args.quick else ''} "
-            "--write-results`."]))
+    report_kernel("cats-mlp", "cats_mlp.py", args, device,
+                  f"CATS MLP ({hidden} -> {inter} -> {hidden}, {str(dtype).replace('torch.', '')})",
+                  f"sparsecc's op runs the {path}; ratio = dense MLP time / its time.", "\n".join(lines))
     return 0
 
 

@@ -18,20 +18,16 @@ import sparsecc
 from sparsecc.evaluate import perplexity
 
 try:
-    from results import machine, quality_setup, write_section
+    from results import add_quality_args, quality_setup, report
 except ImportError:  # run as a module
-    from benchmarks.results import machine, quality_setup, write_section
+    from benchmarks.results import add_quality_args, quality_setup, report
 
 SEED_LLAMA2_AVG_ACC = {"dense": 0.6589, 0.5: 0.6433, 0.7: 0.6143, 0.9: 0.4764}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="ref", choices=["ref", "tiny"])
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--nsamples", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--write-results", action="store_true")
+    add_quality_args(p)
     args = p.parse_args(argv)
 
     model, corpus, seqlen, batches, test_ids = quality_setup(args.model, args.data_dir, args.nsamples, args.seed)
@@ -56,15 +52,11 @@ def main(argv=None) -> int:
                      f"{secs:.1f} | {seed} |")
         print(lines[-1], flush=True)
     text = "\n".join(lines)
-    print("\n" + text)
-    if args.write_results:
-        write_section("cats-quality", "\n".join([
-            "## CATS (input-dependent MLP sparsity)", "",
-            f"The `{args.model}` zoo model; thresholds from {args.nsamples} random training windows of {seqlen} tokens "
-            f"(seed {args.seed}); the share of zeroed MLP neurons measured on the test split; perplexity on the "
-            "whole test split.", "", text, "",
-            f"Measured {time.strftime('%Y-%m-%d')} on {machine()}. Produced by "
-            f"`python benchmarks/cats_quality.py --model {args.model} --write-results`."]))
+    report("cats-quality", "CATS (input-dependent MLP sparsity)",
+           f"The `{args.model}` zoo model; thresholds from {args.nsamples} random training windows of {seqlen} tokens "
+           f"(seed {args.seed}); the share of zeroed MLP neurons measured on the test split; perplexity on the "
+           "whole test split.",
+           text, f"python benchmarks/cats_quality.py --model {args.model} --write-results", args.write_results)
     return 0
 
 

@@ -14,7 +14,6 @@ time (above 1: faster than dense). Bytes = the weight bytes one product must rea
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +23,9 @@ from sparsecc.nm_format import compress
 from sparsecc.prune import magnitude
 
 try:
-    from results import add_device_args, device_dtype, machine, median_time, write_section
+    from results import add_device_args, device_dtype, median_time, report_kernel
 except ImportError:  # run as a module
-    from benchmarks.results import add_device_args, device_dtype, machine, median_time, write_section
+    from benchmarks.results import add_device_args, device_dtype, median_time, report_kernel
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # LLaMA-7B: q/k/v/o, gate/up, down ([out, in])
 
@@ -88,18 +87,11 @@ def main(argv=None) -> int:
             print(lines[-1], flush=True)
         notes.add(f"weight bytes per product: dense {dense_bytes / 2**20:.1f} MiB vs {args.pattern} compressed "
                   f"{nm_bytes / 2**20:.1f} MiB for {out_f} x {in_f} ({nm_bytes / dense_bytes:.3f} of dense)")
-    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     path = "Triton kernel" if device == "cuda" else "reference (decompress, then dense product)"
-    text = "\n".join(lines + [""] + [f"- {s}" for s in sorted(notes)])
-    print("\n" + text)
-    if args.write_results:
-        write_section(f"nm-linear-{device}", "\n".join([
-            f"## N:M linear ({args.pattern}, {str(dtype).replace('torch.', '')}) on {name}", "",
-            f"sparsecc's op runs the {path}; ratio = dense time / its time (above 1: faster than dense).", "",
-            text, "",
-            f"Measured {time.strftime('%Y-%m-%d')} on {machine()}"
-            + (f", {name}" if device == "cuda" else "") + ". Produced by `python benchmarks/nm_linear.py "
-            f"--device {device}{' --quick' if args.quick else ''} --write-results`."]))
+    report_kernel("nm-linear", "nm_linear.py", args, device,
+                  f"N:M linear ({args.pattern}, {str(dtype).replace('torch.', '')})",
+                  f"sparsecc's op runs the {path}; ratio = dense time / its time (above 1: faster than dense).",
+                  "\n".join(lines + [""] + [f"- {s}" for s in sorted(notes)]))
     return 0
 
 

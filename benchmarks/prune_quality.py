@@ -12,16 +12,15 @@ import argparse
 import copy
 import time
 
-import torch
 
 import sparsecc
 from sparsecc.evaluate import perplexity
 from sparsecc.prune.owl import outlier_ratio
 
 try:
-    from results import README, machine, quality_setup, write_section
+    from results import README, add_quality_args, machine, quality_setup, write_section
 except ImportError:  # run as a module
-    from benchmarks.results import README, machine, quality_setup, write_section
+    from benchmarks.results import README, add_quality_args, machine, quality_setup, write_section
 
 METHODS = {"Magnitude": lambda **kw: sparsecc.MagnitudeConfig(**kw),
            "Wanda": lambda **kw: sparsecc.WandaConfig(**kw),
@@ -57,12 +56,8 @@ def outlier_lines(model, batches, skip) -> list[str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="ref", choices=["ref", "tiny"])
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--nsamples", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
+    add_quality_args(p)
     p.add_argument("--eval-windows", type=int, default=0, help="0 = the whole test split")
-    p.add_argument("--write-results", action="store_true")
     args = p.parse_args(argv)
 
     model, corpus, seqlen, batches, test_ids = quality_setup(args.model, args.data_dir, args.nsamples, args.seed)

@@ -4,6 +4,7 @@ kernel benchmarks (device/dtype options) and quality benchmarks (model, calibrat
 from __future__ import annotations
 
 import platform
+import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -67,6 +68,15 @@ def device_dtype(args):
     return device, getattr(torch, DTYPES[args.dtype or ("fp16" if device == "cuda" else "fp32")])
 
 
+def add_quality_args(p) -> None:
+    """--model/--data-dir/--nsamples/--seed/--write-results options of the quality benchmarks."""
+    p.add_argument("--model", default="ref", choices=["ref", "tiny"])
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--write-results", action="store_true")
+
+
 def quality_setup(model_name: str, data_dir, nsamples: int, seed: int):
     """The zoo model, its corpus, calibration batches from the train split and the encoded test
     split: (model, corpus, seqlen, batches, test_ids)."""
@@ -80,3 +90,26 @@ def quality_setup(model_name: str, data_dir, nsamples: int, seed: int):
     batches = sparsecc.sample_batches(train_ids, nsamples, seqlen, seed=seed, batch_size=16,
                                       source={"corpus": corpus.source})
     return model, corpus, seqlen, batches, test_ids
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if device == "cuda" else "CPU"
+
+
+def report(section: str, title: str, intro: str, text: str, command: str, write: bool, gpu: str = "") -> None:
+    """Print a benchmark's table and, when `write`, store it as a section of RESULTS.md with the
+    date, the machine and the command that reproduces it."""
+    print("\n" + text)
+    if write:
+        write_section(section, "\n".join([
+            f"## {title}", "", intro, "", text, "",
+            f"Measured {time.strftime('%Y-%m-%d')} on {machine()}{gpu}. Produced by `{command}`."]))
+
+
+def report_kernel(section: str, script: str, args, device: str, title: str, intro: str, text: str) -> None:
+    """`report` for the kernel benchmarks: section `<section>-<device>`, the GPU named."""
+    report(f"{section}-{device}", f"{title} on {device_name(device)}", intro, text,
+           f"python benchmarks/{script} --device {device}{' --quick' if args.quick else ''} --write-results",
+           args.write_results, f", {device_name(device)}" if device == "cuda" else "")

@@ -20,15 +20,17 @@ from .passes import (AnalysisPass, ApplyRecipe, CollectHessians, CollectInputSta
 from .plan import Plan
 from .recipes import dump_recipe, load_recipe
 from .report import Report
+from .techniques.attention import kv_cache_lengths
 from .techniques.cats import activation_sparsity
-from .techniques import CATSConfig, CATSMLP, MagnitudeConfig, OBSConfig, PruningConfig, SparseGPTConfig, WandaConfig
+from .techniques import MoEConfig, MoEMLP, SparseMoEConfig, moe_load_balance
+from .techniques import AttentionSinkConfig, SlidingWindowConfig, CATSConfig, CATSMLP, MagnitudeConfig, OBSConfig, PruningConfig, SparseGPTConfig, WandaConfig
 
 __all__ = [
-    "AnalysisPass", "ApplyRecipe", "CATSConfig", "CATSMLP", "CalibrationError", "CalibrationSet", "CaptureError", "Captured",
-    "CollectHessians", "CollectInputStats", "LinearSite", "MagnitudeConfig", "NMLinear", "OBSConfig", "Pass",
+    "AnalysisPass", "ApplyRecipe", "AttentionSinkConfig", "SlidingWindowConfig", "CATSConfig", "CATSMLP", "CalibrationError", "CalibrationSet", "CaptureError", "Captured",
+    "CollectHessians", "CollectInputStats", "LinearSite", "MagnitudeConfig", "MoEConfig", "MoEMLP", "SparseMoEConfig", "NMLinear", "OBSConfig", "Pass",
     "PruningConfig", "SparseGPTConfig", "WandaConfig", "Pipeline",
     "PipelineError", "PipelineResult", "Plan", "PlanError", "RecipeError", "Report", "SparseccError",
-    "SparsityConfig", "Technique", "TransformPass", "calibrate", "activation_sparsity", "capture", "compress_nm_", "config_from_dict", "dump_recipe",
-    "load_pruned", "load_recipe", "prune", "register_technique", "sample_batches", "save_pruned", "sparsecc_backend",
+    "SparsityConfig", "Technique", "TransformPass", "calibrate", "activation_sparsity", "capture", "compress_nm_", "config_from_dict", "dump_recipe", "kv_cache_lengths",
+    "load_pruned", "load_recipe", "moe_load_balance", "prune", "register_technique", "sample_batches", "save_pruned", "sparsecc_backend",
     "sparsify_",
 ]

@@ -104,12 +104,10 @@ def sparsify_(model: nn.Module, recipe_or_plan, batches=None, *, debug: bool = F
                                                       data=batches is not None)
     finally:
         model.train(was_training)
-    then = None
-    if modules:  # after the weights are pruned, inside the pipeline's undo scope (rewrites.py)
-        def then(ctx):
-            ctx.rows.extend(apply_rewrites(RewriteContext(model, captured, batches_list, forward_model,
-                                                          ctx.on_restore, progress), modules))
-    result = pipe.run(model, batches_list, captured=captured, then=then)
+    def rewrite(ctx):  # module rewrites after the weights are pruned, inside the pipeline's undo scope
+        ctx.rows.extend(apply_rewrites(RewriteContext(model, captured, batches_list, forward_model,
+                                                      ctx.on_restore, progress), modules))
+    result = pipe.run(model, batches_list, captured=captured, then=rewrite if modules else None)
     setup = setup or describe(batches_list, getattr(batches, "setup", None))
     return Report(result.rows, setup, result.timings, result.scopes)
 

@@ -4,9 +4,12 @@
 
 Registered on import and through the `torch_dynamo_backends` entry point, so no import is
 needed. It rewrites the linear calls a data-free recipe targets (the weight operand becomes
-`weight * mask`, the mask computed once from the weights dynamo hands over) and gives the
-graph to Inductor (`compile_fx`), which also provides the CPU path. Calibrated techniques
-belong before compile: `sparsecc.sparsify_(model, recipe, batches)`.
+`weight * mask`, the mask computed once from the weights dynamo hands over) and the attention
+calls a SlidingWindowConfig (or an AttentionSinkConfig with absolute positions) targets (the
+scaled_dot_product_attention gets the window mask, ANDed with the model's own), and gives the
+graph to Inductor (`compile_fx`), which also provides the CPU path. Calibrated techniques, and
+the rolling KV cache with positions within the cache, belong before compile:
+`sparsecc.sparsify_(model, recipe, batches)`; the compiled model keeps what they did.
 
 sparsecc's own ops (`torch.ops.sparsecc.*`, e.g. the N:M linear of `sparsecc.compress_nm_`)
 stay single nodes through Inductor and run their Triton kernel or reference at call time
@@ -22,7 +25,8 @@ import torch
 import torch.fx as fx
 from torch._dynamo import register_backend
 
-from .capture import LinearSite, graph_linears
+from .capture import LinearSite, graph_linears, module_path
+from .codegen.window_attention import allowed
 from .codegen.ops import MODES, use_kernels
 from .configs import technique_for
 from .errors import RecipeError
@@ -62,6 +66,13 @@ class BackendOptions:
                 if cfg is not None and technique_for(cfg).needs_data(cfg):
                     raise RecipeError(f"recipe[{key!r}]: {cfg} needs calibration data, which torch.compile "
                                       "cannot provide; run sparsecc.sparsify_(model, recipe, batches) before compiling")
+                if cfg is not None and cfg.TARGET not in ("linear", "attention"):
+                    raise RecipeError(f"recipe[{key!r}]: {type(cfg).__name__} replaces modules; apply it with "
+                                      "sparsecc.sparsify_(model, recipe, batches) before compiling")
+                if cfg is not None and cfg.TARGET == "attention" and cfg.form()[3] and cfg.form()[2] > 0:
+                    raise RecipeError(f"recipe[{key!r}]: positions within the cache (shift_positions=True) and the "
+                                      "rolling KV cache come from sparsecc.sparsify_(model, recipe) before compiling; "
+                                      "at compile time use shift_positions=False or SlidingWindowConfig")
         if not isinstance(opts.debug, bool):
             raise RecipeError(f"option 'debug' must be True or False, got {opts.debug!r}")
         if opts.kernels is not None and opts.kernels not in MODES:
@@ -71,14 +82,48 @@ class BackendOptions:
         return opts
 
 
-def rewrite_linears(gm: fx.GraphModule, example_inputs, recipe) -> tuple[list[torch.Tensor], list[dict]]:
+def _sdpa_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes
+            if n.op == "call_function" and n.target is torch.nn.functional.scaled_dot_product_attention]
+
+
+def windowed_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
+                  window: int, dilation: int, sinks: int):
+    """scaled_dot_product_attention restricted to a window (codegen/window_attention.py `allowed`):
+    queries are the last q.size(-2) of the k.size(-2) positions (a cache that has evicted nothing)."""
+    t, n = q.shape[-2], k.shape[-2]
+    pos = torch.arange(n, device=q.device)
+    keep = allowed(pos[n - t:], pos, window, dilation, sinks)  # includes causality
+    if attn_mask is not None:
+        keep = keep & attn_mask if attn_mask.dtype == torch.bool else torch.where(keep, attn_mask, float("-inf"))
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout_p,
+                                                            scale=scale, enable_gqa=enable_gqa)
+
+
+def rewrite_attention(gm: fx.GraphModule, assignments) -> list[dict]:
+    """Point each targeted scaled_dot_product_attention call at `windowed_sdpa` with its config."""
+    done = []
+    for node in _sdpa_nodes(gm):
+        config = assignments.get(module_path(node))
+        if config is None:
+            continue
+        window, dilation, sinks, _ = config.form()
+        node.target = windowed_sdpa
+        node.kwargs = {**node.kwargs, "window": window, "dilation": dilation, "sinks": sinks}
+        done.append({"module": module_path(node), "technique": type(config).__name__, "window": window,
+                     "dilation": dilation, "sinks": sinks})
+    gm.graph.lint()
+    gm.recompile()
+    return done
+
+
+def rewrite_linears(gm: fx.GraphModule, example_inputs, assignments) -> tuple[list[torch.Tensor], list[dict]]:
     """Replace the weight operand of each targeted linear by `weight * mask`.
 
     Masks are computed once from the weights dynamo passed in and become extra graph inputs
     (appended after the existing ones); the caller feeds them on every call.
     """
     linears = [gl for gl in graph_linears(gm) if gl.module]
-    assignments = resolve(recipe, {"linear": sorted({gl.module for gl in linears})})
     last_input = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
     masks, rewritten = [], []
     for gl in linears:
@@ -134,7 +179,10 @@ def sparsecc_backend(gm: fx.GraphModule, example_inputs, options=None, mode=None
         if opts.debug:
             log.warning("sparsecc: graph before rewrite:\n%s", gm.graph)
         gm = _copy(gm)  # dynamo still reads its own graph after we return: rewrite a copy
-        masks, done = rewrite_linears(gm, example_inputs, opts.recipe)
+        assignments = resolve(opts.recipe, {"linear": sorted({gl.module for gl in graph_linears(gm) if gl.module}),
+                                            "attention": sorted({module_path(n) for n in _sdpa_nodes(gm)} - {""})})
+        masks, done = rewrite_linears(gm, example_inputs, assignments)
+        done += rewrite_attention(gm, assignments)
         if opts.debug:
             log.warning("sparsecc: rewrote %d linears: %s\ngraph after:\n%s", len(done), done, gm.graph)
     if opts.debug:

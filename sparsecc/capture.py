@@ -126,12 +126,14 @@ def _recorder(gm: fx.GraphModule, example_inputs):
         fed[gl.node] = [by_node[p].module for p in producers or ()]
 
     gated = find_gated([gl for gl in linears if gl.module])
+    attention = [module_path(n) for n in gm.graph.nodes
+                 if n.op == "call_function" and n.target is torch.nn.functional.scaled_dot_product_attention]
 
     def run(*args):
         seen = getattr(_session, "seen", None)
         if seen is not None:
             seen.append((gm, [(gl.module, args[gl.input_index], gl.transposed, fed[gl.node]) for gl in linears],
-                         gated))
+                         gated, attention))
         return gm.forward(*args)
 
     return run
@@ -147,6 +149,7 @@ class Captured:
     blocks: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # module -> why it is not a site
     gated: dict[str, GatedMLP] = field(default_factory=dict)  # gated MLP modules (gated.py), by name
+    attention: list[str] = field(default_factory=list)  # modules calling scaled_dot_product_attention
 
     def block_of(self, site: str) -> int | None:
         for i, b in enumerate(self.blocks):
@@ -161,6 +164,20 @@ def call_model(model: nn.Module, batch):
     return model(batch)
 
 
+def _record(model: nn.Module, batch) -> list:
+    import torch._dynamo
+
+    _session.seen = []
+    try:
+        with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=64):
+            call_model(torch._dynamo.optimize(_recorder)(model), batch)
+        return _session.seen
+    except Exception as e:
+        raise CaptureError(f"dynamo could not run {type(model).__name__} on the calibration batch: {e}") from e
+    finally:
+        _session.seen = None
+
+
 def capture(model: nn.Module, batch) -> Captured:
     """Trace `model` on one `batch` through dynamo and collect its linear sites and blocks."""
     import torch._dynamo
@@ -169,24 +186,24 @@ def capture(model: nn.Module, batch) -> Captured:
     for name, p in model.named_parameters(remove_duplicate=False):
         by_storage.setdefault((p.data_ptr(), tuple(p.shape)), []).append(name)
 
-    _session.seen = []
-    try:
-        with torch.no_grad():
-            call_model(torch._dynamo.optimize(_recorder)(model), batch)
-        seen = _session.seen
-    except Exception as e:
-        raise CaptureError(f"dynamo could not run {type(model).__name__} on the calibration batch: {e}") from e
-    finally:
-        _session.seen = None
+    seen = _record(model, batch)
+    if not seen:
+        # Dynamo ran the model eagerly: transformers wraps every model's forward in the same
+        # decorator function, whose compiled variants count against one recompile limit. Clear
+        # dynamo's cache and capture again.
+        torch._dynamo.reset()
+        seen = _record(model, batch)
 
     sites: dict[str, LinearSite] = {}
     feeds: dict[str, list[str]] = {}
     skipped: dict[str, str] = {}
     graphs = []
     gated: dict[str, GatedMLP] = {}
-    for gm, calls, found in seen:
+    attention: list[str] = []
+    for gm, calls, found, attn in seen:
         if gm not in graphs:
             graphs.append(gm)
+        attention += [a for a in attn if a and a not in attention]
         for g in filter(None, (gated_mlp(*f) for f in found)):
             gated.setdefault(g.name, g)
         for mod, tensor, transposed, producers in calls:
@@ -210,7 +227,7 @@ def capture(model: nn.Module, batch) -> Captured:
         if producers and all(p in sites for p in producers):
             sites[name] = dataclasses.replace(sites[name], feeders=_feeder_params(model, sites, producers))
     gated = {n: g for n, g in gated.items() if all(f"{n}.{c}" in sites for c in (g.gate, g.up, g.down))}
-    return Captured(model, graphs, sites, find_blocks(model, sites), skipped, gated)
+    return Captured(model, graphs, sites, find_blocks(model, sites), skipped, gated, attention)
 
 
 def _feeder_params(model: nn.Module, sites: dict[str, LinearSite], producers: list[str]) -> tuple:

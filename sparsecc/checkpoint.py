@@ -166,7 +166,11 @@ def load_pruned(path, model: nn.Module | None = None):
             if bool((p.detach()[~mask.to(p.device)] != 0).any()):
                 raise PlanError(f"{name!r} has nonzero weights where its mask prunes: the checkpoint was "
                                 "modified after saving")
-    restore_rewrites(model, meta.get("rows", []))
+    restored = restore_rewrites(model, meta.get("rows", []))
+    if restored:  # modules rebuilt from their rows (MoE experts) get their saved weights
+        own = model.state_dict()
+        model.load_state_dict({k: v for k, v in _load_tensors(path / "model.safetensors").items()
+                               if k in own and any(k.startswith(name + ".") for name in restored)}, strict=False)
     return model.eval(), meta
 
 

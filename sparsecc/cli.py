@@ -118,8 +118,11 @@ def bench(args) -> int:
             ["prune_time.py", *(["--size", "1024", "--tokens", "16384"] if args.quick else [])],
             ["prune_quality.py", *(["--model", "tiny", "--eval-windows", "64", "--nsamples", "32"] if args.quick else [])],
             ["cats_quality.py", *(["--model", "tiny", "--nsamples", "32"] if args.quick else [])],
-            ["nm_linear.py", *(["--quick"] if args.quick else [])],  # these two: GPU if there is one
-            ["cats_mlp.py", *(["--quick"] if args.quick else [])]]
+            ["moe_quality.py", *(["--model", "tiny", "--nsamples", "32"] if args.quick else [])],
+            ["streaming.py", *(["--model", "tiny", "--factor", "4", "--streams", "1"] if args.quick else [])],
+            ["nm_linear.py", *(["--quick"] if args.quick else [])],  # these three: GPU if there is one
+            ["cats_mlp.py", *(["--quick"] if args.quick else [])],
+            ["window_attention.py", *(["--quick"] if args.quick else [])]]
     for script, *rest in runs:
         cmd = [sys.executable, str(root / script), *rest, *(["--write-results"] if args.write_results else [])]
         print(f"$ {' '.join(cmd[1:])}", flush=True)

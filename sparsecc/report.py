@@ -31,7 +31,7 @@ class Report:
         head = f"{'module':<{width}}  {'technique':<18} {'shape':>11}  {'sparsity':>8}  {'rel. error':>10}  {'time':>8}"
         lines = [head, "-" * len(head)]
         for r in self.rows:
-            pattern = r["config"].get("pattern") or (f"t={r['threshold']:.3g}" if "threshold" in r else "")
+            pattern = r["config"].get("pattern") or r.get("label", "")
             shape = "x".join(map(str, r["shape"])) if r.get("shape") else "-"
             lines.append(f"{r['module']:<{width}}  {(r['technique'].removesuffix('Config') + ' ' + pattern).strip():<18} "
                          f"{shape:>11}  {r['sparsity']:>8.1%}  {_error(r):>10}  {r['seconds']:>7.3f}s")
@@ -39,6 +39,9 @@ class Report:
                      f"{sum(r['seconds'] for r in self.rows):>7.3f}s")
         if any("threshold" in r for r in self.rows):
             lines.append("CATS rows: the share of MLP neurons zeroed on average (calibration tokens), threshold t")
+        if any("context" in r for r in self.rows):
+            lines.append("attention rows: the share of causal (query, key) pairs skipped at the model's context "
+                         "length (w window, d dilation, s sinks/global tokens)")
         if any(r.get("error_kind") == "diagonal" for r in self.rows):
             lines.append("rel. error = ||(W - W')X||^2 / ||WX||^2 on the calibration inputs; ~ marks an estimate "
                          "from diag(X^T X) (no Hessian collected)")

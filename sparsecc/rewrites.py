@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from .configs import SparsityConfig, Technique, technique_for
@@ -105,3 +106,25 @@ def is_rewrite_row(row: dict) -> bool:
     from .configs import config_from_dict
 
     return isinstance(row.get("config"), dict) and is_rewrite(config_from_dict(row["config"]))
+
+
+@torch.no_grad()
+def observe(model: nn.Module, module_type: type, make_hook, batches, config_name: str) -> None:
+    """Run `batches` through `model` with `make_hook(name, ctx)` as a forward hook on every module
+    of `module_type`; ctx["mask"] is the current batch's token mask (None: all tokens count)."""
+    from .calibration import token_mask, validate_batches
+    from .passes.blockwise import forward_model
+
+    batches = validate_batches(model, batches)
+    ctx: dict = {}
+    handles = [mod.register_forward_hook(make_hook(name, ctx)) for name, mod in model.named_modules()
+               if isinstance(mod, module_type)]
+    if not handles:
+        raise RecipeError(f"the model has no {module_type.__name__} modules: sparsify_ it with a {config_name} first")
+    try:
+        for batch in batches:
+            ctx["mask"] = token_mask(batch)
+            forward_model(model, batch)
+    finally:
+        for h in handles:
+            h.remove()

@@ -93,3 +93,16 @@ def tiny_streams(tiny_zoo):
     corpus = load_corpus()
     tok = tiny_zoo[1]
     return encode_text(tok, corpus.train_text), encode_text(tok, corpus.test_text)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """kernel_calls("nm_linear_triton") wraps that Triton entry point of sparsecc.codegen.ops and
+    returns the list the shape of each call's first argument is appended to."""
+    from sparsecc.codegen import ops
+
+    def spy(name):
+        calls, kernel = [], getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, **k: calls.append(a[0].shape) or kernel(*a, **k))
+        return calls
+    return spy

@@ -3,10 +3,12 @@ that choose between them (ops.py).
 
 nm_linear: N:M sparse linear reading the compressed weight (2:4, 4:8, ...).
 cats_mlp:  CATS-gated MLP reading only the active neurons' rows of W_up and columns of W_down.
+window_attention: attention over a window plus sinks, reading only those key blocks.
 """
 from .cats_mlp import cats_mlp_reference, cats_mlp_triton
 from .nm_linear import interpreted, nm_linear, nm_linear_reference
 from .ops import kernel_mode, use_kernels
+from .window_attention import window_attention_reference, window_attention_triton
 
 __all__ = ["cats_mlp_reference", "cats_mlp_triton", "interpreted", "kernel_mode", "nm_linear", "nm_linear_reference",
-           "use_kernels"]
+           "use_kernels", "window_attention_reference", "window_attention_triton"]

@@ -2,6 +2,7 @@
 
     torch.ops.sparsecc.nm_linear(x, values, index, bias, n, m, in_features)
     torch.ops.sparsecc.cats_mlp(x, w_gate, b_gate, w_up, b_up, w_down, b_down, threshold, act)
+    torch.ops.sparsecc.window_attention(q, k, v, q_pos, k_pos, key_mask, window, dilation, sinks, scale, inv_freq)
 
 Each op runs either its Triton kernel or its pure-PyTorch reference. Which one (`kernel_mode`):
 "auto" (default) uses the kernel on CUDA tensors and the reference elsewhere; "triton" forces
@@ -20,6 +21,7 @@ import torch
 from .nm_linear import nm_linear as nm_linear_triton
 from .cats_mlp import cats_mlp_backward, cats_mlp_reference, cats_mlp_triton
 from .nm_linear import nm_linear_reference
+from .window_attention import window_attention_reference, window_attention_triton
 from ..nm_format import decompress
 
 MODES = ("auto", "triton", "reference")
@@ -115,3 +117,93 @@ def _cats_backward(ctx, grad):
 
 
 cats_mlp.register_autograd(_cats_backward, setup_context=_cats_setup)
+
+
+@torch.library.custom_op("sparsecc::window_attention", mutates_args=())
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                     key_mask: torch.Tensor | None, window: int | None, dilation: int, sinks: int, scale: float,
+                     inv_freq: torch.Tensor | None) -> torch.Tensor:
+    """Attention over the last `window` keys (every `dilation`-th) plus `sinks` first tokens
+    (window_attention.py; inv_freq given: sink scores at positions within the cache)."""
+    if use_triton(q):
+        return window_attention_triton(q, k, v, q_pos, k_pos, key_mask, window, dilation, sinks, scale, inv_freq)
+    return window_attention_reference(q, k, v, q_pos, k_pos, key_mask, window, dilation, sinks, scale, inv_freq)
+
+
+@window_attention.register_fake
+def _(q, k, v, q_pos, k_pos, key_mask, window, dilation, sinks, scale, inv_freq):
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
+def _window_setup(ctx, inputs, output):
+    q, k, v, q_pos, k_pos, key_mask, *rest = inputs
+    ctx.save_for_backward(q, k, v, q_pos, k_pos, key_mask, rest[-1])
+    ctx.args = tuple(rest[:-1])
+
+
+def _window_backward(ctx, grad):
+    """Gradients by differentiating the reference (recomputed): the mask and positions are constants."""
+    q, k, v, q_pos, k_pos, key_mask, inv_freq = ctx.saved_tensors
+    with torch.enable_grad():
+        qkv = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        out = window_attention_reference(*qkv, q_pos, k_pos, key_mask, *ctx.args, inv_freq)
+        grads = torch.autograd.grad(out, qkv, grad)
+    return (*grads, None, None, None, None, None, None, None, None)
+
+
+window_attention.register_autograd(_window_backward, setup_context=_window_setup)
+
+
+# --- sparsecc::moe_ffn: a mixture-of-experts FFN (moe_ffn.py; reference only, no kernel yet) ---
+from .moe_ffn import moe_ffn_backward as _moe_backward, moe_ffn_reference  # noqa: E402
+
+
+@torch.library.custom_op("sparsecc::moe_ffn", mutates_args=())
+def moe_ffn(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor | None, w_gate: torch.Tensor,
+            b_gate: torch.Tensor | None, w_up: torch.Tensor, b_up: torch.Tensor | None, w_down: torch.Tensor,
+            b_down: torch.Tensor | None, top_k: int, capacity_factor: float, act: str, mode: str) -> torch.Tensor:
+    """Σ over the top_k experts (fp32 router) of w_e · down_e(act(gate_e(x)) * up_e(x)) + b_down; w_e = 1
+    (mode "sum") or softmax over the top_k logits ("softmax_topk"); capacity_factor <= 0: no capacity."""
+    return moe_ffn_reference(x, router_weight, router_bias, w_gate, b_gate, w_up, b_up, w_down, b_down, top_k,
+                             capacity_factor, act, mode)
+
+
+@moe_ffn.register_fake
+def _(x, router_weight, router_bias, w_gate, b_gate, w_up, b_up, w_down, b_down, top_k, capacity_factor, act, mode):
+    return x.new_empty(*x.shape[:-1], w_down.shape[1])
+
+
+@torch.library.custom_op("sparsecc::moe_ffn_backward", mutates_args=())
+def moe_ffn_backward(grad: torch.Tensor, x: torch.Tensor, router_weight: torch.Tensor,
+                     router_bias: torch.Tensor | None, w_gate: torch.Tensor, b_gate: torch.Tensor | None,
+                     w_up: torch.Tensor, b_up: torch.Tensor | None, w_down: torch.Tensor,
+                     b_down: torch.Tensor | None, top_k: int, capacity_factor: float, act: str,
+                     mode: str) -> list[torch.Tensor]:
+    """The gradients of moe_ffn w.r.t. its nine tensor inputs (an empty tensor for an absent bias):
+    an op of its own, as its routing is data-dependent and cannot be traced."""
+    grads = _moe_backward(grad, x, router_weight, router_bias, w_gate, b_gate, w_up, b_up, w_down, b_down, top_k,
+                          capacity_factor, act, mode)
+    return [g if g is not None else x.new_empty(0) for g in grads]
+
+
+@moe_ffn_backward.register_fake
+def _(grad, x, router_weight, router_bias, w_gate, b_gate, w_up, b_up, w_down, b_down, top_k, capacity_factor, act,
+      mode):
+    return [torch.empty_like(t) if t is not None else x.new_empty(0)
+            for t in (x, router_weight, router_bias, w_gate, b_gate, w_up, b_up, w_down, b_down)]
+
+
+def _moe_setup(ctx, inputs, output):
+    ctx.save_for_backward(*(t for t in inputs[:9] if t is not None))
+    ctx.present = [t is not None for t in inputs[:9]]
+    ctx.args = inputs[9:]
+
+
+def _moe_backward_autograd(ctx, grad):
+    saved = iter(ctx.saved_tensors)
+    tensors = [next(saved) if p else None for p in ctx.present]
+    grads = torch.ops.sparsecc.moe_ffn_backward(grad, *tensors, *ctx.args)
+    return (*(g if p else None for g, p in zip(grads, ctx.present)), None, None, None, None)
+
+
+moe_ffn.register_autograd(_moe_backward_autograd, setup_context=_moe_setup)

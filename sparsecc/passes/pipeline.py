@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..calibration import describe, validate_batches
 from ..capture import Captured, capture
 from ..errors import CalibrationError, PipelineError
-from .base import ANALYSIS_PRODUCERS, AnalysisPass, ApplyRecipe, Pass, TransformPass
+from .base import ANALYSIS_PRODUCERS, AnalysisPass, ApplyRecipe, Pass
 from .blockwise import BlockRunner
 from .checks import verify
 

@@ -38,7 +38,7 @@ def check_nm_width(pattern: tuple[int, int], in_features: int, where: str = "wei
 
 def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool) -> torch.Tensor:
     """Prune the floor(sparsity * n) lowest scores of the layer (or of each row when per_row)."""
-    keep = torch.ones_like(scores, dtype=torch.bool)
+    keep = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)  # contiguous, even for a transposed view
     if per_row:
         k = int(scores.shape[1] * sparsity)
         if k:

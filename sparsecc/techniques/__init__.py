@@ -1,5 +1,7 @@
 """Registered techniques: each module defines configs and the `Technique`s that carry them out."""
+from .attention import AttentionSinkConfig, SlidingWindowConfig
 from .cats import CATSConfig, CATSMLP
+from .moe import MoEConfig, MoEMLP, SparseMoEConfig, moe_load_balance
 from .pruning import MagnitudeConfig, OBSConfig, PruningConfig, SparseGPTConfig, WandaConfig
 
-__all__ = ["CATSConfig", "CATSMLP", "MagnitudeConfig", "OBSConfig", "PruningConfig", "SparseGPTConfig", "WandaConfig"]
+__all__ = ["AttentionSinkConfig", "SlidingWindowConfig", "CATSConfig", "CATSMLP", "MagnitudeConfig", "MoEConfig", "MoEMLP", "OBSConfig", "PruningConfig", "SparseGPTConfig", "SparseMoEConfig", "WandaConfig", "moe_load_balance"]

@@ -24,10 +24,10 @@ from torch import nn
 from ..calibration import token_mask
 from ..codegen import ops as _ops  # noqa: F401  (registers torch.ops.sparsecc.cats_mlp)
 from ..configs import SparsityConfig, register_technique
-from ..errors import CalibrationError, PlanError, RecipeError
+from ..errors import CalibrationError, PlanError
 from ..gated import ACTIVATIONS, GatedMLP
 from ..prune.masks import check_sparsity
-from ..rewrites import ModuleRewrite, RewriteContext
+from ..rewrites import ModuleRewrite, RewriteContext, observe
 
 MAX_SAMPLES = 1 << 20  # |v| values kept per MLP for the quantile (a uniform random subset beyond)
 
@@ -143,6 +143,7 @@ def apply_cats(model: nn.Module, gated: dict[str, GatedMLP], configs: dict[str, 
         setattr(parent, child, module)
         rows.append({"module": name, "param": None, "technique": "CATSConfig", "config": configs[name].to_dict(),
                      "shape": None, "sparsity": configs[name].sparsity, "threshold": thresholds[name],
+                     "label": f"t={thresholds[name]:.3g}",
                      "gated": gated[name].to_dict(), "error": None, "error_kind": None, "seconds": seconds})
     return rows
 
@@ -174,15 +175,9 @@ def restore_cats(model: nn.Module, rows: list[dict]) -> list[str]:
 def activation_sparsity(model: nn.Module, batches) -> dict[str, float]:
     """Measured fraction of zeroed gate activations of every CATSMLP over the tokens of `batches`
     (e.g. held-out text: how close the calibrated thresholds come to their target)."""
-    from ..calibration import validate_batches
-    from ..passes.blockwise import forward_model
-
-    batches = validate_batches(model, batches)
     counts: dict[str, list] = {}
-    handles = []
-    ctx: dict = {}
 
-    def hook(name):
+    def hook(name, ctx):
         def fn(mod, args, out):  # the fused op never calls the gate module: recompute its activation
             v = ACTIVATIONS[mod.spec.act](getattr(mod, mod.spec.gate)(args[0]).float()).abs()
             mask = ctx.get("mask")
@@ -192,16 +187,5 @@ def activation_sparsity(model: nn.Module, batches) -> dict[str, float]:
             c[1] += v.numel()
         return fn
 
-    for name, mod in model.named_modules():
-        if isinstance(mod, CATSMLP):
-            handles.append(mod.register_forward_hook(hook(name)))
-    if not handles:
-        raise RecipeError("the model has no CATS-gated MLPs: sparsify_ it with a CATSConfig first")
-    try:
-        for batch in batches:
-            ctx["mask"] = token_mask(batch)
-            forward_model(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    observe(model, CATSMLP, hook, batches, "CATSConfig")
     return {n: z / max(t, 1) for n, (z, t) in counts.items()}

@@ -33,3 +33,11 @@ def test_nm_keeps_exactly_n_per_group(shape, seed, nm):
 def test_sparsity_zero_is_identity(shape, seed):
     w = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     assert magnitude(w, 0.0).all() and magnitude(w, 0.0, group="output").all()
+
+
+def test_transposed_weights_get_the_same_mask():
+    """GPT-2's Conv1D weights are pruned through a transposed view ([out, in] of an [in, out] tensor)."""
+    w = torch.randn(12, 20)
+    for group in ("layer", "output"):
+        torch.testing.assert_close(magnitude(w.t().contiguous(), 0.5, group=group),
+                                   magnitude(w.t(), 0.5, group=group))

@@ -139,7 +139,7 @@ def test_bad_configs_and_entry_points(make_model):
         sparsecc.calibrate(model, batches_for(model, 0), {"default": sparsecc.CATSConfig(0.5)})
     with pytest.raises(sparsecc.RecipeError, match="needs calibration data"):
         sparsecc.backend.BackendOptions.parse({"recipe": {"default": sparsecc.CATSConfig(0.5)}})
-    with pytest.raises(sparsecc.RecipeError, match="no CATS-gated MLPs"):
+    with pytest.raises(sparsecc.RecipeError, match="no CATSMLP modules"):
         sparsecc.activation_sparsity(model, batches_for(model, 0))
     assert sparsecc.load_recipe({"re:.*mlp": {"method": "cats", "sparsity": 0.7}}) == {
         "re:.*mlp": sparsecc.CATSConfig(0.7)}

@@ -12,7 +12,7 @@ from torch import nn
 from transformers import LlamaForCausalLM
 
 from sparsecc.evaluate import perplexity
-from sparsecc.zoo import VARIANTS, encode_text, load_corpus, load_model, model_key, train_tokenizer
+from sparsecc.zoo import VARIANTS, load_corpus, load_model, model_key, train_tokenizer
 from sparsecc.zoo import train as train_mod
 
 

@@ -1,0 +1,147 @@
+"""Mixture-of-experts FFN: routing, the pure-PyTorch reference and its gradient.
+
+Each of E experts is a gated MLP with its own slice of neurons (seed 000, "MoE"; seed 001,
+Switch Transformer):
+
+    logits = x Rᵀ + r                      (fp32: Switch's selective precision)
+    S(x)   = the top_k experts by logit
+    y      = Σ_{e ∈ S(x), kept} w_e(x) · down_e(act(gate_e(x)) * up_e(x))  + b_down
+
+with w_e = 1 in mode "sum" (MoEfication: the experts partition one dense FFN, so k = E gives
+the dense FFN back) and w_e = softmax over the top_k logits in mode "softmax_topk" (Mixtral:
+Softmax(Top2(x W_g))). Capacity (Switch): with capacity_factor c > 0 each expert takes at most
+ceil(c · T · k / E) of the T tokens of a call, in token order; a token beyond it gets nothing
+from that expert (it passes through the residual connection). b_down is the dense FFN's bias,
+shared by all experts and added to every token.
+
+The reference sorts the kept (token, expert) assignments by expert and runs one group of
+matmuls per expert. `moe_ffn_backward` is its analytic gradient.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from ..gated import ACTIVATIONS
+from .cats_mlp import _act_backward
+
+MODES = ("sum", "softmax_topk")
+
+
+class Routing(NamedTuple):
+    logits: torch.Tensor   # [T, E] router logits (fp32; fp64 for fp64 inputs)
+    index: torch.Tensor    # [T, k] experts chosen per token, best first
+    weight: torch.Tensor   # [T, k] output weight of each choice, as logits (1 in mode "sum")
+    keep: torch.Tensor     # [T, k] bool: False where the expert was over capacity
+
+
+def capacity(tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int | None:
+    """Switch's expert capacity ceil(c · T · k / E); None (no limit) when c <= 0."""
+    if capacity_factor is None or capacity_factor <= 0:
+        return None
+    return math.ceil(capacity_factor * tokens * top_k / num_experts)
+
+
+def route(x2: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor | None, top_k: int,
+          capacity_factor: float, mode: str) -> Routing:
+    """Routing of the tokens x2 [T, H] (see the module docstring), in fp32 (or wider) throughout."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    num_experts = router_weight.shape[0]
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be in 1..{num_experts} (the number of experts), got {top_k}")
+    dtype = torch.promote_types(x2.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+    logits = F.linear(x2.to(dtype), router_weight.to(dtype), None if router_bias is None else router_bias.to(dtype))
+    top, index = logits.topk(top_k, dim=-1)
+    weight = top.softmax(-1) if mode == "softmax_topk" else torch.ones_like(top)
+    cap = capacity(x2.shape[0], top_k, num_experts, capacity_factor)
+    if cap is None:
+        keep = torch.ones_like(index, dtype=torch.bool)
+    else:  # position of each assignment among those of its expert, in token order (then rank order)
+        onehot = F.one_hot(index.reshape(-1), num_experts)
+        position = (onehot.cumsum(0) * onehot).sum(-1) - 1
+        keep = (position < cap).reshape(index.shape)
+    return Routing(logits, index, weight, keep)
+
+
+def _groups(routing: Routing, num_experts: int):
+    """(expert, token ids, assignment ids) for each expert with kept tokens: the kept
+    assignments sorted by expert (stable, so each group stays in token order)."""
+    flat = routing.index.reshape(-1)
+    kept = routing.keep.reshape(-1).nonzero().squeeze(1)
+    kept = kept[torch.argsort(flat[kept], stable=True)]
+    counts = torch.bincount(flat[kept], minlength=num_experts).tolist()
+    for e, ids in enumerate(kept.split(counts)):
+        if ids.numel():
+            yield e, ids // routing.index.shape[1], ids
+
+
+def _bias(b: torch.Tensor | None, e: int) -> torch.Tensor | None:
+    return None if b is None else b[e]
+
+
+def moe_ffn_reference(x, router_weight, router_bias, w_gate, b_gate, w_up, b_up, w_down, b_down, top_k: int,
+                      capacity_factor: float, act: str, mode: str) -> torch.Tensor:
+    """y for x [..., H]; w_gate, w_up [E, I_e, H], w_down [E, H, I_e], b_gate, b_up [E, I_e], b_down [H]."""
+    hidden = x.shape[-1]
+    x2 = x.reshape(-1, hidden)
+    routing = route(x2, router_weight, router_bias, top_k, capacity_factor, mode)
+    y = x2.new_zeros(x2.shape[0], w_down.shape[1])
+    weight = routing.weight.reshape(-1)
+    for e, tokens, ids in _groups(routing, w_gate.shape[0]):
+        xe = x2[tokens]
+        h = ACTIVATIONS[act](F.linear(xe, w_gate[e], _bias(b_gate, e))) * F.linear(xe, w_up[e], _bias(b_up, e))
+        out = F.linear(h, w_down[e])
+        if mode != "sum":
+            out = (out.to(weight.dtype) * weight[ids, None]).to(out.dtype)
+        y.index_add_(0, tokens, out)
+    if b_down is not None:
+        y = y + b_down
+    return y.reshape(*x.shape[:-1], w_down.shape[1])
+
+
+def moe_ffn_backward(grad, x, router_weight, router_bias, w_gate, b_gate, w_up, b_up, w_down, b_down, top_k: int,
+                     capacity_factor: float, act: str, mode: str) -> list:
+    """Gradients of moe_ffn_reference w.r.t. (x, router_weight, router_bias, w_gate, b_gate, w_up,
+    b_up, w_down, b_down); None for absent biases. The choice of experts is piecewise constant,
+    so the router gets a gradient only through the softmax weights (mode "softmax_topk")."""
+    hidden = x.shape[-1]
+    x2, g2 = x.reshape(-1, hidden), grad.reshape(-1, grad.shape[-1])
+    routing = route(x2, router_weight, router_bias, top_k, capacity_factor, mode)
+    weight = routing.weight.reshape(-1)
+    dx = torch.zeros_like(x2)
+    dwg, dwu, dwd = torch.zeros_like(w_gate), torch.zeros_like(w_up), torch.zeros_like(w_down)
+    dbg = None if b_gate is None else torch.zeros_like(b_gate)
+    dbu = None if b_up is None else torch.zeros_like(b_up)
+    dweight = torch.zeros_like(weight)  # dL/dw_e per assignment (softmax mode)
+    for e, tokens, ids in _groups(routing, w_gate.shape[0]):
+        xe, dy = x2[tokens], g2[tokens]
+        g, u = F.linear(xe, w_gate[e], _bias(b_gate, e)), F.linear(xe, w_up[e], _bias(b_up, e))
+        a = ACTIVATIONS[act](g)
+        h = a * u
+        if mode != "sum":
+            dweight[ids] = (dy.to(weight.dtype) * F.linear(h, w_down[e]).to(weight.dtype)).sum(-1)
+            dy = (dy.to(weight.dtype) * weight[ids, None]).to(dy.dtype)
+        dwd[e] = dy.t() @ h                                # out = h W_downᵀ
+        dh = dy @ w_down[e]
+        dg, du = _act_backward(dh * u, g, act), dh * a     # h = act(g) * u
+        dwg[e], dwu[e] = dg.t() @ xe, du.t() @ xe
+        if dbg is not None:
+            dbg[e] = dg.sum(0)
+        if dbu is not None:
+            dbu[e] = du.sum(0)
+        dx.index_add_(0, tokens, dg @ w_gate[e] + du @ w_up[e])
+    drw, drb = torch.zeros_like(router_weight), None if router_bias is None else torch.zeros_like(router_bias)
+    if mode != "sum":  # w = softmax(top logits): dL/dtop_j = w_j (dL/dw_j - Σ_i w_i dL/dw_i)
+        w, dw = routing.weight, dweight.reshape(routing.weight.shape)
+        dtop = w * (dw - (w * dw).sum(-1, keepdim=True))
+        dlogits = torch.zeros_like(routing.logits).scatter_(1, routing.index, dtop)
+        drw = (dlogits.t() @ x2.to(dlogits.dtype)).to(router_weight.dtype)
+        if drb is not None:
+            drb = dlogits.sum(0).to(router_bias.dtype)
+        dx += (dlogits @ router_weight.to(dlogits.dtype)).to(dx.dtype)
+    dbd = None if b_down is None else g2.sum(0).to(b_down.dtype)
+    return [dx.reshape(x.shape), drw, drb, dwg, dbg, dwu, dbu, dwd, dbd]

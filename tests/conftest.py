@@ -106,3 +106,23 @@ def kernel_calls(monkeypatch):
         monkeypatch.setattr(ops, name, lambda *a, **k: calls.append(a[0].shape) or kernel(*a, **k))
         return calls
     return spy
+
+
+@pytest.fixture
+def compiled_with_kernel(kernel_calls):
+    """compiled_with_kernel(model, recipe, "cats_mlp_triton", x): sparsify_ the model (calibrated on
+    random tokens), compile it with kernels="triton", check it matches eager on x, and return the
+    shapes the named kernel was called with."""
+    import sparsecc
+
+    def run(model, recipe, kernel, x):
+        ids = torch.randint(0, VOCAB, (4096,), generator=torch.Generator().manual_seed(0))
+        sparsecc.sparsify_(model, recipe, sparsecc.sample_batches(ids, 8, 16, seed=0), progress=False)
+        calls = kernel_calls(kernel)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            eager = model(x).logits
+            out = torch.compile(model, backend="sparsecc", options={"kernels": "triton"})(x).logits
+        torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+        return calls
+    return run

@@ -145,3 +145,127 @@ def moe_ffn_backward(grad, x, router_weight, router_bias, w_gate, b_gate, w_up, 
         dx += (dlogits @ router_weight.to(dlogits.dtype)).to(dx.dtype)
     dbd = None if b_down is None else g2.sum(0).to(b_down.dtype)
     return [dx.reshape(x.shape), drw, drb, dwg, dbg, dwu, dbu, dwd, dbd]
+
+
+# --- Triton kernel: grouped GEMM over all experts in one launch per stage -----------------------
+# Routing stays in PyTorch (fp32, above). The kept assignments are sorted by expert and cut into
+# tiles of BLOCK_M rows that never straddle two experts (a host-side schedule: tile -> expert,
+# first row). Stage 1, one launch for all experts: for each tile, h = act(x W_gate,eᵀ) * (x W_up,eᵀ)
+# with x gathered by token id. Stage 2, one launch: o = w_e · h W_down,eᵀ per assignment row, in
+# fp32. The rows are then added into y by token with index_add_ (no atomics: deterministic, and
+# the same for fp16, bf16 and fp32).
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
+
+if triton is not None:
+    from .cats_mlp import _act
+
+    @triton.jit
+    def _moe_gate_up_kernel(x_ptr, tok_ptr, tile_e_ptr, tile_row_ptr, end_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, h_ptr,
+                            H, IE, sxt, swg_e, swg_i, swu_e, swu_i, sh, ACT: tl.constexpr, HAS_BG: tl.constexpr,
+                            HAS_BU: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr):
+        tile = tl.program_id(0)
+        e = tl.load(tile_e_ptr + tile)
+        rows = tl.load(tile_row_ptr + tile) + tl.arange(0, BLOCK_M)
+        live = rows < tl.load(end_ptr + e)          # rows of this expert only
+        tok = tl.load(tok_ptr + rows, mask=live, other=0)
+        ri = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+        rk = tl.arange(0, BLOCK_K)
+        acc_g = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            kk = k0 + rk
+            x = tl.load(x_ptr + tok[:, None] * sxt + kk[None, :], mask=live[:, None] & (kk[None, :] < H), other=0.0)
+            wmask = (ri[:, None] < IE) & (kk[None, :] < H)
+            wg = tl.load(wg_ptr + e * swg_e + ri[:, None] * swg_i + kk[None, :], mask=wmask, other=0.0)
+            wu = tl.load(wu_ptr + e * swu_e + ri[:, None] * swu_i + kk[None, :], mask=wmask, other=0.0)
+            if DOT_FP32:
+                acc_g += tl.dot(x.to(tl.float32), tl.trans(wg.to(tl.float32)))
+                acc_u += tl.dot(x.to(tl.float32), tl.trans(wu.to(tl.float32)))
+            else:
+                acc_g += tl.dot(x, tl.trans(wg))
+                acc_u += tl.dot(x, tl.trans(wu))
+        if HAS_BG:
+            acc_g += tl.load(bg_ptr + e * IE + ri, mask=ri < IE, other=0.0).to(tl.float32)[None, :]
+        if HAS_BU:
+            acc_u += tl.load(bu_ptr + e * IE + ri, mask=ri < IE, other=0.0).to(tl.float32)[None, :]
+        h = _act(acc_g, ACT) * acc_u
+        tl.store(h_ptr + rows[:, None] * sh + ri[None, :], h.to(h_ptr.dtype.element_ty),
+                 mask=live[:, None] & (ri[None, :] < IE))
+
+    @triton.jit
+    def _moe_down_kernel(h_ptr, w_ptr, tile_e_ptr, tile_row_ptr, end_ptr, wd_ptr, o_ptr, H, IE, sh, swd_e, swd_h,
+                         so, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+        tile = tl.program_id(0)
+        e = tl.load(tile_e_ptr + tile)
+        rows = tl.load(tile_row_ptr + tile) + tl.arange(0, BLOCK_M)
+        live = rows < tl.load(end_ptr + e)
+        rh = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        rk = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+        for k0 in range(0, IE, BLOCK_K):
+            kk = k0 + rk
+            h = tl.load(h_ptr + rows[:, None] * sh + kk[None, :], mask=live[:, None] & (kk[None, :] < IE), other=0.0)
+            w = tl.load(wd_ptr + e * swd_e + rh[None, :] * swd_h + kk[:, None],
+                        mask=(kk[:, None] < IE) & (rh[None, :] < H), other=0.0)   # W_down,eᵀ tile [K, H]
+            if DOT_FP32:
+                acc += tl.dot(h.to(tl.float32), w.to(tl.float32))
+            else:
+                acc += tl.dot(h, w)
+        acc = acc * tl.load(w_ptr + rows, mask=live, other=0.0)[:, None]
+        tl.store(o_ptr + rows[:, None] * so + rh[None, :], acc, mask=live[:, None] & (rh[None, :] < H))
+
+
+def moe_ffn_triton(x, router_weight, router_bias, w_gate, b_gate, w_up, b_up, w_down, b_down, top_k: int,
+                   capacity_factor: float, act: str, mode: str, block_m: int = 16) -> torch.Tensor:
+    """The grouped Triton MoE FFN (same result as moe_ffn_reference up to float rounding)."""
+    from .nm_linear import interpreted
+
+    if triton is None:
+        raise RuntimeError("moe_ffn_triton needs triton; use moe_ffn_reference")
+    if x.device.type == "cpu" and not interpreted():
+        raise RuntimeError("the Triton MoE kernel runs on CPU tensors only in triton's interpreter: set "
+                           "TRITON_INTERPRET=1 before importing sparsecc, or use moe_ffn_reference")
+    hidden = x.shape[-1]
+    num_experts, expert_size = w_gate.shape[0], w_gate.shape[1]
+    x2 = x.reshape(-1, hidden).contiguous()
+    routing = route(x2, router_weight, router_bias, top_k, capacity_factor, mode)
+    flat, keep = routing.index.reshape(-1), routing.keep.reshape(-1)
+    kept = keep.nonzero().squeeze(1)
+    kept = kept[torch.argsort(flat[kept], stable=True)]                 # assignments sorted by expert
+    counts = torch.bincount(flat[kept], minlength=num_experts)
+    end = counts.cumsum(0)
+    tiles_per = (counts + block_m - 1) // block_m                        # the tile schedule
+    tile_e = torch.repeat_interleave(torch.arange(num_experts, device=x.device), tiles_per)
+    first_tile = tiles_per.cumsum(0) - tiles_per
+    tile_row = (end - counts)[tile_e] + (torch.arange(tile_e.numel(), device=x.device) - first_tile[tile_e]) * block_m
+    y = x2.new_zeros(x2.shape[0], w_down.shape[1])
+    n_tiles, rows = tile_e.numel(), kept.numel()
+    if rows:
+        tok = (kept // top_k).contiguous()
+        weight = routing.weight.reshape(-1)[kept].float().contiguous()
+        h = torch.empty(rows, expert_size, dtype=x.dtype, device=x.device)
+        o = torch.empty(rows, w_down.shape[1], dtype=torch.float32, device=x.device)
+        dot_fp32 = x.dtype == torch.float32 or interpreted()
+        w_gate, w_up, w_down = w_gate.contiguous(), w_up.contiguous(), w_down.contiguous()
+        _moe_gate_up_kernel[(n_tiles, triton.cdiv(expert_size, 32))](
+            x2, tok, tile_e, tile_row, end, w_gate, b_gate if b_gate is not None else h, w_up,
+            b_up if b_up is not None else h, h, hidden, expert_size, x2.stride(0), w_gate.stride(0), w_gate.stride(1),
+            w_up.stride(0), w_up.stride(1), h.stride(0), ACT=ACT_CODES[act], HAS_BG=b_gate is not None,
+            HAS_BU=b_up is not None, DOT_FP32=dot_fp32, BLOCK_M=block_m, BLOCK_I=32, BLOCK_K=32)
+        _moe_down_kernel[(n_tiles, triton.cdiv(w_down.shape[1], 32))](
+            h, weight, tile_e, tile_row, end, w_down, o, w_down.shape[1], expert_size, h.stride(0),
+            w_down.stride(0), w_down.stride(1), o.stride(0), DOT_FP32=dot_fp32, BLOCK_M=block_m, BLOCK_H=32,
+            BLOCK_K=32)
+        y = y.index_add_(0, tok, o.to(y.dtype)) if y.dtype == torch.float32 else \
+            y.float().index_add_(0, tok, o).to(y.dtype)
+    if b_down is not None:
+        y = y + b_down
+    return y.reshape(*x.shape[:-1], w_down.shape[1])

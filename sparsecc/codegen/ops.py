@@ -3,6 +3,8 @@
     torch.ops.sparsecc.nm_linear(x, values, index, bias, n, m, in_features)
     torch.ops.sparsecc.cats_mlp(x, w_gate, b_gate, w_up, b_up, w_down, b_down, threshold, act)
     torch.ops.sparsecc.window_attention(q, k, v, q_pos, k_pos, key_mask, window, dilation, sinks, scale, inv_freq)
+    torch.ops.sparsecc.moe_ffn(x, router_weight, router_bias, w_gate, b_gate, w_up, b_up, w_down, b_down, top_k,
+                               capacity_factor, act, mode)
 
 Each op runs either its Triton kernel or its pure-PyTorch reference. Which one (`kernel_mode`):
 "auto" (default) uses the kernel on CUDA tensors and the reference elsewhere; "triton" forces
@@ -154,8 +156,8 @@ def _window_backward(ctx, grad):
 window_attention.register_autograd(_window_backward, setup_context=_window_setup)
 
 
-# --- sparsecc::moe_ffn: a mixture-of-experts FFN (moe_ffn.py; reference only, no kernel yet) ---
-from .moe_ffn import moe_ffn_backward as _moe_backward, moe_ffn_reference  # noqa: E402
+# --- sparsecc::moe_ffn: a mixture-of-experts FFN (moe_ffn.py: reference and grouped Triton kernel) ---
+from .moe_ffn import moe_ffn_backward as _moe_backward, moe_ffn_reference, moe_ffn_triton  # noqa: E402
 
 
 @torch.library.custom_op("sparsecc::moe_ffn", mutates_args=())
@@ -164,6 +166,9 @@ def moe_ffn(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Ten
             b_down: torch.Tensor | None, top_k: int, capacity_factor: float, act: str, mode: str) -> torch.Tensor:
     """Σ over the top_k experts (fp32 router) of w_e · down_e(act(gate_e(x)) * up_e(x)) + b_down; w_e = 1
     (mode "sum") or softmax over the top_k logits ("softmax_topk"); capacity_factor <= 0: no capacity."""
+    if use_triton(x):
+        return moe_ffn_triton(x, router_weight, router_bias, w_gate, b_gate, w_up, b_up, w_down, b_down, top_k,
+                              capacity_factor, act, mode)
     return moe_ffn_reference(x, router_weight, router_bias, w_gate, b_gate, w_up, b_up, w_down, b_down, top_k,
                              capacity_factor, act, mode)
 

@@ -7,7 +7,8 @@
                                capacity_factor, act, mode)
 
 Each op runs either its Triton kernel or its pure-PyTorch reference. Which one (`kernel_mode`):
-"auto" (default) uses the kernel on CUDA tensors and the reference elsewhere; "triton" forces
+"auto" (default) uses the kernel on CUDA tensors and the reference elsewhere (window attention:
+its blocked CPU path, window_attention_blocked); "triton" forces
 the kernel on any device (on CPU only under TRITON_INTERPRET=1: how the tests run the kernels);
 "reference" never uses a kernel. Set it with the environment variable SPARSECC_KERNELS, with
 `use_kernels(mode)`, or per compiled model with torch.compile(..., options={"kernels": mode}).
@@ -23,7 +24,7 @@ import torch
 from .nm_linear import nm_linear as nm_linear_triton
 from .cats_mlp import cats_mlp_backward, cats_mlp_reference, cats_mlp_triton
 from .nm_linear import nm_linear_reference
-from .window_attention import window_attention_reference, window_attention_triton
+from .window_attention import window_attention_blocked, window_attention_reference, window_attention_triton
 from ..nm_format import decompress
 
 MODES = ("auto", "triton", "reference")
@@ -129,7 +130,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
     (window_attention.py; inv_freq given: sink scores at positions within the cache)."""
     if use_triton(q):
         return window_attention_triton(q, k, v, q_pos, k_pos, key_mask, window, dilation, sinks, scale, inv_freq)
-    return window_attention_reference(q, k, v, q_pos, k_pos, key_mask, window, dilation, sinks, scale, inv_freq)
+    return window_attention_blocked(q, k, v, q_pos, k_pos, key_mask, window, dilation, sinks, scale, inv_freq)
 
 
 @window_attention.register_fake

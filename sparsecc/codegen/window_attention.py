@@ -21,6 +21,7 @@ No cached key is ever rewritten, and no rotation error accumulates over a long s
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None, dilation: int, sinks: int) -> torch.Tensor:
@@ -75,6 +76,35 @@ def window_attention_reference(q, k, v, q_pos, k_pos, key_mask, window: int | No
     probs = torch.softmax(scores, -1).nan_to_num(0.0)  # a query with no visible key (padding) gets 0
     out = torch.einsum("bkgtl,bkld->bkgtd", probs, v.to(acc))
     return out.reshape(bsz, hq, t, -1).to(q.dtype)
+
+
+def window_attention_blocked(q, k, v, q_pos, k_pos, key_mask, window: int | None, dilation: int, sinks: int,
+                             scale: float, inv_freq=None, block: int = 256) -> torch.Tensor:
+    """The op's CPU path: the same result as window_attention_reference, a block of queries at a
+    time against only the keys that block can see (the sinks and the window span before it), each
+    block through torch's fused SDPA with the pattern as its mask. O(T · (window + sinks)) time
+    and memory instead of O(T · L); any key layout is accepted."""
+    shift = inv_freq is not None and sinks > 0 and window is not None
+    span = (window - 1) * dilation if window is not None else None
+    outs = []
+    for a in range(0, q.shape[2], block):
+        qp = q_pos[a:a + block]
+        seen = k_pos <= qp.max()
+        if span is not None:
+            seen &= (k_pos < sinks) | (k_pos >= qp.min() - span)
+        idx = slice(None) if bool(seen.all()) else seen.nonzero().squeeze(1)  # decode: no copy of the cache
+        qb, kb, vb, kp = q[:, :, a:a + block], k[:, :, idx], v[:, :, idx], k_pos[idx]
+        if shift:  # sink columns score against R(-δ) q: widen the head, [q, R(-δ)q] · [k, 0] or [0, k_sink]
+            qs = rotate_back(qb, (qp - (sinks + window - 1)).clamp(min=0), inv_freq)
+            sink = (kp < sinks)[:, None]
+            qb, kb = torch.cat([qb, qs], -1), torch.cat([kb.masked_fill(sink, 0), kb.masked_fill(~sink, 0)], -1)
+        keep = allowed(qp, kp, window, dilation, sinks)
+        if key_mask is not None:
+            keep = keep & key_mask[:, None, None, idx]
+        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=None if bool(keep.all()) else keep, scale=scale,
+                                             enable_gqa=q.shape[1] != k.shape[1])
+        outs.append(out.nan_to_num(0.0))  # a query with no visible key (padding) gets 0, as in the reference
+    return torch.cat(outs, 2)
 
 
 # --- Triton kernel: flash attention over the window and the sinks only --------------------------

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sparsecc.codegen.window_attention import rotate_back, window_attention_reference
+from sparsecc.codegen.window_attention import rotate_back, window_attention_blocked, window_attention_reference
 
 op = torch.ops.sparsecc.window_attention
 F64 = dict(dtype=torch.float64)
@@ -143,6 +143,22 @@ def test_reference_is_the_op():
     pos = torch.arange(7)
     torch.testing.assert_close(op(q, k, v, pos[3:], pos, None, 3, 2, 1, 0.5, None),
                                window_attention_reference(q, k, v, pos[3:], pos, None, 3, 2, 1, 0.5, None))
+
+
+@given(t=st.integers(1, 30), kept=st.integers(0, 20), evicted=st.integers(0, 30), window=st.integers(1, 12),
+       dilation=st.integers(1, 3), sinks=st.integers(0, 4), shift=st.booleans(), padded=st.booleans(),
+       block=st.integers(1, 7), seed=st.integers(0, 2**16))
+def test_blocked_cpu_path_equals_reference(t, kept, evicted, window, dilation, sinks, shift, padded, block, seed):
+    """The CPU path (a block of queries against only the keys it can see) on rolling-cache layouts."""
+    n = t + kept
+    seen = n + (evicted if sinks < n - t else 0)
+    j = torch.arange(n)
+    q_pos, k_pos = torch.arange(seen - t, seen), torch.where(j < sinks, j, j + (seen - n))
+    q, k, v = qkv(2, 4, 2, t, n, 8, seed)
+    key_mask = (torch.rand(2, n, generator=torch.Generator().manual_seed(seed)) > 0.3) if padded else None
+    args = (q, k, v, q_pos, k_pos, key_mask, window, 1 if shift else dilation, sinks, 0.4,
+            torch.rand(2, **F64) if shift else None)
+    torch.testing.assert_close(window_attention_blocked(*args, block=block), window_attention_reference(*args))
 
 
 # --- the Triton kernel (CPU: triton's interpreter) against the reference ---------------------

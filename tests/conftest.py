@@ -5,6 +5,9 @@ import os
 # before the kernels are defined (at `import sparsecc`). On a GPU machine run with
 # TRITON_INTERPRET=0 to test them on the device.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# On a GPU, kernels would autotune every new shape hypothesis draws; tests/codegen/test_tuning.py
+# checks the tuner, the other tests run the default configs.
+os.environ.setdefault("SPARSECC_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -5,6 +5,7 @@ nm_linear: N:M sparse linear reading the compressed weight (2:4, 4:8, ...).
 cats_mlp:  CATS-gated MLP reading only the active neurons' rows of W_up and columns of W_down.
 window_attention: attention over a window plus sinks, reading only those key blocks.
 moe_ffn:   mixture-of-experts FFN, all experts' tokens in one grouped launch per stage.
+tuning:    each kernel's launch config, autotuned on the GPU per shape and cached on disk.
 """
 from .cats_mlp import cats_mlp_reference, cats_mlp_triton
 from .moe_ffn import moe_ffn_reference, moe_ffn_triton

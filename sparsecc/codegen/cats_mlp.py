@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..gated import ACTIVATIONS
+from .tuning import bucket, candidates, choose
 
 
 def cats_mlp_reference(x, w_gate, b_gate, w_up, b_up, w_down, b_down, threshold: float, act: str) -> torch.Tensor:
@@ -140,6 +141,16 @@ if triton is not None:
                  mask=(rt[:, None] < T) & (rh[None, :] < H))
 
 
+def _configs(tokens: int) -> list[dict]:
+    """Launch configs to tune over, the default first (BLOCK_N: neurons of the gate/up stage and
+    outputs of the down stage; BLOCK_K: the reduction tile of both)."""
+    if tokens <= 16:
+        default = dict(BLOCK_T=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
+        return candidates(default, BLOCK_N=[32, 64, 128], BLOCK_K=[64, 128], num_warps=[4, 8])
+    default = dict(BLOCK_T=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
+    return candidates(default, BLOCK_T=[32, 64, 128], BLOCK_N=[64, 128], BLOCK_K=[32, 64], num_warps=[4, 8])
+
+
 def cats_mlp_triton(x, w_gate, b_gate, w_up, b_up, w_down, b_down, threshold: float, act: str,
                     blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
     """The Triton CATS MLP (same result as cats_mlp_reference up to float rounding)."""
@@ -155,18 +166,28 @@ def cats_mlp_triton(x, w_gate, b_gate, w_up, b_up, w_down, b_down, threshold: fl
     x2 = x.reshape(-1, hidden).contiguous()
     tokens = x2.shape[0]
     w_gate, w_up = w_gate.contiguous(), w_up.contiguous()
-    block_t, block_n, block_k = blocks or ((16, 64, 64) if tokens <= 16 else (64, 64, 64))
     dot_fp32 = x.dtype == torch.float32 or interpreted()  # the interpreter's tl.dot mishandles bf16
     h = torch.empty(tokens, inter, dtype=x.dtype, device=x.device)
     y = torch.empty(tokens, w_down.shape[0], dtype=x.dtype, device=x.device)
     dummy = h
-    _cats_gate_up_kernel[(triton.cdiv(tokens, block_t), triton.cdiv(inter, block_n))](
-        x2, w_gate, b_gate if b_gate is not None else dummy, w_up, b_up if b_up is not None else dummy, h,
-        tokens, hidden, inter, float(threshold), x2.stride(0), w_gate.stride(0), w_up.stride(0), h.stride(0),
-        ACT=ACT_CODES[act], HAS_BG=b_gate is not None, HAS_BU=b_up is not None, DOT_FP32=dot_fp32,
-        BLOCK_T=block_t, BLOCK_I=block_n, BLOCK_K=block_k)
-    _cats_down_kernel[(triton.cdiv(tokens, block_t), triton.cdiv(w_down.shape[0], block_n))](
-        h, w_down, b_down if b_down is not None else dummy, y, tokens, w_down.shape[0], inter, h.stride(0),
-        w_down.stride(0), w_down.stride(1), y.stride(0), HAS_BD=b_down is not None, DOT_FP32=dot_fp32,
-        BLOCK_T=block_t, BLOCK_H=block_n, BLOCK_I=block_k)
+
+    def launch(cfg: dict) -> None:
+        bt, bn, bk = cfg["BLOCK_T"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+        extra = {k: v for k, v in cfg.items() if k.startswith("num_")}
+        _cats_gate_up_kernel[(triton.cdiv(tokens, bt), triton.cdiv(inter, bn))](
+            x2, w_gate, b_gate if b_gate is not None else dummy, w_up, b_up if b_up is not None else dummy, h,
+            tokens, hidden, inter, float(threshold), x2.stride(0), w_gate.stride(0), w_up.stride(0), h.stride(0),
+            ACT=ACT_CODES[act], HAS_BG=b_gate is not None, HAS_BU=b_up is not None, DOT_FP32=dot_fp32,
+            BLOCK_T=bt, BLOCK_I=bn, BLOCK_K=bk, **extra)
+        _cats_down_kernel[(triton.cdiv(tokens, bt), triton.cdiv(w_down.shape[0], bn))](
+            h, w_down, b_down if b_down is not None else dummy, y, tokens, w_down.shape[0], inter, h.stride(0),
+            w_down.stride(0), w_down.stride(1), y.stride(0), HAS_BD=b_down is not None, DOT_FP32=dot_fp32,
+            BLOCK_T=bt, BLOCK_H=bn, BLOCK_I=bk, **extra)
+
+    if blocks is not None:
+        cfg = dict(zip(("BLOCK_T", "BLOCK_N", "BLOCK_K"), blocks))
+    else:
+        key = (x.dtype, bucket(tokens), hidden, inter, act, b_gate is not None)
+        cfg = choose("cats_mlp", key, _configs(tokens), launch, x.device)
+    launch(cfg)
     return y.reshape(*lead, w_down.shape[0])

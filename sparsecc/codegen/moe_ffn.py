@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ..gated import ACTIVATIONS
 from .cats_mlp import _act_backward
+from .tuning import bucket, candidates, choose
 
 MODES = ("sum", "softmax_topk")
 
@@ -223,9 +224,20 @@ if triton is not None:
         tl.store(o_ptr + rows[:, None] * so + rh[None, :], acc, mask=live[:, None] & (rh[None, :] < H))
 
 
+def _configs(tokens: int) -> list[dict]:
+    """Launch configs to tune over, the default first (BLOCK_M: assignment rows per tile, which
+    also sets the tile schedule; BLOCK_N: neurons of stage 1 and outputs of stage 2; BLOCK_K: the
+    reduction tile of both)."""
+    default = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=3)
+    if tokens <= 16:
+        return candidates(default, BLOCK_N=[32, 64, 128], BLOCK_K=[32, 64], num_warps=[4, 8])
+    return candidates(default, BLOCK_M=[16, 32, 64], BLOCK_N=[32, 64, 128], BLOCK_K=[32, 64], num_warps=[4, 8])
+
+
 def moe_ffn_triton(x, router_weight, router_bias, w_gate, b_gate, w_up, b_up, w_down, b_down, top_k: int,
-                   capacity_factor: float, act: str, mode: str, block_m: int = 16) -> torch.Tensor:
-    """The grouped Triton MoE FFN (same result as moe_ffn_reference up to float rounding)."""
+                   capacity_factor: float, act: str, mode: str, block_m: int | None = None) -> torch.Tensor:
+    """The grouped Triton MoE FFN (same result as moe_ffn_reference up to float rounding);
+    block_m: rows per tile (default: autotuned)."""
     from .nm_linear import interpreted
 
     if triton is None:
@@ -242,12 +254,8 @@ def moe_ffn_triton(x, router_weight, router_bias, w_gate, b_gate, w_up, b_up, w_
     kept = kept[torch.argsort(flat[kept], stable=True)]                 # assignments sorted by expert
     counts = torch.bincount(flat[kept], minlength=num_experts)
     end = counts.cumsum(0)
-    tiles_per = (counts + block_m - 1) // block_m                        # the tile schedule
-    tile_e = torch.repeat_interleave(torch.arange(num_experts, device=x.device), tiles_per)
-    first_tile = tiles_per.cumsum(0) - tiles_per
-    tile_row = (end - counts)[tile_e] + (torch.arange(tile_e.numel(), device=x.device) - first_tile[tile_e]) * block_m
     y = x2.new_zeros(x2.shape[0], w_down.shape[1])
-    n_tiles, rows = tile_e.numel(), kept.numel()
+    rows = kept.numel()
     if rows:
         tok = (kept // top_k).contiguous()
         weight = routing.weight.reshape(-1)[kept].float().contiguous()
@@ -255,15 +263,31 @@ def moe_ffn_triton(x, router_weight, router_bias, w_gate, b_gate, w_up, b_up, w_
         o = torch.empty(rows, w_down.shape[1], dtype=torch.float32, device=x.device)
         dot_fp32 = x.dtype == torch.float32 or interpreted()
         w_gate, w_up, w_down = w_gate.contiguous(), w_up.contiguous(), w_down.contiguous()
-        _moe_gate_up_kernel[(n_tiles, triton.cdiv(expert_size, 32))](
-            x2, tok, tile_e, tile_row, end, w_gate, b_gate if b_gate is not None else h, w_up,
-            b_up if b_up is not None else h, h, hidden, expert_size, x2.stride(0), w_gate.stride(0), w_gate.stride(1),
-            w_up.stride(0), w_up.stride(1), h.stride(0), ACT=ACT_CODES[act], HAS_BG=b_gate is not None,
-            HAS_BU=b_up is not None, DOT_FP32=dot_fp32, BLOCK_M=block_m, BLOCK_I=32, BLOCK_K=32)
-        _moe_down_kernel[(n_tiles, triton.cdiv(w_down.shape[1], 32))](
-            h, weight, tile_e, tile_row, end, w_down, o, w_down.shape[1], expert_size, h.stride(0),
-            w_down.stride(0), w_down.stride(1), o.stride(0), DOT_FP32=dot_fp32, BLOCK_M=block_m, BLOCK_H=32,
-            BLOCK_K=32)
+
+        def launch(cfg: dict) -> None:
+            bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+            extra = {k: v for k, v in cfg.items() if k.startswith("num_")}
+            tiles_per = (counts + bm - 1) // bm                          # the tile schedule
+            tile_e = torch.repeat_interleave(torch.arange(num_experts, device=x.device), tiles_per)
+            first_tile = tiles_per.cumsum(0) - tiles_per
+            tile_row = (end - counts)[tile_e] + (torch.arange(tile_e.numel(), device=x.device) - first_tile[tile_e]) * bm
+            _moe_gate_up_kernel[(tile_e.numel(), triton.cdiv(expert_size, bn))](
+                x2, tok, tile_e, tile_row, end, w_gate, b_gate if b_gate is not None else h, w_up,
+                b_up if b_up is not None else h, h, hidden, expert_size, x2.stride(0), w_gate.stride(0),
+                w_gate.stride(1), w_up.stride(0), w_up.stride(1), h.stride(0), ACT=ACT_CODES[act],
+                HAS_BG=b_gate is not None, HAS_BU=b_up is not None, DOT_FP32=dot_fp32, BLOCK_M=bm, BLOCK_I=bn,
+                BLOCK_K=bk, **extra)
+            _moe_down_kernel[(tile_e.numel(), triton.cdiv(w_down.shape[1], bn))](
+                h, weight, tile_e, tile_row, end, w_down, o, w_down.shape[1], expert_size, h.stride(0),
+                w_down.stride(0), w_down.stride(1), o.stride(0), DOT_FP32=dot_fp32, BLOCK_M=bm, BLOCK_H=bn,
+                BLOCK_K=bk, **extra)
+
+        if block_m is not None:
+            cfg = dict(BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=32)
+        else:
+            key = (x.dtype, bucket(x2.shape[0]), hidden, num_experts, expert_size, top_k, act)
+            cfg = choose("moe_ffn", key, _configs(x2.shape[0]), launch, x.device)
+        launch(cfg)
         y = y.index_add_(0, tok, o.to(y.dtype)) if y.dtype == torch.float32 else \
             y.float().index_add_(0, tok, o).to(y.dtype)
     if b_down is not None:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..nm_format import decompress, index_bits
+from .tuning import bucket, candidates, choose
 
 try:
     import triton
@@ -78,11 +79,18 @@ if triton is not None:
                  mask=(rt[:, None] < T) & (ro[None, :] < O))
 
 
-def _blocks(tokens: int, m: int) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_O, BLOCK_K): small tiles at decode, larger for prefill; BLOCK_K a multiple of M."""
-    block_t = 16 if tokens <= 16 else 64
-    block_k = max(64, m)
-    return block_t, 64, block_k
+def _configs(tokens: int, m: int) -> list[dict]:
+    """Launch configs to tune over, the default first: small token tiles at decode, larger for
+    prefill; BLOCK_K a multiple of M."""
+    k = max(64, m)
+    if tokens <= 16:
+        default = dict(BLOCK_T=16, BLOCK_O=64, BLOCK_K=k, num_warps=4, num_stages=3)
+        found = candidates(default, BLOCK_O=[32, 64, 128], BLOCK_K=[k, 2 * k, 4 * k], num_warps=[4, 8])
+    else:
+        default = dict(BLOCK_T=64, BLOCK_O=64, BLOCK_K=k, num_warps=4, num_stages=3)
+        found = candidates(default, BLOCK_T=[64, 128], BLOCK_O=[64, 128], BLOCK_K=[k, 2 * k], num_warps=[4, 8],
+                           num_stages=[3, 4])
+    return found
 
 
 def nm_linear(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, n: int, m: int, in_features: int,
@@ -101,14 +109,21 @@ def nm_linear(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, n: int
     values, index = values.to(x.device).contiguous(), index.to(x.device).contiguous()
     out_features = values.shape[0]
     y = torch.empty(x2.shape[0], out_features, dtype=x.dtype, device=x.device)
-    block_t, block_o, block_k = blocks or _blocks(x2.shape[0], m)
-    if block_k % m:
-        raise ValueError(f"BLOCK_K={block_k} must be a multiple of M={m}")
-    grid = (triton.cdiv(x2.shape[0], block_t), triton.cdiv(out_features, block_o))
     b = bias.to(x.device).contiguous() if bias is not None else y  # unused pointer when no bias
-    _nm_linear_kernel[grid](x2, values, index, b, y, x2.shape[0], out_features, in_features,
-                            x2.stride(0), values.stride(0), index.stride(0), y.stride(0),
-                            N=n, M=m, BITS=index_bits(m), HAS_BIAS=bias is not None,
-                            DOT_FP32=x.dtype == torch.float32 or interpreted(),
-                            BLOCK_T=block_t, BLOCK_O=block_o, BLOCK_K=block_k)
+
+    def launch(cfg: dict) -> None:
+        grid = (triton.cdiv(x2.shape[0], cfg["BLOCK_T"]), triton.cdiv(out_features, cfg["BLOCK_O"]))
+        _nm_linear_kernel[grid](x2, values, index, b, y, x2.shape[0], out_features, in_features,
+                                x2.stride(0), values.stride(0), index.stride(0), y.stride(0),
+                                N=n, M=m, BITS=index_bits(m), HAS_BIAS=bias is not None,
+                                DOT_FP32=x.dtype == torch.float32 or interpreted(), **cfg)
+
+    if blocks is not None:
+        if blocks[2] % m:
+            raise ValueError(f"BLOCK_K={blocks[2]} must be a multiple of M={m}")
+        cfg = dict(zip(("BLOCK_T", "BLOCK_O", "BLOCK_K"), blocks))
+    else:
+        key = (x.dtype, bucket(x2.shape[0]), out_features, in_features, n, m, bias is not None)
+        cfg = choose("nm_linear", key, _configs(x2.shape[0], m), launch, x.device)
+    launch(cfg)
     return y.reshape(*lead, out_features)

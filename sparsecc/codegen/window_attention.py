@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .tuning import bucket, candidates, choose
+
 
 def allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None, dilation: int, sinks: int) -> torch.Tensor:
     """[..., T, L] boolean mask of the (query, key) pairs the pattern keeps."""
@@ -214,6 +216,15 @@ if triton is not None:
                  mask=row[:, None] & (rdv[None, :] < DV))
 
 
+def _configs(queries: int) -> list[dict]:
+    """Launch configs to tune over, the default first."""
+    if queries <= 16:
+        default = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3)
+        return candidates(default, BLOCK_N=[32, 64, 128], num_warps=[2, 4, 8])
+    default = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+    return candidates(default, BLOCK_M=[64, 128], BLOCK_N=[32, 64, 128], num_warps=[4, 8], num_stages=[2, 3])
+
+
 def window_attention_triton(q, k, v, q_pos, k_pos, key_mask, window, dilation, sinks, scale, inv_freq=None,
                             blocks: tuple[int, int] | None = None) -> torch.Tensor:
     """The Triton window attention (same result as window_attention_reference for the cache layout
@@ -231,20 +242,26 @@ def window_attention_triton(q, k, v, q_pos, k_pos, key_mask, window, dilation, s
     out = torch.empty(bsz, hq, t, dv, dtype=q.dtype, device=q.device)
     if n == 0 or t == 0:
         return out.zero_()
-    block_m, block_n = blocks or ((16, 64) if t <= 16 else (64, 64))
     shift = inv_freq is not None and sinks > 0 and window is not None
     invf = inv_freq.to(device=q.device, dtype=torch.float32).contiguous() if shift else q_pos
     kmask = key_mask.to(torch.int8).contiguous() if key_mask is not None else q_pos
     qpos, kpos = q_pos.to(q.device, torch.int64).contiguous(), k_pos.to(q.device, torch.int64).contiguous()
-    grid = (triton.cdiv(t, block_m), bsz * hq)
-    _window_attention_kernel[grid](
-        q, k, v, qpos, kpos, kmask, invf, out, t, n, d, dv, hq, hq // k.shape[1], sinks,
-        window if window is not None else 0, dilation, float(scale),
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        kmask.stride(0) if key_mask is not None else 0,
-        HAS_WINDOW=window is not None, HAS_KMASK=key_mask is not None, SHIFT=shift,
-        HALF=inv_freq.numel() if shift else 0, DOT_FP32=q.dtype == torch.float32 or interpreted(),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
-        BLOCK_DV=max(16, triton.next_power_of_2(dv)))
+
+    def launch(cfg: dict) -> None:
+        _window_attention_kernel[(triton.cdiv(t, cfg["BLOCK_M"]), bsz * hq)](
+            q, k, v, qpos, kpos, kmask, invf, out, t, n, d, dv, hq, hq // k.shape[1], sinks,
+            window if window is not None else 0, dilation, float(scale),
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            kmask.stride(0) if key_mask is not None else 0,
+            HAS_WINDOW=window is not None, HAS_KMASK=key_mask is not None, SHIFT=shift,
+            HALF=inv_freq.numel() if shift else 0, DOT_FP32=q.dtype == torch.float32 or interpreted(),
+            BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=max(16, triton.next_power_of_2(dv)), **cfg)
+
+    if blocks is not None:
+        cfg = dict(BLOCK_M=blocks[0], BLOCK_N=blocks[1])
+    else:
+        key = (q.dtype, bucket(t), bucket(n), hq, k.shape[1], d, dv, window is None, shift, key_mask is not None)
+        cfg = choose("window_attention", key, _configs(t), launch, q.device)
+    launch(cfg)
     return out

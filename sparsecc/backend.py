@@ -13,13 +13,17 @@ the rolling KV cache with positions within the cache, belong before compile:
 
 sparsecc's own ops (`torch.ops.sparsecc.*`, e.g. the N:M linear of `sparsecc.compress_nm_`)
 stay single nodes through Inductor and run their Triton kernel or reference at call time
-(option "kernels"; `sparsecc.codegen.ops`). "debug" lists them with their shapes.
+(option "kernels"; `sparsecc.codegen.ops`). "debug" logs them with their shapes and what each
+runs; "dump" writes each graph before and after, with that list, into a folder.
 """
 from __future__ import annotations
 
 import difflib
+import json
 import logging
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.fx as fx
@@ -27,7 +31,7 @@ from torch._dynamo import register_backend
 
 from .capture import LinearSite, graph_linears, module_path
 from .codegen.window_attention import allowed
-from .codegen.ops import MODES, use_kernels
+from .codegen.ops import MODES, implementation, use_kernels
 from .configs import technique_for
 from .errors import RecipeError
 from .targeting import normalize_recipe, resolve
@@ -36,7 +40,9 @@ log = logging.getLogger("sparsecc")
 
 OPTIONS = {
     "recipe": "data-free configs applied at compile time: {module name | 're:<regex>' | 'default': config}",
-    "debug": "log the graph before and after the rewrite and what was rewritten",
+    "debug": "log the graph before and after the rewrite, what was rewritten and what each sparsecc op runs",
+    "dump": "a folder: write each graph's code before/after the rewrite and a JSON of the rewrites and of "
+            "the sparsecc ops (node, shapes, dtype, the kernel or reference it runs)",
     "inductor": "dict of Inductor config overrides passed to compile_fx",
     "kernels": "'auto' (Triton kernels on CUDA, references elsewhere), 'triton' (kernels on any device; on CPU "
                "under TRITON_INTERPRET=1) or 'reference' for the sparsecc ops in this model",
@@ -47,6 +53,7 @@ OPTIONS = {
 class BackendOptions:
     recipe: dict | None = None
     debug: bool = False
+    dump: str | None = None
     inductor: dict = field(default_factory=dict)
     kernels: str | None = None
 
@@ -75,6 +82,8 @@ class BackendOptions:
                                       "at compile time use shift_positions=False or SlidingWindowConfig")
         if not isinstance(opts.debug, bool):
             raise RecipeError(f"option 'debug' must be True or False, got {opts.debug!r}")
+        if opts.dump is not None and not isinstance(opts.dump, (str, os.PathLike)):
+            raise RecipeError(f"option 'dump' must be a folder path, got {opts.dump!r}")
         if opts.kernels is not None and opts.kernels not in MODES:
             raise RecipeError(f"option 'kernels' must be one of {', '.join(MODES)}, got {opts.kernels!r}")
         if not isinstance(opts.inductor, dict):
@@ -156,15 +165,33 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph)
 
 
-def sparse_ops(gm: fx.GraphModule) -> list[dict]:
-    """The torch.ops.sparsecc.* calls in a graph, with their input shapes: what the kernels will run."""
+def sparse_ops(gm: fx.GraphModule, kernels: str | None = None) -> list[dict]:
+    """The torch.ops.sparsecc.* calls in a graph: node, op, input shapes and the function each will
+    run (its Triton kernel or its CPU path) under kernel mode `kernels` (None: the current mode)."""
     found = []
     for node in gm.graph.nodes:
         if node.op == "call_function" and str(node.target).startswith("sparsecc."):
-            shapes = [list(a.meta["example_value"].shape) for a in node.args
+            values = [a.meta["example_value"] for a in node.args
                       if isinstance(a, fx.Node) and isinstance(a.meta.get("example_value"), torch.Tensor)]
-            found.append({"node": node.name, "op": str(node.target), "shapes": shapes})
+            op = str(node.target).split(".")[1]
+            found.append({"node": node.name, "module": module_path(node), "op": op,
+                          "shapes": [list(v.shape) for v in values],
+                          "dtype": str(values[0].dtype).replace("torch.", "") if values else None,
+                          "runs": implementation(op, values[0].device if values else "cpu", kernels)})
     return found
+
+
+def _dump(folder: str, before: str, gm: fx.GraphModule, rewrites: list[dict], ops: list[dict]) -> Path:
+    """Write graph-<k>.before.py / .after.py (the graph's code) and graph-<k>.json (what was rewritten
+    and lowered) into `folder`; k counts the graphs dumped there."""
+    out = Path(folder).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    k = len(list(out.glob("graph-*.json")))
+    (out / f"graph-{k}.before.py").write_text(before)
+    (out / f"graph-{k}.after.py").write_text(gm.code)
+    path = out / f"graph-{k}.json"
+    path.write_text(json.dumps({"rewrites": rewrites, "sparsecc_ops": ops}, indent=1, default=str))
+    return path
 
 
 def sparsecc_backend(gm: fx.GraphModule, example_inputs, options=None, mode=None):
@@ -175,6 +202,7 @@ def sparsecc_backend(gm: fx.GraphModule, example_inputs, options=None, mode=None
     patches = dict(list_mode_options(mode)) if mode else {}
     patches.update(opts.inductor)
     masks: list[torch.Tensor] = []
+    before, done = gm.code, []
     if opts.recipe:
         if opts.debug:
             log.warning("sparsecc: graph before rewrite:\n%s", gm.graph)
@@ -184,9 +212,15 @@ def sparsecc_backend(gm: fx.GraphModule, example_inputs, options=None, mode=None
         masks, done = rewrite_linears(gm, example_inputs, assignments)
         done += rewrite_attention(gm, assignments)
         if opts.debug:
-            log.warning("sparsecc: rewrote %d linears: %s\ngraph after:\n%s", len(done), done, gm.graph)
+            log.warning("sparsecc: rewrote %d calls: %s\ngraph after:\n%s", len(done), done, gm.graph)
+    ops = sparse_ops(gm, opts.kernels)
     if opts.debug:
-        log.warning("sparsecc: sparsecc ops in the graph (kernels=%s): %s", opts.kernels or "auto", sparse_ops(gm))
+        log.warning("sparsecc: sparsecc ops in the graph (kernels=%s):%s", opts.kernels or "auto",
+                    "".join(f"\n  {o['module'] or o['node']}: {o['op']} {o['dtype']} {o['shapes']} -> {o['runs']}"
+                            for o in ops)
+                    or " none")
+    if opts.dump:
+        log.warning("sparsecc: graph dumped to %s", _dump(opts.dump, before, gm, done, ops))
     compiled = compile_fx(gm, list(example_inputs) + masks, config_patches=patches or None)
     if not masks and opts.kernels is None:
         return compiled

@@ -86,3 +86,41 @@ def test_backend_found_without_importing_sparsecc():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["24.0", "True"]
+
+
+@pytest.mark.parametrize("kernels,runs", [("triton", "nm_linear_triton"), (None, "nm_linear_reference")])
+def test_dump_shows_the_rewrite_and_what_each_op_runs(make_model, batches, tmp_path, kernels, runs):
+    """option "dump": each graph's code before/after the rewrite, and a JSON of the rewrites and of
+    the sparsecc ops with the function each runs (CPU tensors: the reference unless forced)."""
+    torch._dynamo.reset()
+    model = make_model("llama")
+    sparsecc.sparsify_(model, {"re:.*mlp\\..*_proj": sparsecc.MagnitudeConfig(pattern="2:4"), "lm_head": None},
+                       progress=False)
+    compressed = sparsecc.compress_nm_(model, "2:4")
+    recipe = {"re:.*self_attn": sparsecc.SlidingWindowConfig(window=4)}
+    options = {"recipe": recipe, "dump": str(tmp_path)} | ({"kernels": kernels} if kernels else {})
+    with torch.no_grad():
+        torch.compile(model, backend="sparsecc", options=options)(batches[0])
+    dumps = sorted(tmp_path.glob("graph-*.json"))
+    assert dumps and all(p.with_suffix(".before.py").exists() and p.with_suffix(".after.py").exists() for p in dumps)
+    import json
+    info = [json.loads(p.read_text()) for p in dumps]
+    ops = [o for i in info for o in i["sparsecc_ops"]]
+    assert len(ops) == len(compressed) and {o["op"] for o in ops} == {"nm_linear"}
+    assert {o["runs"] for o in ops} == {runs} and all(o["shapes"][0][-1] in (64, 128) for o in ops)
+    assert {o["module"] for o in ops} == set(compressed)
+    assert len([r for i in info for r in i["rewrites"]]) == 2  # the two attention calls got the window
+    after = "".join(p.with_suffix(".after.py").read_text() for p in dumps)
+    before = "".join(p.with_suffix(".before.py").read_text() for p in dumps)
+    assert "windowed_sdpa" in after and "windowed_sdpa" not in before
+    with pytest.raises(sparsecc.RecipeError, match="dump"):
+        sparsecc.backend.BackendOptions.parse({"dump": 3})
+
+
+def test_lowering_names_the_kernel_each_op_runs():
+    from sparsecc.codegen.ops import implementation
+    assert implementation("nm_linear", "cpu", "auto") == "nm_linear_reference"
+    assert implementation("nm_linear", "cuda", "auto") == "nm_linear_triton"
+    assert implementation("window_attention", "cpu", "auto") == "window_attention_blocked"
+    assert implementation("moe_ffn", "cpu", "triton") == "moe_ffn_triton"
+    assert implementation("cats_mlp", "cuda", "reference") == "cats_mlp_reference"

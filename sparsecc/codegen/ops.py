@@ -57,6 +57,22 @@ def use_triton(x: torch.Tensor) -> bool:
     return mode == "triton" or (mode == "auto" and x.is_cuda)
 
 
+# What each op runs: (Triton kernel, path elsewhere); for lowering reports.
+IMPLEMENTATIONS = {
+    "nm_linear": ("nm_linear_triton", "nm_linear_reference"),
+    "cats_mlp": ("cats_mlp_triton", "cats_mlp_reference"),
+    "window_attention": ("window_attention_triton", "window_attention_blocked"),
+    "moe_ffn": ("moe_ffn_triton", "moe_ffn_reference"),
+}
+
+
+def implementation(op: str, device: torch.device | str, mode: str | None = None) -> str:
+    """The function op `op` ("nm_linear", ...) runs on `device` in kernel mode `mode` (default: the current one)."""
+    mode = check_mode(mode) if mode is not None else kernel_mode()
+    triton = mode == "triton" or (mode == "auto" and torch.device(device).type == "cuda")
+    return IMPLEMENTATIONS[op][0 if triton else 1]
+
+
 @torch.library.custom_op("sparsecc::nm_linear", mutates_args=())
 def nm_linear(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, bias: torch.Tensor | None,
               n: int, m: int, in_features: int) -> torch.Tensor:

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from sparsecc.codegen.ops import use_kernels
 
 try:
-    from results import add_device_args, device_dtype, median_time, report_kernel
+    from results import add_device_args, bench_mode, device_dtype, median_time, report_kernel
 except ImportError:  # run as a module
-    from benchmarks.results import add_device_args, device_dtype, median_time, report_kernel
+    from benchmarks.results import add_device_args, bench_mode, device_dtype, median_time, report_kernel
 
 
 def main(argv=None) -> int:
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
         for s in args.sparsity:
             k = min(max(1, int(s * v.numel())), v.numel() - 1)
             thr = float(v[k - 1] + v[k]) / 2  # between two activations: no neuron sits on the threshold
-            with use_kernels("auto"):
+            with use_kernels(bench_mode(device)):
                 fn = lambda: torch.ops.sparsecc.cats_mlp(x, w_gate, None, w_up, None, w_down_cm, None, thr, "silu")  # noqa: E731
                 y = fn()
                 t_cats = median_time(fn, device, args.reps)

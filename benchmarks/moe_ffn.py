@@ -22,9 +22,9 @@ from sparsecc.codegen.moe_ffn import moe_ffn_reference
 from sparsecc.codegen.ops import use_kernels
 
 try:
-    from results import add_device_args, device_dtype, median_time, report_kernel
+    from results import add_device_args, bench_mode, device_dtype, median_time, report_kernel
 except ImportError:  # run as a module
-    from benchmarks.results import add_device_args, device_dtype, median_time, report_kernel
+    from benchmarks.results import add_device_args, bench_mode, device_dtype, median_time, report_kernel
 
 
 def main(argv=None) -> int:
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
         t_dense = median_time(lambda: F.linear(F.silu(F.linear(x, dense_gate)) * F.linear(x, dense_up), dense_down),
                               device, args.reps)
         t_loop = median_time(lambda: moe_ffn_reference(x, *args_), device, args.reps)
-        with use_kernels("auto"):
+        with use_kernels(bench_mode(device)):
             y = torch.ops.sparsecc.moe_ffn(x, *args_)
             t_ours = median_time(lambda: torch.ops.sparsecc.moe_ffn(x, *args_), device, args.reps)
         ref = moe_ffn_reference(x.double(), router.double(), None, w_gate.double(), None, w_up.double(), None,

@@ -23,9 +23,9 @@ from sparsecc.nm_format import compress
 from sparsecc.prune import magnitude
 
 try:
-    from results import add_device_args, device_dtype, median_time, report_kernel
+    from results import add_device_args, bench_mode, device_dtype, median_time, report_kernel
 except ImportError:  # run as a module
-    from benchmarks.results import add_device_args, device_dtype, median_time, report_kernel
+    from benchmarks.results import add_device_args, bench_mode, device_dtype, median_time, report_kernel
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # LLaMA-7B: q/k/v/o, gate/up, down ([out, in])
 
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
             notes.add(f"torch 2:4 unavailable: {why}")
         for t in tokens:
             x = torch.randn(t, in_f, device=device, dtype=dtype)
-            with use_kernels("auto"):
+            with use_kernels(bench_mode(device)):
                 sparse_fn = lambda: torch.ops.sparsecc.nm_linear(x, values, index, None, n, m, in_f)  # noqa: E731
                 y = sparse_fn()
                 ref = F.linear(x.double(), w.double())

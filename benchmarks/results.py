@@ -92,6 +92,12 @@ def quality_setup(model_name: str, data_dir, nsamples: int, seed: int):
     return model, corpus, seqlen, batches, test_ids
 
 
+def bench_mode(device: str) -> str:
+    """The kernel mode the kernel benchmarks time: on the GPU the Triton kernel itself ("triton":
+    mode "auto" could run the fallback where it is faster), elsewhere the CPU path ("auto")."""
+    return "triton" if device == "cuda" else "auto"
+
+
 def device_name(device: str) -> str:
     import torch
 

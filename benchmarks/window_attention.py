@@ -26,9 +26,9 @@ from sparsecc.codegen.ops import use_kernels
 from sparsecc.codegen.window_attention import window_attention_reference
 
 try:
-    from results import add_device_args, device_dtype, median_time, report_kernel
+    from results import add_device_args, bench_mode, device_dtype, median_time, report_kernel
 except ImportError:  # run as a module
-    from benchmarks.results import add_device_args, device_dtype, median_time, report_kernel
+    from benchmarks.results import add_device_args, bench_mode, device_dtype, median_time, report_kernel
 
 
 def flex(q, k, v, sinks, window):
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
             seen = n  # tokens streamed so far: the cache holds the sinks and the last keys - s of them
             j = torch.arange(keys, device=device)
             q_pos, k_pos = torch.arange(seen - t, seen, device=device), torch.where(j < s, j, j + seen - keys)
-            with use_kernels("auto"):
+            with use_kernels(bench_mode(device)):
                 fn = lambda: torch.ops.sparsecc.window_attention(q, k, v, q_pos, k_pos, None, window, 1, s,  # noqa: E731
                                                                  d ** -0.5, None)
                 out = fn()

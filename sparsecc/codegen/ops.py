@@ -6,9 +6,10 @@
     torch.ops.sparsecc.moe_ffn(x, router_weight, router_bias, w_gate, b_gate, w_up, b_up, w_down, b_down, top_k,
                                capacity_factor, act, mode)
 
-Each op runs either its Triton kernel or its pure-PyTorch reference. Which one (`kernel_mode`):
-"auto" (default) uses the kernel on CUDA tensors and the reference elsewhere (window attention:
-its blocked CPU path, window_attention_blocked); "triton" forces
+Each op runs either its Triton kernel or its fallback (its pure-PyTorch reference; for window
+attention the blocked SDPA path). Which one (`kernel_mode`): "auto" (default) considers the kernel
+on CUDA tensors, where it runs unless autotuning timed the fallback faster for that shape (so a
+kernel never runs where its fallback, e.g. CATS's dense MLP, is faster), and the fallback elsewhere; "triton" forces
 the kernel on any device (on CPU only under TRITON_INTERPRET=1: how the tests run the kernels);
 "reference" never uses a kernel. Set it with the environment variable SPARSECC_KERNELS, with
 `use_kernels(mode)`, or per compiled model with torch.compile(..., options={"kernels": mode}).
@@ -26,6 +27,8 @@ from .cats_mlp import cats_mlp_backward, cats_mlp_reference, cats_mlp_triton
 from .nm_linear import nm_linear_reference
 from .window_attention import window_attention_blocked, window_attention_reference, window_attention_triton
 from ..nm_format import decompress
+from .tuning import bucket, choose
+from .tuning import enabled as tuning_enabled
 
 MODES = ("auto", "triton", "reference")
 _mode: contextvars.ContextVar[str | None] = contextvars.ContextVar("sparsecc_kernels", default=None)
@@ -52,12 +55,27 @@ def use_kernels(mode: str):
         _mode.reset(token)
 
 
-def use_triton(x: torch.Tensor) -> bool:
+def on_gpu(x: torch.Tensor) -> bool:
+    """Where mode "auto" considers the Triton kernels: tensors on a CUDA device."""
+    return x.is_cuda
+
+
+def dispatch(op: str, key: tuple, x: torch.Tensor, kernel, fallback):
+    """Run kernel() or fallback() for op `op` on input x. Mode "triton": the kernel; "reference",
+    or "auto" off the GPU: the fallback. "auto" on the GPU: the kernel, unless the tuner
+    (tuning.py) timed the fallback (the dense or reference path) faster for this shape: a kernel
+    is never chosen where it would be slower."""
     mode = kernel_mode()
-    return mode == "triton" or (mode == "auto" and x.is_cuda)
+    if mode == "triton":
+        return kernel()
+    if mode == "reference" or not on_gpu(x):
+        return fallback()
+    choice = choose(f"{op}/dispatch", key, [{"run": "kernel"}, {"run": "fallback"}],
+                    lambda c: kernel() if c["run"] == "kernel" else fallback(), x.device)
+    return kernel() if choice["run"] == "kernel" else fallback()
 
 
-# What each op runs: (Triton kernel, path elsewhere); for lowering reports.
+# What each op runs: (Triton kernel, fallback); for lowering reports.
 IMPLEMENTATIONS = {
     "nm_linear": ("nm_linear_triton", "nm_linear_reference"),
     "cats_mlp": ("cats_mlp_triton", "cats_mlp_reference"),
@@ -67,19 +85,23 @@ IMPLEMENTATIONS = {
 
 
 def implementation(op: str, device: torch.device | str, mode: str | None = None) -> str:
-    """The function op `op` ("nm_linear", ...) runs on `device` in kernel mode `mode` (default: the current one)."""
+    """What op `op` ("nm_linear", ...) runs on `device` in kernel mode `mode` (default: the current one)."""
     mode = check_mode(mode) if mode is not None else kernel_mode()
-    triton = mode == "triton" or (mode == "auto" and torch.device(device).type == "cuda")
-    return IMPLEMENTATIONS[op][0 if triton else 1]
+    kernel, fallback = IMPLEMENTATIONS[op]
+    if mode == "triton":
+        return kernel
+    if mode == "reference" or torch.device(device).type != "cuda":
+        return fallback
+    return f"{kernel} or {fallback}, whichever is timed faster for the shape" if tuning_enabled(torch.device(device)) else kernel
 
 
 @torch.library.custom_op("sparsecc::nm_linear", mutates_args=())
 def nm_linear(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, bias: torch.Tensor | None,
               n: int, m: int, in_features: int) -> torch.Tensor:
     """x @ Wᵀ + bias for an N:M weight W stored compressed (values, packed index)."""
-    if use_triton(x):
-        return nm_linear_triton(x, values, index, n, m, in_features, bias)
-    return nm_linear_reference(x, values, index, n, m, in_features, bias)
+    return dispatch("nm_linear", (x.dtype, bucket(x.numel() // max(1, x.shape[-1])), tuple(values.shape), n, m), x,
+                    lambda: nm_linear_triton(x, values, index, n, m, in_features, bias),
+                    lambda: nm_linear_reference(x, values, index, n, m, in_features, bias))
 
 
 @nm_linear.register_fake
@@ -112,9 +134,9 @@ def cats_mlp(x: torch.Tensor, w_gate: torch.Tensor, b_gate: torch.Tensor | None,
              b_up: torch.Tensor | None, w_down: torch.Tensor, b_down: torch.Tensor | None, threshold: float,
              act: str) -> torch.Tensor:
     """down((act(gate(x)) thresholded at |.| >= threshold) * up(x)): a CATS-gated MLP."""
-    if use_triton(x):
-        return cats_mlp_triton(x, w_gate, b_gate, w_up, b_up, w_down, b_down, threshold, act)
-    return cats_mlp_reference(x, w_gate, b_gate, w_up, b_up, w_down, b_down, threshold, act)
+    return dispatch("cats_mlp", (x.dtype, bucket(x.numel() // max(1, x.shape[-1])), tuple(w_gate.shape), act), x,
+                    lambda: cats_mlp_triton(x, w_gate, b_gate, w_up, b_up, w_down, b_down, threshold, act),
+                    lambda: cats_mlp_reference(x, w_gate, b_gate, w_up, b_up, w_down, b_down, threshold, act))
 
 
 @cats_mlp.register_fake
@@ -144,9 +166,11 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
                      inv_freq: torch.Tensor | None) -> torch.Tensor:
     """Attention over the last `window` keys (every `dilation`-th) plus `sinks` first tokens
     (window_attention.py; inv_freq given: sink scores at positions within the cache)."""
-    if use_triton(q):
-        return window_attention_triton(q, k, v, q_pos, k_pos, key_mask, window, dilation, sinks, scale, inv_freq)
-    return window_attention_blocked(q, k, v, q_pos, k_pos, key_mask, window, dilation, sinks, scale, inv_freq)
+    args = (q, k, v, q_pos, k_pos, key_mask, window, dilation, sinks, scale, inv_freq)
+    key = (q.dtype, tuple(q.shape[:2]), bucket(q.shape[2]), bucket(k.shape[2]), k.shape[1], q.shape[3],
+           window is None, key_mask is not None, inv_freq is not None)
+    return dispatch("window_attention", key, q, lambda: window_attention_triton(*args),
+                    lambda: window_attention_blocked(*args))
 
 
 @window_attention.register_fake
@@ -183,11 +207,10 @@ def moe_ffn(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Ten
             b_down: torch.Tensor | None, top_k: int, capacity_factor: float, act: str, mode: str) -> torch.Tensor:
     """Σ over the top_k experts (fp32 router) of w_e · down_e(act(gate_e(x)) * up_e(x)) + b_down; w_e = 1
     (mode "sum") or softmax over the top_k logits ("softmax_topk"); capacity_factor <= 0: no capacity."""
-    if use_triton(x):
-        return moe_ffn_triton(x, router_weight, router_bias, w_gate, b_gate, w_up, b_up, w_down, b_down, top_k,
-                              capacity_factor, act, mode)
-    return moe_ffn_reference(x, router_weight, router_bias, w_gate, b_gate, w_up, b_up, w_down, b_down, top_k,
-                             capacity_factor, act, mode)
+    args = (x, router_weight, router_bias, w_gate, b_gate, w_up, b_up, w_down, b_down, top_k, capacity_factor, act,
+            mode)
+    key = (x.dtype, bucket(x.numel() // max(1, x.shape[-1])), tuple(w_gate.shape), top_k, capacity_factor, act)
+    return dispatch("moe_ffn", key, x, lambda: moe_ffn_triton(*args), lambda: moe_ffn_reference(*args))
 
 
 @moe_ffn.register_fake

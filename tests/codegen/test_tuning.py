@@ -160,3 +160,23 @@ def test_kernels_match_their_reference_under_every_candidate_config(tuner, make,
         out = kernel()
         assert [cfg for cfg, _ in tuner.picked] == [want]
         _close(out, ref)
+
+
+@pytest.mark.parametrize("mode,gpu,winner,runs", [
+    ("auto", True, "kernel", "kernel"), ("auto", True, "fallback", "fallback"), ("auto", False, None, "fallback"),
+    ("triton", False, None, "kernel"), ("reference", True, None, "fallback")])
+def test_dispatch_runs_the_kernel_only_where_it_is_not_slower(monkeypatch, mode, gpu, winner, runs):
+    """Mode auto on the GPU asks the tuner kernel-vs-fallback per shape; the other cases never time."""
+    from sparsecc.codegen import ops
+    asked = []
+
+    def choose(op, key, candidates, launch, device):
+        asked.append((op, key))
+        assert [c["run"] for c in candidates] == ["kernel", "fallback"]
+        return {"run": winner}
+    monkeypatch.setattr(ops, "choose", choose)
+    monkeypatch.setattr(ops, "on_gpu", lambda x: gpu)
+    with ops.use_kernels(mode):
+        got = ops.dispatch("nm_linear", ("k",), torch.zeros(1), lambda: "kernel", lambda: "fallback")
+    assert got == runs
+    assert asked == ([("nm_linear/dispatch", ("k",))] if winner else [])

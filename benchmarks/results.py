@@ -50,6 +50,25 @@ def median_time(fn, device: str, reps: int = 5) -> float:
     return statistics.median(times)
 
 
+def median_times(fns: dict, device: str, reps: int = 5) -> dict:
+    """{name: median seconds} of several fns. On CPU the calls are interleaved, one of each per
+    round, so that a machine slowing down during the run affects them alike."""
+    import statistics
+    import time
+
+    if device == "cuda":
+        return {k: median_time(fn, device, reps) for k, fn in fns.items()}
+    for fn in fns.values():
+        fn()
+    times: dict = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 
@@ -117,5 +136,6 @@ def report(section: str, title: str, intro: str, text: str, command: str, write:
 def report_kernel(section: str, script: str, args, device: str, title: str, intro: str, text: str) -> None:
     """`report` for the kernel benchmarks: section `<section>-<device>`, the GPU named."""
     report(f"{section}-{device}", f"{title} on {device_name(device)}", intro, text,
-           f"python benchmarks/{script} --device {device}{' --quick' if args.quick else ''} --write-results",
+           f"python benchmarks/{script} --device {device}{' --quick' if args.quick else ''}"
+           f"{f' --reps {args.reps}' if args.reps != 5 else ''} --write-results",
            args.write_results, f", {device_name(device)}" if device == "cuda" else "")

@@ -4,7 +4,8 @@
 
 Only the neurons with |v| ≥ t contribute, so a kernel needs just their rows of W_up and columns
 of W_down (the seed's "Custom GPU Kernel 1", lines 2-5). Here: the pure-PyTorch reference, its
-gradient, and the Triton kernel (below), which the tests check against the reference.
+gradient, and the Triton kernel (below), which the tests check against the reference. The CPU
+path that reads only active neurons at decode is cats_cpu.py.
 """
 from __future__ import annotations
 
@@ -15,9 +16,14 @@ from ..gated import ACTIVATIONS
 from .tuning import bucket, candidates, choose
 
 
-def cats_mlp_reference(x, w_gate, b_gate, w_up, b_up, w_down, b_down, threshold: float, act: str) -> torch.Tensor:
+def cats_gate(x, w_gate, b_gate, threshold: float, act: str) -> torch.Tensor:
+    """v = act(x W_gateᵀ) with the entries |v| < t zeroed (the seed kernel's lines 2-3)."""
     v = ACTIVATIONS[act](F.linear(x, w_gate, b_gate))
-    v = v * (v.abs() >= threshold)
+    return v * (v.abs() >= threshold)
+
+
+def cats_mlp_reference(x, w_gate, b_gate, w_up, b_up, w_down, b_down, threshold: float, act: str) -> torch.Tensor:
+    v = cats_gate(x, w_gate, b_gate, threshold, act)
     return F.linear(v * F.linear(x, w_up, b_up), w_down, b_down)
 
 
@@ -56,8 +62,8 @@ def cats_mlp_backward(grad, x, w_gate, b_gate, w_up, b_up, w_down, threshold: fl
 # with zeros for inactive neurons (line 4). (2) down: y = h W_downᵀ loads only the W_down
 # columns of neurons active somewhere in the token tile (line 5). At decode (one token) the
 # bytes read are W_gate plus the active share of W_up and W_down. W_down is read through its
-# strides: a column-major copy ([I, H] contiguous, `w_down.t().contiguous().t()`) makes the
-# active columns contiguous, as the seed's kernel stores it.
+# strides: the CATS rewrite stores it column-major ([I, H] contiguous), as the seed's kernel
+# does, so that an active neuron's column is one contiguous row of W_downᵀ.
 ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
 try:

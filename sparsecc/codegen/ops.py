@@ -7,7 +7,7 @@
                                capacity_factor, act, mode)
 
 Each op runs either its Triton kernel or its fallback (its pure-PyTorch reference; for window
-attention the blocked SDPA path). Which one (`kernel_mode`): "auto" (default) considers the kernel
+attention the blocked SDPA path; for CATS on CPU the path reading only active rows at decode). Which one (`kernel_mode`): "auto" (default) considers the kernel
 on CUDA tensors, where it runs unless autotuning timed the fallback faster for that shape (so a
 kernel never runs where its fallback, e.g. CATS's dense MLP, is faster), and the fallback elsewhere; "triton" forces
 the kernel on any device (on CPU only under TRITON_INTERPRET=1: how the tests run the kernels);
@@ -23,7 +23,8 @@ import os
 import torch
 
 from .nm_linear import nm_linear as nm_linear_triton
-from .cats_mlp import cats_mlp_backward, cats_mlp_reference, cats_mlp_triton
+from .cats_cpu import cats_mlp_cpu
+from .cats_mlp import cats_mlp_backward, cats_mlp_triton
 from .nm_linear import nm_linear_reference
 from .window_attention import window_attention_blocked, window_attention_reference, window_attention_triton
 from ..nm_format import decompress
@@ -78,7 +79,7 @@ def dispatch(op: str, key: tuple, x: torch.Tensor, kernel, fallback):
 # What each op runs: (Triton kernel, fallback); for lowering reports.
 IMPLEMENTATIONS = {
     "nm_linear": ("nm_linear_triton", "nm_linear_reference"),
-    "cats_mlp": ("cats_mlp_triton", "cats_mlp_reference"),
+    "cats_mlp": ("cats_mlp_triton", "cats_mlp_cpu"),
     "window_attention": ("window_attention_triton", "window_attention_blocked"),
     "moe_ffn": ("moe_ffn_triton", "moe_ffn_reference"),
 }
@@ -136,7 +137,7 @@ def cats_mlp(x: torch.Tensor, w_gate: torch.Tensor, b_gate: torch.Tensor | None,
     """down((act(gate(x)) thresholded at |.| >= threshold) * up(x)): a CATS-gated MLP."""
     return dispatch("cats_mlp", (x.dtype, bucket(x.numel() // max(1, x.shape[-1])), tuple(w_gate.shape), act), x,
                     lambda: cats_mlp_triton(x, w_gate, b_gate, w_up, b_up, w_down, b_down, threshold, act),
-                    lambda: cats_mlp_reference(x, w_gate, b_gate, w_up, b_up, w_down, b_down, threshold, act))
+                    lambda: cats_mlp_cpu(x, w_gate, b_gate, w_up, b_up, w_down, b_down, threshold, act))
 
 
 @cats_mlp.register_fake

@@ -6,8 +6,9 @@
 e.g. {"re:.*mlp": CATSConfig(0.7)}. The threshold t of each MLP is the `sparsity`-quantile of
 |v| over the calibration tokens, so that fraction of its neurons is zero on average (CATS §3:
 thresholds from a histogram of calibration activations). The MLP module is then replaced by
-`CATSMLP`, which keeps the same three linears under the same names (state dicts are unchanged)
-and computes the MLP as one op, `torch.ops.sparsecc.cats_mlp`.
+`CATSMLP`, which keeps the same three linears under the same names (state dicts are unchanged;
+W_down is stored column-major, see `column_major_down`) and computes the MLP as one op,
+`torch.ops.sparsecc.cats_mlp`.
 
 Thresholds are computed in one forward over the calibration batches after the recipe's weight
 pruning has been applied and before any MLP is gated, as the CATS paper calibrates them on the
@@ -80,6 +81,19 @@ class CATSMLP(nn.Module):
         return f"threshold={self.threshold:.4g}, act={self.spec.act}"
 
 
+def column_major_down(mlp: CATSMLP, on_restore: list | None = None) -> None:
+    """Store the MLP's W_down column-major (W_downᵀ contiguous; same values and shape), so that an
+    active neuron's column is one contiguous row: codegen/cats_cpu.py reads only those rows at
+    decode, and the Triton kernel reads them whole. The undo (row-major again) goes to on_restore."""
+    down = getattr(mlp, mlp.spec.down)
+    if type(down) is not nn.Linear or not down.weight.is_contiguous():
+        return
+    w = down.weight
+    if on_restore is not None:
+        on_restore.append(lambda: setattr(w, "data", w.data.contiguous()))
+    w.data = w.data.t().contiguous().t()
+
+
 def _gate_hook(store: list, generator: torch.Generator, act: str, ctx: dict):
     def hook(module, args, out):
         v = ACTIVATIONS[act](out.detach().float()).abs()
@@ -141,6 +155,7 @@ def apply_cats(model: nn.Module, gated: dict[str, GatedMLP], configs: dict[str, 
         parent = model.get_submodule(parent_name)
         on_restore.append(lambda p=parent, c=child, m=getattr(parent, child): setattr(p, c, m))
         setattr(parent, child, module)
+        column_major_down(module, on_restore)
         rows.append({"module": name, "param": None, "technique": "CATSConfig", "config": configs[name].to_dict(),
                      "shape": None, "sparsity": configs[name].sparsity, "threshold": thresholds[name],
                      "label": f"t={thresholds[name]:.3g}",
@@ -167,6 +182,7 @@ def restore_cats(model: nn.Module, rows: list[dict]) -> list[str]:
     for spec, mlp, t in todo:
         parent, _, child = spec.name.rpartition(".")
         setattr(model.get_submodule(parent), child, CATSMLP(mlp, spec, t))
+        column_major_down(getattr(model.get_submodule(parent), child))
     return [spec.name for spec, _, _ in todo]
 
 

@@ -120,10 +120,11 @@ def bench(args) -> int:
             ["cats_quality.py", *(["--model", "tiny", "--nsamples", "32"] if args.quick else [])],
             ["moe_quality.py", *(["--model", "tiny", "--nsamples", "32"] if args.quick else [])],
             ["streaming.py", *(["--model", "tiny", "--factor", "4", "--streams", "1"] if args.quick else [])],
-            ["nm_linear.py", *(["--quick"] if args.quick else [])],  # these four: GPU if there is one
+            ["nm_linear.py", *(["--quick"] if args.quick else [])],  # these five: GPU if there is one
             ["cats_mlp.py", *(["--quick"] if args.quick else [])],
             ["window_attention.py", *(["--quick"] if args.quick else [])],
-            ["moe_ffn.py", *(["--quick"] if args.quick else [])]]
+            ["moe_ffn.py", *(["--quick"] if args.quick else [])],
+            ["sparse_linear.py", *(["--quick"] if args.quick else [])]]
     for script, *rest in runs:
         cmd = [sys.executable, str(root / script), *rest, *(["--write-results"] if args.write_results else [])]
         print(f"$ {' '.join(cmd[1:])}", flush=True)

@@ -119,7 +119,7 @@ def test_bench_scripts_parse_their_options(script):
     assert done.returncode == 0 and "--write-results" in done.stdout, done.stderr
 
 
-@pytest.mark.parametrize("script", ["nm_linear.py", "cats_mlp.py", "window_attention.py", "moe_ffn.py"])
+@pytest.mark.parametrize("script", ["nm_linear.py", "cats_mlp.py", "window_attention.py", "moe_ffn.py", "sparse_linear.py"])
 def test_kernel_benchmarks_run_quick_and_check_their_op(script):
     """The kernel benchmarks' CPU path: each checks the op against a float64 product and prints a
     table whose last column is that relative error."""

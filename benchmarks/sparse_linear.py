@@ -1,16 +1,17 @@
-"""Unstructured sparse weights: the dense product with the pruned weight vs torch's CSR sparse
-matmul (MKL on CPU, cuSPARSE on GPU), at LLM shapes and high sparsities, in one run.
+"""Unstructured sparse weights: the pruned nn.Linear (dense product) vs the same weight stored CSR
+(sparsecc.compress_csr_: torch's sparse product, MKL on CPU, cuSPARSE on GPU), at LLM shapes and
+high sparsities, in one run.
 
     python benchmarks/sparse_linear.py --device cpu                  # the CPU case of issue 6
     python benchmarks/sparse_linear.py --quick                       # small shapes (a smoke test)
     python benchmarks/sparse_linear.py --device cpu --write-results  # the sparse-linear-<device> section
 
-sparsecc runs an unstructured-pruned linear as the pruned nn.Linear (zeros stored, the dense
-product). This measures what a CSR lowering would give instead: weights with a uniformly random
-`sparsity` share of zeros (what magnitude/Wanda/SparseGPT leave per row, near enough), CSR with
-int32 indices, and y = (W_csr @ xᵀ)ᵀ. Times are medians of interleaved calls; ratio = dense time /
-CSR time (above 1: CSR faster). Bytes = what one product reads of the weight (CSR: values,
-column indices, row pointers).
+An unstructured-pruned linear runs as the pruned nn.Linear (zeros stored, the dense product)
+unless `sparsecc.compress_csr_` stores it CSR (`CSRLinear`: int32 indices, y = (W_csr @ xᵀ)ᵀ).
+Weights here have a uniformly random `sparsity` share of zeros (what magnitude/Wanda/SparseGPT
+leave per row, near enough). Times are medians of interleaved calls; ratio = dense time / CSR
+time (above 1: CSR faster). Bytes = what one product reads of the weight (CSR: values, column
+indices, row pointers). compress_csr_'s default threshold (90% zeros) comes from these figures.
 """
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ import argparse
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from sparsecc import CSRLinear
 
 try:
     from results import add_device_args, device_dtype, median_times, report_kernel
@@ -27,13 +31,8 @@ except ImportError:  # run as a module
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # LLaMA-7B: q/k/v/o, gate/up, down ([out, in])
 
 
-def csr(w: torch.Tensor) -> torch.Tensor:
-    s = w.to_sparse_csr()
-    return torch.sparse_csr_tensor(s.crow_indices().int(), s.col_indices().int(), s.values(), s.shape)
-
-
-def csr_bytes(s: torch.Tensor) -> int:
-    return sum(t.numel() * t.element_size() for t in (s.values(), s.col_indices(), s.crow_indices()))
+def csr_bytes(lin: CSRLinear) -> int:
+    return sum(t.numel() * t.element_size() for t in (lin.values, lin.col, lin.crow))
 
 
 def main(argv=None) -> int:
@@ -54,11 +53,13 @@ def main(argv=None) -> int:
         for s in args.sparsity:
             keep = torch.rand(out_f, in_f, device=device, generator=g) >= s
             ws = w * keep
-            wc = csr(ws)
+            dense = nn.Linear(in_f, out_f, bias=False, device=device, dtype=dtype)
+            dense.weight.data = ws
+            wc = CSRLinear.from_linear(dense)
             mib = f"{ws.numel() * ws.element_size() / 2**20:.1f} / {csr_bytes(wc) / 2**20:.1f}"
             for t in args.tokens:
                 x = torch.randn(t, in_f, device=device, generator=g, dtype=dtype)
-                fns = {"dense": lambda: F.linear(x, ws), "csr": lambda: (wc @ x.t()).t()}
+                fns = {"dense": lambda: F.linear(x, ws), "csr": lambda: wc(x)}
                 ref = F.linear(x.double(), ws.double())
                 err = float((fns["csr"]().double() - ref).norm() / ref.norm())
                 times = median_times(fns, device, args.reps)
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
                 print(lines[-1], flush=True)
     report_kernel("sparse-linear", "sparse_linear.py", args, device,
                   f"Unstructured sparse linear, dense vs CSR ({str(dtype).replace('torch.', '')})",
-                  "Dense F.linear with the pruned weight vs torch's CSR matmul; ratio = dense time / CSR time.",
+                  "Dense F.linear with the pruned weight vs CSRLinear (torch's CSR product); ratio = dense time / CSR time.",
                   "\n".join(lines))
     return 0
 

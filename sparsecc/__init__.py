@@ -11,7 +11,7 @@ from .api import calibrate, sparsify_
 from .backend import sparsecc_backend
 from .calibration import CalibrationSet, sample_batches
 from .checkpoint import load_pruned, save_pruned
-from .compressed import NMLinear, compress_nm_
+from .compressed import CSRLinear, NMLinear, compress_csr_, compress_nm_
 from .capture import Captured, LinearSite, capture
 from .configs import SparsityConfig, Technique, config_from_dict, register_technique
 from .errors import CalibrationError, CaptureError, PipelineError, PlanError, RecipeError, SparseccError
@@ -27,10 +27,10 @@ from .techniques import AttentionSinkConfig, SlidingWindowConfig, CATSConfig, CA
 
 __all__ = [
     "AnalysisPass", "ApplyRecipe", "AttentionSinkConfig", "SlidingWindowConfig", "CATSConfig", "CATSMLP", "CalibrationError", "CalibrationSet", "CaptureError", "Captured",
-    "CollectHessians", "CollectInputStats", "LinearSite", "MagnitudeConfig", "MoEConfig", "MoEMLP", "SparseMoEConfig", "NMLinear", "OBSConfig", "Pass",
+    "CSRLinear", "CollectHessians", "CollectInputStats", "LinearSite", "MagnitudeConfig", "MoEConfig", "MoEMLP", "SparseMoEConfig", "NMLinear", "OBSConfig", "Pass",
     "PruningConfig", "SparseGPTConfig", "WandaConfig", "Pipeline",
     "PipelineError", "PipelineResult", "Plan", "PlanError", "RecipeError", "Report", "SparseccError",
-    "SparsityConfig", "Technique", "TransformPass", "calibrate", "activation_sparsity", "capture", "compress_nm_", "config_from_dict", "dump_recipe", "kv_cache_lengths",
+    "SparsityConfig", "Technique", "TransformPass", "calibrate", "activation_sparsity", "capture", "compress_csr_", "compress_nm_", "config_from_dict", "dump_recipe", "kv_cache_lengths",
     "load_pruned", "load_recipe", "moe_load_balance", "prune", "register_technique", "sample_batches", "save_pruned", "sparsecc_backend",
     "sparsify_",
 ]

@@ -1,24 +1,28 @@
 """The sparsecc ops as torch.library custom ops, so dynamo/Inductor keep them as single nodes.
 
     torch.ops.sparsecc.nm_linear(x, values, index, bias, n, m, in_features)
+    torch.ops.sparsecc.csr_linear(x, crow, col, values, bias, in_features)
     torch.ops.sparsecc.cats_mlp(x, w_gate, b_gate, w_up, b_up, w_down, b_down, threshold, act)
     torch.ops.sparsecc.window_attention(q, k, v, q_pos, k_pos, key_mask, window, dilation, sinks, scale, inv_freq)
     torch.ops.sparsecc.moe_ffn(x, router_weight, router_bias, w_gate, b_gate, w_up, b_up, w_down, b_down, top_k,
                                capacity_factor, act, mode)
 
 Each op runs either its Triton kernel or its fallback (its pure-PyTorch reference; for window
-attention the blocked SDPA path; for CATS on CPU the path reading only active rows at decode). Which one (`kernel_mode`): "auto" (default) considers the kernel
-on CUDA tensors, where it runs unless autotuning timed the fallback faster for that shape (so a
-kernel never runs where its fallback, e.g. CATS's dense MLP, is faster), and the fallback elsewhere; "triton" forces
-the kernel on any device (on CPU only under TRITON_INTERPRET=1: how the tests run the kernels);
-"reference" never uses a kernel. Set it with the environment variable SPARSECC_KERNELS, with
-`use_kernels(mode)`, or per compiled model with torch.compile(..., options={"kernels": mode}).
+attention the blocked SDPA path; for CATS on CPU the path reading only active rows at decode;
+csr_linear has no kernel of its own: torch's sparse product). Which one (`kernel_mode`): "auto"
+(default) considers the kernel on CUDA tensors, where it runs unless autotuning timed the
+fallback faster for that shape (so a kernel never runs where its fallback, e.g. CATS's dense
+MLP, is faster), and the fallback elsewhere; "triton" forces the kernel on any device (on CPU
+only under TRITON_INTERPRET=1: how the tests run the kernels); "reference" never uses a kernel.
+Set it with the environment variable SPARSECC_KERNELS, with `use_kernels(mode)`, or per
+compiled model with torch.compile(..., options={"kernels": mode}).
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import os
+import warnings
 
 import torch
 
@@ -82,6 +86,7 @@ IMPLEMENTATIONS = {
     "cats_mlp": ("cats_mlp_triton", "cats_mlp_cpu"),
     "window_attention": ("window_attention_triton", "window_attention_blocked"),
     "moe_ffn": ("moe_ffn_triton", "moe_ffn_reference"),
+    "csr_linear": ("csr_matmul", "csr_matmul"),  # torch's sparse product on every device
 }
 
 
@@ -128,6 +133,61 @@ def _backward(ctx, grad):
 
 
 nm_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def csr_weight(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, in_features: int) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "Sparse CSR tensor support is in beta state"
+        return torch.sparse_csr_tensor(crow, col, values, (crow.numel() - 1, in_features), check_invariants=False)
+
+
+@torch.library.custom_op("sparsecc::csr_linear", mutates_args=())
+def csr_linear(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+               bias: torch.Tensor | None, in_features: int) -> torch.Tensor:
+    """x @ Wᵀ + bias for a weight W stored CSR (compressed.CSRLinear): torch's sparse product
+    W @ xᵀ (MKL on CPU, cuSPARSE on CUDA)."""
+    x2 = x.reshape(-1, in_features)
+    y = (csr_weight(crow, col, values, in_features) @ x2.t()).t()
+    y = y + bias if bias is not None else y
+    return y.contiguous().reshape(*x.shape[:-1], crow.numel() - 1)
+
+
+@csr_linear.register_fake
+def _(x, crow, col, values, bias, in_features):
+    return x.new_empty(*x.shape[:-1], crow.shape[0] - 1)
+
+
+@torch.library.custom_op("sparsecc::csr_linear_grad", mutates_args=())
+def csr_linear_grad(grad: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+                    in_features: int) -> torch.Tensor:
+    """d/dx (x Wᵀ) = grad · W = (Wᵀ gradᵀ)ᵀ for the CSR weight: an op of its own, as sparse
+    tensors cannot be traced."""
+    g2 = grad.reshape(-1, grad.shape[-1]).to(values.dtype)
+    gx = (csr_weight(crow, col, values, in_features).t() @ g2.t()).t()
+    return gx.to(grad.dtype).contiguous().reshape(*grad.shape[:-1], in_features)
+
+
+@csr_linear_grad.register_fake
+def _(grad, crow, col, values, in_features):
+    return grad.new_empty(*grad.shape[:-1], in_features)
+
+
+def _csr_setup(ctx, inputs, output):
+    x, crow, col, values, bias, in_features = inputs
+    ctx.save_for_backward(crow, col, values)
+    ctx.in_features, ctx.has_bias = in_features, bias is not None
+
+
+def _csr_backward(ctx, grad):
+    """Gradients for x and the bias; the stored weight is frozen."""
+    crow, col, values = ctx.saved_tensors
+    grad_x = (torch.ops.sparsecc.csr_linear_grad(grad, crow, col, values, ctx.in_features)
+              if ctx.needs_input_grad[0] else None)
+    grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
+    return grad_x, None, None, None, grad_b, None
+
+
+csr_linear.register_autograd(_csr_backward, setup_context=_csr_setup)
 
 
 @torch.library.custom_op("sparsecc::cats_mlp", mutates_args=())

@@ -7,8 +7,8 @@
 Random weights and inputs; the threshold is set to the sparsity-quantile of |SiLU(x W_gateᵀ)| of
 the benchmark's own input, so the stated share of neurons is inactive for every token (real
 activations would be measured with `sparsecc.activation_sparsity`). Times are medians; ratio =
-dense MLP time / CATS time (above 1: faster). W_down is column-major for the op, as the CATS
-rewrite stores it (the dense baseline keeps nn.Linear's row-major layout). On GPU the op runs the
+dense MLP time / CATS time (above 1: faster). W_down is laid out for the op as the CATS rewrite
+stores it (column-major except half/bf16 on CPU; the dense baseline keeps nn.Linear's row-major). On GPU the op runs the
 Triton kernel; on CPU `cats_mlp_cpu`, which reads only the active neurons' rows where its rule
 says that pays and otherwise runs the dense MLP plus a mask (column "CPU path"; "active" is the
 share of neurons active for some token of the batch). The seed's goal: ≥ 1.4x dense at 50% for
@@ -45,7 +45,9 @@ def main(argv=None) -> int:
     g = torch.Generator(device=device).manual_seed(0)
     w_gate, w_up = (torch.randn(inter, hidden, device=device, generator=g, dtype=dtype) / hidden ** 0.5 for _ in "gu")
     w_down = torch.randn(hidden, inter, device=device, generator=g, dtype=dtype) / inter ** 0.5
-    w_down_cm = w_down.t().contiguous().t()  # same matrix, [inter, hidden]-contiguous
+    # the layout the CATS rewrite gives W_down: column-major ([inter, hidden]-contiguous) except
+    # for half/bf16 on CPU (cats_cpu.wants_column_major)
+    w_down_cm = w_down.t().contiguous().t() if cats_cpu.wants_column_major(w_down) else w_down
 
     def dense(x):
         return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
@@ -69,10 +71,18 @@ def main(argv=None) -> int:
         with use_kernels(bench_mode(device)):
             times = median_times(fns, device, args.reps)  # CPU: interleaved, dense and CATS alike
         for s, active, err in rows:
-            path = ("active rows | " if cats_cpu.pays(t, active, inter, hidden) else "dense | ") if cpu else ""
+            sparse = cats_cpu.column_major(w_down_cm) and cats_cpu.pays(t, active, inter, hidden)
+            path = ("active rows | " if sparse else "dense | ") if cpu else ""
             lines.append(f"| {t} | {s:.0%} | {active:.0%} | {path}{times['dense'] * 1e3:.3f} | {times[s] * 1e3:.3f} | "
                          f"{times['dense'] / times[s]:.2f} | {err:.1e} |")
             print(lines[-1], flush=True)
+    # what W_down's layout costs the dense down projection (why half/bf16 on CPU stay row-major)
+    h = torch.randn(args.tokens[0], inter, device=device, generator=g, dtype=dtype)
+    col = w_down.t().contiguous().t()
+    lay = median_times({"row": lambda: F.linear(h, w_down), "col": lambda: F.linear(h, col)}, device, args.reps)
+    lines += ["", f"- dense down projection, {args.tokens[0]} token(s): W_down row-major {lay['row'] * 1e3:.3f} ms, "
+                  f"column-major {lay['col'] * 1e3:.3f} ms"]
+    print(lines[-1])
     path = "Triton kernel" if device == "cuda" else "CPU path (cats_cpu.py)"
     report_kernel("cats-mlp", "cats_mlp.py", args, device,
                   f"CATS MLP ({hidden} -> {inter} -> {hidden}, {str(dtype).replace('torch.', '')})",

@@ -134,8 +134,11 @@ def report(section: str, title: str, intro: str, text: str, command: str, write:
 
 
 def report_kernel(section: str, script: str, args, device: str, title: str, intro: str, text: str) -> None:
-    """`report` for the kernel benchmarks: section `<section>-<device>`, the GPU named."""
-    report(f"{section}-{device}", f"{title} on {device_name(device)}", intro, text,
+    """`report` for the kernel benchmarks: section `<section>-<device>` (plus `-<dtype>` when
+    --dtype names another than the device's default), the GPU named."""
+    default = "fp16" if device == "cuda" else "fp32"
+    dtype = f"-{args.dtype}" if args.dtype not in (None, default) else ""
+    report(f"{section}-{device}{dtype}", f"{title} on {device_name(device)}", intro, text,
            f"python benchmarks/{script} --device {device}{' --quick' if args.quick else ''}"
-           f"{f' --reps {args.reps}' if args.reps != 5 else ''} --write-results",
+           f"{f' --dtype {args.dtype}' if dtype else ''}{f' --reps {args.reps}' if args.reps != 5 else ''} --write-results",
            args.write_results, f", {device_name(device)}" if device == "cuda" else "")

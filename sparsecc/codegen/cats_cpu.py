@@ -61,6 +61,15 @@ def column_major(w: torch.Tensor) -> bool:
     return w.dim() == 2 and w.t().is_contiguous()
 
 
+def wants_column_major(w_down: torch.Tensor) -> bool:
+    """Whether the CATS rewrite should store W_down column-major: on the GPU (the Triton kernel then
+    skips an inactive neuron's whole row of W_downᵀ) and on CPU in fp32/fp64 (this path reads those
+    rows; the dense product costs the same). Not on CPU in fp16/bf16, where the dense product with
+    a column-major weight ran about 2x slower (benchmarks/cats_mlp.py --dtype bf16) and that
+    product is what runs for more than a token or two."""
+    return w_down.device.type != "cpu" or w_down.dtype in (torch.float32, torch.float64)
+
+
 def cats_mlp_cpu(x, w_gate, b_gate, w_up, b_up, w_down, b_down, threshold: float, act: str,
                  sparse: bool | None = None) -> torch.Tensor:
     """The CATS MLP on CPU: reading only active neurons' rows where that pays, else dense (same

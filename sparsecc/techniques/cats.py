@@ -24,6 +24,7 @@ from torch import nn
 
 from ..calibration import token_mask
 from ..codegen import ops as _ops  # noqa: F401  (registers torch.ops.sparsecc.cats_mlp)
+from ..codegen.cats_cpu import wants_column_major
 from ..configs import SparsityConfig, register_technique
 from ..errors import CalibrationError, PlanError
 from ..gated import ACTIVATIONS, GatedMLP
@@ -84,9 +85,10 @@ class CATSMLP(nn.Module):
 def column_major_down(mlp: CATSMLP, on_restore: list | None = None) -> None:
     """Store the MLP's W_down column-major (W_downᵀ contiguous; same values and shape), so that an
     active neuron's column is one contiguous row: codegen/cats_cpu.py reads only those rows at
-    decode, and the Triton kernel reads them whole. The undo (row-major again) goes to on_restore."""
+    decode, and the Triton kernel reads them whole (not for half/bf16 weights on CPU: see
+    `wants_column_major`). The undo (row-major again) goes to on_restore."""
     down = getattr(mlp, mlp.spec.down)
-    if type(down) is not nn.Linear or not down.weight.is_contiguous():
+    if type(down) is not nn.Linear or not down.weight.is_contiguous() or not wants_column_major(down.weight):
         return
     w = down.weight
     if on_restore is not None:

@@ -97,6 +97,15 @@ def test_cats_rewrite_stores_down_column_major(make_model, batches):
         torch.testing.assert_close(model(x).logits, y)
 
 
+def test_half_weights_on_cpu_stay_row_major(make_model, batches):
+    """On CPU the half/bf16 dense product is slower with a column-major weight: no relayout there."""
+    model = make_model("llama").to(torch.bfloat16)
+    sparsecc.sparsify_(model, {"re:.*mlp": sparsecc.CATSConfig(0.5)}, batches)
+    downs = [m.down_proj.weight for m in model.modules() if type(m).__name__ == "CATSMLP"]
+    assert len(downs) == 2 and all(w.is_contiguous() for w in downs)
+    assert cats_cpu.wants_column_major(torch.zeros(2, 2)) and not cats_cpu.wants_column_major(torch.zeros(2, 2).half())
+
+
 def test_failed_rewrite_restores_row_major_layout(make_model, batches, monkeypatch):
     from sparsecc.techniques import cats
 

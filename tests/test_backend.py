@@ -123,4 +123,5 @@ def test_lowering_names_the_kernel_each_op_runs():
     assert implementation("nm_linear", "cuda", "auto") == "nm_linear_triton"
     assert implementation("window_attention", "cpu", "auto") == "window_attention_blocked"
     assert implementation("moe_ffn", "cpu", "triton") == "moe_ffn_triton"
-    assert implementation("cats_mlp", "cpu", "reference") == "cats_mlp_cpu"
+    assert implementation("cats_mlp", "cpu", "reference") == "cats_mlp_reference"
+    assert implementation("cats_mlp", "cpu", "auto") == "cats_mlp_cpu"

@@ -72,3 +72,21 @@ def test_compress_csr_bad_input(make_model):
     with pytest.raises(sparsecc.RecipeError, match="float32 or float64.*model.float"):
         sparsecc.compress_csr_(half, min_sparsity=0.5)
     assert type(half[0]) is nn.Linear
+
+
+def test_half_weights_and_double_backward():
+    """After model.to(bf16) (or under autocast) the CPU product runs in fp32; second derivatives work."""
+    lin = pruned_linear(16, 8, 0.7, True, 1)
+    csr = sparsecc.CSRLinear.from_linear(lin)
+    x = torch.randn(3, 16)
+    csr16, lin16 = csr.to(torch.bfloat16), lin.to(torch.bfloat16)
+    with torch.no_grad():
+        y = csr16(x.bfloat16())
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), lin16(x.bfloat16()).float(), rtol=2e-2, atol=2e-2)
+    csr = sparsecc.CSRLinear.from_linear(pruned_linear(16, 8, 0.7, True, 1))
+    w = csr.weight
+    xg = x.clone().requires_grad_()
+    (gx,) = torch.autograd.grad(csr(xg).square().sum(), xg, create_graph=True)
+    (ggx,) = torch.autograd.grad(gx.sum(), xg)  # gx = 2 (xWᵀ + b) W, so every row of ggx is 2 · 1 Wᵀ W
+    torch.testing.assert_close(ggx, (2 * torch.ones(3, 16) @ w.t() @ w))

@@ -30,22 +30,26 @@ MIN_WEIGHTS = 1 << 23     # inter x hidden below this: the dense MLP is as fast 
 MAX_ACTIVE_ROWS = 0.55    # tokens x (active neurons / all neurons) above this: the dense MLP is faster
 
 
-# indices come from nonzero(), so Inductor's per-element bounds check is dropped (~20% faster)
+# One token at a time (x: [H]), so that the token count is no guard: dynamo's graphs then vary
+# only with dtype and inference mode, well within its recompile limit. Indices come from
+# nonzero(), so Inductor's per-element bounds check is dropped (~20% faster).
 @torch.compile(dynamic=True, options={"assert_indirect_indexing": False})
 def _gather_dot_compiled(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return (w[idx][None].float() * x[:, None].float()).sum(-1).to(x.dtype)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    return (w[idx].to(acc) * x.to(acc)).sum(-1).to(x.dtype)
 
 
 _compile_failed = False
 
 
 def gather_dot(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """[T, k] = x · W[idx]ᵀ (x: [T, H], W: [I, H] row-major, idx: k neuron indices)."""
+    """[T, k] = x · W[idx]ᵀ (x: [T, H], W: [I, H] row-major, idx: k neuron indices), reading each
+    gathered row once per token (callers keep T x k small: `pays`)."""
     global _compile_failed
     if not _compile_failed and idx.numel() > 1 and x.shape[1] > 1:  # sizes 0/1 would each recompile
         try:
-            return _gather_dot_compiled(x, w, idx)
-        except Exception as err:  # e.g. no C++ compiler for Inductor: the eager gather is correct, slower
+            return torch.stack([_gather_dot_compiled(row.contiguous(), w, idx) for row in x])
+        except torch._dynamo.exc.TorchDynamoException as err:  # e.g. no C++ compiler for Inductor
             _compile_failed = True
             warnings.warn(f"sparsecc: Inductor could not compile the CATS gather-dot ({type(err).__name__}: "
                           f"{err}); using an eager gather instead", stacklevel=2)
@@ -77,7 +81,7 @@ def cats_mlp_cpu(x, w_gate, b_gate, w_up, b_up, w_down, b_down, threshold: float
     from .cats_mlp import cats_mlp_reference
 
     eligible = x.device.type == "cpu" and column_major(w_down) and w_up.is_contiguous()
-    if sparse is False or (sparse is None and not (eligible and w_up.numel() >= MIN_WEIGHTS)):
+    if sparse is False or x.numel() == 0 or (sparse is None and not (eligible and w_up.numel() >= MIN_WEIGHTS)):
         return cats_mlp_reference(x, w_gate, b_gate, w_up, b_up, w_down, b_down, threshold, act)
     lead, hidden = x.shape[:-1], x.shape[-1]
     with torch.no_grad():  # the op's backward is its own (ops.py); nothing here is differentiated
@@ -102,7 +106,7 @@ def _active_rows(x, v, idx, w_up, b_up, w_down_t, b_down) -> torch.Tensor:
     parts = max(1, -(-torch.get_num_threads() // tokens))
     counts = torch.bincount(t, minlength=tokens)
     starts = torch.cumsum(counts, 0) - counts
-    offsets = (starts[:, None] + counts[:, None] * torch.arange(parts) // parts).reshape(-1)
+    offsets = (starts[:, None] + counts[:, None] * torch.arange(parts, device=x.device) // parts).reshape(-1)
     y = F.embedding_bag(idx[j], w_down_t, offsets, mode="sum", per_sample_weights=h[t, j])  # line 5
     y = y.view(tokens, parts, out).sum(1)
     return y + b_down if b_down is not None else y

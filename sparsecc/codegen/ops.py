@@ -80,25 +80,28 @@ def dispatch(op: str, key: tuple, x: torch.Tensor, kernel, fallback):
     return kernel() if choice["run"] == "kernel" else fallback()
 
 
-# What each op runs: (Triton kernel, fallback); for lowering reports.
+# What each op runs, for lowering reports: (Triton kernel, fallback on CPU, fallback elsewhere and
+# in mode "reference").
 IMPLEMENTATIONS = {
-    "nm_linear": ("nm_linear_triton", "nm_linear_reference"),
-    "cats_mlp": ("cats_mlp_triton", "cats_mlp_cpu"),
-    "window_attention": ("window_attention_triton", "window_attention_blocked"),
-    "moe_ffn": ("moe_ffn_triton", "moe_ffn_reference"),
-    "csr_linear": ("csr_matmul", "csr_matmul"),  # torch's sparse product on every device
+    "nm_linear": ("nm_linear_triton", "nm_linear_reference", "nm_linear_reference"),
+    "cats_mlp": ("cats_mlp_triton", "cats_mlp_cpu", "cats_mlp_reference"),
+    "window_attention": ("window_attention_triton", "window_attention_blocked", "window_attention_blocked"),
+    "moe_ffn": ("moe_ffn_triton", "moe_ffn_reference", "moe_ffn_reference"),
+    "csr_linear": ("csr_matmul", "csr_matmul", "csr_matmul"),  # torch's sparse product on every device
 }
 
 
 def implementation(op: str, device: torch.device | str, mode: str | None = None) -> str:
     """What op `op` ("nm_linear", ...) runs on `device` in kernel mode `mode` (default: the current one)."""
     mode = check_mode(mode) if mode is not None else kernel_mode()
-    kernel, fallback = IMPLEMENTATIONS[op]
+    kernel, cpu_path, reference = IMPLEMENTATIONS[op]
     if mode == "triton":
         return kernel
-    if mode == "reference" or torch.device(device).type != "cuda":
-        return fallback
-    return f"{kernel} or {fallback}, whichever is timed faster for the shape" if tuning_enabled(torch.device(device)) else kernel
+    if mode == "reference":
+        return reference
+    if torch.device(device).type != "cuda":
+        return cpu_path
+    return f"{kernel} or {reference}, whichever is timed faster for the shape" if tuning_enabled(torch.device(device)) else kernel
 
 
 @torch.library.custom_op("sparsecc::nm_linear", mutates_args=())
@@ -135,6 +138,12 @@ def _backward(ctx, grad):
 nm_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _csr_values(values: torch.Tensor) -> torch.Tensor:
+    """torch's CSR product on CPU has no half/bf16 kernel (a model cast after compress_csr_, or
+    autocast): compute those in fp32."""
+    return values.float() if values.device.type == "cpu" and values.dtype in (torch.float16, torch.bfloat16) else values
+
+
 def csr_weight(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, in_features: int) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "Sparse CSR tensor support is in beta state"
@@ -146,8 +155,9 @@ def csr_linear(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: t
                bias: torch.Tensor | None, in_features: int) -> torch.Tensor:
     """x @ Wᵀ + bias for a weight W stored CSR (compressed.CSRLinear): torch's sparse product
     W @ xᵀ (MKL on CPU, cuSPARSE on CUDA)."""
-    x2 = x.reshape(-1, in_features)
-    y = (csr_weight(crow, col, values, in_features) @ x2.t()).t()
+    values = _csr_values(values)
+    x2 = x.reshape(-1, in_features).to(values.dtype)
+    y = (csr_weight(crow, col, values, in_features) @ x2.t()).t().to(x.dtype)
     y = y + bias if bias is not None else y
     return y.contiguous().reshape(*x.shape[:-1], crow.numel() - 1)
 
@@ -162,6 +172,7 @@ def csr_linear_grad(grad: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, v
                     in_features: int) -> torch.Tensor:
     """d/dx (x Wᵀ) = grad · W = (Wᵀ gradᵀ)ᵀ for the CSR weight: an op of its own, as sparse
     tensors cannot be traced."""
+    values = _csr_values(values)
     g2 = grad.reshape(-1, grad.shape[-1]).to(values.dtype)
     gx = (csr_weight(crow, col, values, in_features).t() @ g2.t()).t()
     return gx.to(grad.dtype).contiguous().reshape(*grad.shape[:-1], in_features)
@@ -170,6 +181,20 @@ def csr_linear_grad(grad: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, v
 @csr_linear_grad.register_fake
 def _(grad, crow, col, values, in_features):
     return grad.new_empty(*grad.shape[:-1], in_features)
+
+
+def _csr_grad_setup(ctx, inputs, output):
+    grad, crow, col, values, in_features = inputs
+    ctx.save_for_backward(crow, col, values)
+
+
+def _csr_grad_backward(ctx, gg):
+    """csr_linear_grad is linear in grad: its own gradient is gg · Wᵀ, the forward op (double backward)."""
+    crow, col, values = ctx.saved_tensors
+    return torch.ops.sparsecc.csr_linear(gg, crow, col, values, None, gg.shape[-1]), None, None, None, None
+
+
+csr_linear_grad.register_autograd(_csr_grad_backward, setup_context=_csr_grad_setup)
 
 
 def _csr_setup(ctx, inputs, output):
@@ -197,7 +222,8 @@ def cats_mlp(x: torch.Tensor, w_gate: torch.Tensor, b_gate: torch.Tensor | None,
     """down((act(gate(x)) thresholded at |.| >= threshold) * up(x)): a CATS-gated MLP."""
     return dispatch("cats_mlp", (x.dtype, bucket(x.numel() // max(1, x.shape[-1])), tuple(w_gate.shape), act), x,
                     lambda: cats_mlp_triton(x, w_gate, b_gate, w_up, b_up, w_down, b_down, threshold, act),
-                    lambda: cats_mlp_cpu(x, w_gate, b_gate, w_up, b_up, w_down, b_down, threshold, act))
+                    lambda: cats_mlp_cpu(x, w_gate, b_gate, w_up, b_up, w_down, b_down, threshold, act,
+                                         sparse=False if kernel_mode() == "reference" else None))
 
 
 @cats_mlp.register_fake

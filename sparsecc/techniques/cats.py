@@ -6,9 +6,10 @@
 e.g. {"re:.*mlp": CATSConfig(0.7)}. The threshold t of each MLP is the `sparsity`-quantile of
 |v| over the calibration tokens, so that fraction of its neurons is zero on average (CATS §3:
 thresholds from a histogram of calibration activations). The MLP module is then replaced by
-`CATSMLP`, which keeps the same three linears under the same names (state dicts are unchanged;
-W_down is stored column-major, see `column_major_down`) and computes the MLP as one op,
-`torch.ops.sparsecc.cats_mlp`.
+`CATSMLP`, which keeps the same three linears under the same names (state dicts keep their keys,
+shapes and values; W_down is stored column-major, see `column_major_down`, so a raw
+safetensors.save_file needs .contiguous(), which save_pretrained and save_pruned do) and computes
+the MLP as one op, `torch.ops.sparsecc.cats_mlp`.
 
 Thresholds are computed in one forward over the calibration batches after the recipe's weight
 pruning has been applied and before any MLP is gated, as the CATS paper calibrates them on the
@@ -24,7 +25,7 @@ from torch import nn
 
 from ..calibration import token_mask
 from ..codegen import ops as _ops  # noqa: F401  (registers torch.ops.sparsecc.cats_mlp)
-from ..codegen.cats_cpu import wants_column_major
+from ..codegen.cats_cpu import column_major, wants_column_major
 from ..configs import SparsityConfig, register_technique
 from ..errors import CalibrationError, PlanError
 from ..gated import ACTIVATIONS, GatedMLP
@@ -77,6 +78,15 @@ class CATSMLP(nn.Module):
                                                self.threshold, self.spec.act)
         v = ACTIVATIONS[self.spec.act](gate(x))  # e.g. N:M-compressed linears: same math, op by op
         return down(v * (v.abs() >= self.threshold) * up(x))
+
+    def _apply(self, fn, recurse=True):
+        """After .to()/.half()/.cuda(): W_down in the layout its new dtype and device want."""
+        out = super()._apply(fn, recurse)
+        down = getattr(self, self.spec.down)
+        if type(down) is nn.Linear and column_major(down.weight) != wants_column_major(down.weight):
+            w = down.weight.data
+            down.weight.data = w.t().contiguous().t() if wants_column_major(w) else w.contiguous()
+        return out
 
     def extra_repr(self) -> str:
         return f"threshold={self.threshold:.4g}, act={self.spec.act}"

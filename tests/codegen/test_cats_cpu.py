@@ -46,19 +46,32 @@ def test_active_rows_equal_reference(tokens, hidden, inter, act, dtype, bias, qu
     assert err <= TOL[dtype] * max(1.0, ref.abs().max().item()), err
 
 
-@pytest.mark.parametrize("threads", [1, 3])
-def test_all_and_no_neurons_active(threads):
+@pytest.mark.parametrize("threads,shape", [(1, (3, 2, 24)), (3, (1, 24)), (5, (2, 1, 24))])
+def test_all_and_no_neurons_active(threads, shape):
     ws = weights(24, 40, 0, True, torch.float32)
-    x = torch.randn(3, 2, 24)
+    x = torch.randn(*shape)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)  # bags per token depend on the thread count
     try:
         for t in (0.0, float("inf")):
             y = cats_mlp_cpu(x, *ws, t, "silu", sparse=True)
             torch.testing.assert_close(y.double(), ref64(x, ws, t, "silu"), rtol=1e-5, atol=1e-5)
-        assert torch.equal(cats_mlp_cpu(x, *ws, float("inf"), "silu", sparse=True), ws[5].expand(3, 2, 24))
+        assert torch.equal(cats_mlp_cpu(x, *ws, float("inf"), "silu", sparse=True), ws[5].expand(*shape))
     finally:
         torch.set_num_threads(before)
+
+
+def test_empty_batch_and_reference_mode(monkeypatch):
+    from sparsecc.codegen.ops import use_kernels
+
+    monkeypatch.setattr(cats_cpu, "MIN_WEIGHTS", 0)
+    ws = weights(24, 40, 0, True, torch.float32)
+    for shape in [(0, 24), (2, 0, 24)]:
+        y = torch.ops.sparsecc.cats_mlp(torch.randn(*shape), *ws, 0.1, "silu")
+        assert y.shape == (*shape[:-1], 24)
+    monkeypatch.setattr(cats_cpu, "_active_rows", lambda *a: pytest.fail("mode reference ran the active-rows path"))
+    with use_kernels("reference"):
+        torch.ops.sparsecc.cats_mlp(torch.randn(1, 24), *ws, 0.1, "silu")
 
 
 def test_chosen_only_where_it_pays(monkeypatch):
@@ -104,6 +117,17 @@ def test_half_weights_on_cpu_stay_row_major(make_model, batches):
     downs = [m.down_proj.weight for m in model.modules() if type(m).__name__ == "CATSMLP"]
     assert len(downs) == 2 and all(w.is_contiguous() for w in downs)
     assert cats_cpu.wants_column_major(torch.zeros(2, 2)) and not cats_cpu.wants_column_major(torch.zeros(2, 2).half())
+
+
+def test_layout_follows_dtype_changes(make_model, batches):
+    model = make_model("llama")
+    sparsecc.sparsify_(model, {"re:.*mlp": sparsecc.CATSConfig(0.5)}, batches)
+    down = model.model.layers[0].mlp.down_proj
+    assert column_major(down.weight)
+    model.to(torch.bfloat16)
+    assert down.weight.is_contiguous() and down.weight.dtype == torch.bfloat16
+    model.float()
+    assert column_major(down.weight) and not down.weight.is_contiguous()
 
 
 def test_failed_rewrite_restores_row_major_layout(make_model, batches, monkeypatch):

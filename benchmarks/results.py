@@ -35,29 +35,18 @@ def machine() -> str:
 def median_time(fn, device: str, reps: int = 5) -> float:
     """Median seconds of fn() after a warm-up: CUDA events via triton.testing.do_bench on GPU,
     perf_counter over `reps` calls on CPU."""
+    return median_times({"fn": fn}, device, reps)["fn"]
+
+
+def median_times(fns: dict, device: str, reps: int = 5) -> dict:
+    """{name: median seconds} of several fns (as median_time). On CPU the calls are interleaved,
+    one of each per round, so that a machine slowing down during the run affects them alike."""
     import statistics
     import time
 
     if device == "cuda":
         import triton.testing
-        return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") / 1e3
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def median_times(fns: dict, device: str, reps: int = 5) -> dict:
-    """{name: median seconds} of several fns. On CPU the calls are interleaved, one of each per
-    round, so that a machine slowing down during the run affects them alike."""
-    import statistics
-    import time
-
-    if device == "cuda":
-        return {k: median_time(fn, device, reps) for k, fn in fns.items()}
+        return {k: triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") / 1e3 for k, fn in fns.items()}
     for fn in fns.values():
         fn()
     times: dict = {k: [] for k in fns}

@@ -24,7 +24,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .cats_mlp import cats_gate
+from .cats_mlp import cats_gate, cats_mlp_reference
 
 MIN_WEIGHTS = 1 << 23     # inter x hidden below this: the dense MLP is as fast (fixed costs dominate)
 MAX_ACTIVE_ROWS = 0.55    # tokens x (active neurons / all neurons) above this: the dense MLP is faster
@@ -78,8 +78,6 @@ def cats_mlp_cpu(x, w_gate, b_gate, w_up, b_up, w_down, b_down, threshold: float
                  sparse: bool | None = None) -> torch.Tensor:
     """The CATS MLP on CPU: reading only active neurons' rows where that pays, else dense (same
     result as cats_mlp_reference up to float rounding). `sparse` True/False forces either way."""
-    from .cats_mlp import cats_mlp_reference
-
     eligible = x.device.type == "cpu" and column_major(w_down) and w_up.is_contiguous()
     if sparse is False or x.numel() == 0 or (sparse is None and not (eligible and w_up.numel() >= MIN_WEIGHTS)):
         return cats_mlp_reference(x, w_gate, b_gate, w_up, b_up, w_down, b_down, threshold, act)

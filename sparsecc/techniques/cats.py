@@ -83,13 +83,20 @@ class CATSMLP(nn.Module):
         """After .to()/.half()/.cuda(): W_down in the layout its new dtype and device want."""
         out = super()._apply(fn, recurse)
         down = getattr(self, self.spec.down)
-        if type(down) is nn.Linear and column_major(down.weight) != wants_column_major(down.weight):
-            w = down.weight.data
-            down.weight.data = w.t().contiguous().t() if wants_column_major(w) else w.contiguous()
+        if type(down) is nn.Linear:
+            down.weight.data = wanted_layout(down.weight.data)
         return out
 
     def extra_repr(self) -> str:
         return f"threshold={self.threshold:.4g}, act={self.spec.act}"
+
+
+def wanted_layout(w: torch.Tensor) -> torch.Tensor:
+    """W_down column-major where `wants_column_major` asks for it, else row-major (w itself when
+    already so)."""
+    if wants_column_major(w):
+        return w if column_major(w) else w.t().contiguous().t()
+    return w.contiguous()
 
 
 def column_major_down(mlp: CATSMLP, on_restore: list | None = None) -> None:
@@ -103,7 +110,7 @@ def column_major_down(mlp: CATSMLP, on_restore: list | None = None) -> None:
     w = down.weight
     if on_restore is not None:
         on_restore.append(lambda: setattr(w, "data", w.data.contiguous()))
-    w.data = w.data.t().contiguous().t()
+    w.data = wanted_layout(w.data)
 
 
 def _gate_hook(store: list, generator: torch.Generator, act: str, ctx: dict):

@@ -8,8 +8,10 @@ For each weight [out, in] (2:4 by default, magnitude-pruned random weights) and 
 tokens, it first checks the op against the dense product (relative error), then times, with
 the median of many runs: dense F.linear (cuBLAS on GPU), sparsecc's op (the Triton kernel on
 GPU; on CPU the reference: decompress + dense product), and on GPU torch's semi-structured
-2:4 tensors (cuSPARSELt/CUTLASS) where this torch and GPU support them. Ratio = dense time /
-time (above 1: faster than dense). Bytes = the weight bytes one product must read.
+2:4 tensors (cuSPARSELt/CUTLASS) where this torch and GPU support them, and the op in kernel
+mode "auto" (what users get: the way — Triton kernel, reference, or torch's 2:4 product — the
+tuner timed fastest for the shape). Ratio = dense time / time (above 1: faster than dense).
+Bytes = the weight bytes one product must read.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from sparsecc.codegen.ops import use_kernels
+from sparsecc.codegen.ops import last_way, use_kernels
 from sparsecc.nm_format import compress
 from sparsecc.prune import magnitude
 
@@ -55,7 +57,8 @@ def main(argv=None) -> int:
 
     head = ["| weight [out, in] | tokens | dense ms | sparsecc ms | ratio | rel. error |"]
     if device == "cuda":
-        head = ["| weight [out, in] | tokens | dense ms | sparsecc ms | ratio | torch 2:4 ms | ratio | rel. error |"]
+        head = ["| weight [out, in] | tokens | dense ms | sparsecc ms | ratio | torch 2:4 ms | ratio | auto ms | ratio "
+                "| auto runs | rel. error (worst) |"]
     lines = head + ["|" + " --- |" * (head[0].count("|") - 1)]
     notes = set()
     for out_f, in_f in shapes:
@@ -83,6 +86,11 @@ def main(argv=None) -> int:
                     row += f" {t_semi * 1e3:.3f} | {t_dense / t_semi:.2f} |"
                 else:
                     row += " n/a | - |"
+                with use_kernels("auto"):
+                    y_auto = sparse_fn()  # the first call times the ways (tuning.py); later calls run the chosen one
+                    err = max(err, float((y_auto.double() - ref).norm() / ref.norm()))
+                    t_auto = median_time(sparse_fn, device, args.reps)
+                row += f" {t_auto * 1e3:.3f} | {t_dense / t_auto:.2f} | {last_way['nm_linear']} |"
             lines.append(row + f" {err:.1e} |")
             print(lines[-1], flush=True)
         notes.add(f"weight bytes per product: dense {dense_bytes / 2**20:.1f} MiB vs {args.pattern} compressed "

@@ -12,7 +12,8 @@ attention the blocked SDPA path; for CATS on CPU the path reading only active ro
 csr_linear has no kernel of its own: torch's sparse product). Which one (`kernel_mode`): "auto"
 (default) considers the kernel on CUDA tensors, where it runs unless autotuning timed the
 fallback faster for that shape (so a kernel never runs where its fallback, e.g. CATS's dense
-MLP, is faster), and the fallback elsewhere; "triton" forces the kernel on any device (on CPU
+MLP, is faster; for nm_linear torch's semi-structured 2:4 product is timed too), and the
+fallback elsewhere; "triton" forces the kernel on any device (on CPU
 only under TRITON_INTERPRET=1: how the tests run the kernels); "reference" never uses a kernel.
 Set it with the environment variable SPARSECC_KERNELS, with `use_kernels(mode)`, or per
 compiled model with torch.compile(..., options={"kernels": mode}).
@@ -30,6 +31,7 @@ from .nm_linear import nm_linear as nm_linear_triton
 from .cats_cpu import cats_mlp_cpu
 from .cats_mlp import cats_mlp_backward, cats_mlp_triton
 from .nm_linear import nm_linear_reference
+from . import semi_structured
 from .window_attention import window_attention_blocked, window_attention_reference, window_attention_triton
 from ..nm_format import decompress
 from .tuning import bucket, choose
@@ -65,19 +67,24 @@ def on_gpu(x: torch.Tensor) -> bool:
     return x.is_cuda
 
 
-def dispatch(op: str, key: tuple, x: torch.Tensor, kernel, fallback):
+def dispatch(op: str, key: tuple, x: torch.Tensor, kernel, fallback, alternatives: dict | None = None):
     """Run kernel() or fallback() for op `op` on input x. Mode "triton": the kernel; "reference",
-    or "auto" off the GPU: the fallback. "auto" on the GPU: the kernel, unless the tuner
-    (tuning.py) timed the fallback (the dense or reference path) faster for this shape: a kernel
-    is never chosen where it would be slower."""
+    or "auto" off the GPU: the fallback. "auto" on the GPU: whichever of the kernel, the fallback
+    (the dense or reference path) and `alternatives` ({name: fn}: other GPU lowerings, e.g.
+    torch's 2:4 product for nm_linear) the tuner (tuning.py) timed fastest for this shape: a
+    kernel is never chosen where it would be slower. The way run is recorded in `last_way[op]`."""
     mode = kernel_mode()
     if mode == "triton":
         return kernel()
     if mode == "reference" or not on_gpu(x):
         return fallback()
-    choice = choose(f"{op}/dispatch", key, [{"run": "kernel"}, {"run": "fallback"}],
-                    lambda c: kernel() if c["run"] == "kernel" else fallback(), x.device)
-    return kernel() if choice["run"] == "kernel" else fallback()
+    ways = {"kernel": kernel, "fallback": fallback, **(alternatives or {})}
+    choice = choose(f"{op}/dispatch", key, [{"run": name} for name in ways], lambda c: ways[c["run"]](), x.device)
+    last_way[op] = choice["run"]
+    return ways[choice["run"]]()
+
+
+last_way: dict[str, str] = {}  # op -> the way mode "auto" last ran it on the GPU (for benchmarks)
 
 
 # What each op runs, for lowering reports: (Triton kernel, fallback on CPU, fallback elsewhere and
@@ -89,6 +96,8 @@ IMPLEMENTATIONS = {
     "moe_ffn": ("moe_ffn_triton", "moe_ffn_reference", "moe_ffn_reference"),
     "csr_linear": ("csr_matmul", "csr_matmul", "csr_matmul"),  # torch's sparse product on every device
 }
+# Other ways mode "auto" times on the GPU, where they apply.
+GPU_ALTERNATIVES = {"nm_linear": f"{semi_structured.NAME} (2:4, fp16/bf16)"}
 
 
 def implementation(op: str, device: torch.device | str, mode: str | None = None) -> str:
@@ -101,16 +110,26 @@ def implementation(op: str, device: torch.device | str, mode: str | None = None)
         return reference
     if torch.device(device).type != "cuda":
         return cpu_path
-    return f"{kernel} or {reference}, whichever is timed faster for the shape" if tuning_enabled(torch.device(device)) else kernel
+    if not tuning_enabled(torch.device(device)):
+        return kernel
+    ways = ", ".join([kernel, reference, *([GPU_ALTERNATIVES[op]] if op in GPU_ALTERNATIVES else [])])
+    return f"{ways}: whichever is timed fastest for the shape"
 
 
 @torch.library.custom_op("sparsecc::nm_linear", mutates_args=())
 def nm_linear(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, bias: torch.Tensor | None,
               n: int, m: int, in_features: int) -> torch.Tensor:
-    """x @ Wᵀ + bias for an N:M weight W stored compressed (values, packed index)."""
-    return dispatch("nm_linear", (x.dtype, bucket(x.numel() // max(1, x.shape[-1])), tuple(values.shape), n, m), x,
-                    lambda: nm_linear_triton(x, values, index, n, m, in_features, bias),
-                    lambda: nm_linear_reference(x, values, index, n, m, in_features, bias))
+    """x @ Wᵀ + bias for an N:M weight W stored compressed (values, packed index). On the GPU,
+    torch's semi-structured 2:4 product (semi_structured.py) is timed as a third way where it applies."""
+    alternatives = {}
+    if kernel_mode() == "auto" and on_gpu(x) and semi_structured.applies(x, values, bias, n, m, in_features):
+        alternatives[semi_structured.NAME] = lambda: semi_structured.linear(x, values, index, bias, in_features)
+    y = dispatch("nm_linear", (x.dtype, bucket(x.numel() // max(1, x.shape[-1])), tuple(values.shape), n, m), x,
+                 lambda: nm_linear_triton(x, values, index, n, m, in_features, bias),
+                 lambda: nm_linear_reference(x, values, index, n, m, in_features, bias), alternatives)
+    if alternatives and last_way["nm_linear"] != semi_structured.NAME:
+        semi_structured.forget(values)  # built while timing, not chosen: free its memory
+    return y
 
 
 @nm_linear.register_fake

@@ -38,13 +38,9 @@ def test_never_worse_than_identity(rows, groups, nm, seed, heavy, window):
     assert nm_retained(s[:, perm], n, m) >= nm_retained(s, n, m)
 
 
-@given(rows=st.integers(2, 4), groups=st.integers(2, 4), seed=st.integers(0, 2**16))
-def test_finds_a_planted_arrangement(rows, groups, seed):
-    """Build scores where each row has exactly N large entries in every group of M, then shuffle the
-    columns: some permutation keeps every large entry, and the search must find one. (With many rows
-    the planted arrangement is essentially unique, an exact-cover puzzle a local search can miss:
-    3000/3000 found at these sizes, ~45% at 8 rows x 6 groups.)"""
-    n, m = 2, 4
+def _planted(rows, groups, seed, n=2, m=4):
+    """Scores where each row has exactly N large entries in every group of M, columns then shuffled:
+    some permutation keeps every large entry. Returns (scores, large)."""
     g = torch.Generator().manual_seed(seed)
     cols = groups * m
     large = torch.zeros(rows, groups, m, dtype=torch.bool)
@@ -53,11 +49,29 @@ def test_finds_a_planted_arrangement(rows, groups, seed):
     large = large.reshape(rows, cols)
     s = torch.where(large, 10 + torch.rand(rows, cols, generator=g), torch.rand(rows, cols, generator=g))
     shuffle = torch.randperm(cols, generator=g)
-    s, large = s[:, shuffle], large[:, shuffle]
-    perm = find_permutation(s, n, m, seed=seed)
-    keep = nm_mask(s[:, perm], n, m)
-    assert keep[large[:, perm]].all()
-    assert nm_retained(s[:, perm], n, m) == pytest.approx(float(s[large].sum()), rel=1e-6)
+    return s[:, shuffle], large[:, shuffle]
+
+
+@given(rows=st.integers(2, 4), groups=st.integers(2, 4), seed=st.integers(0, 2**16))
+def test_comes_close_to_a_planted_arrangement(rows, groups, seed):
+    """The search is a local search: on a planted instance it keeps nearly all the planted score
+    even where it misses the arrangement itself (seed 8388 at 4 x 4: 97.3%)."""
+    s, large = _planted(rows, groups, seed)
+    perm = find_permutation(s, 2, 4, seed=seed)
+    assert nm_retained(s[:, perm], 2, 4) >= 0.95 * float(s[large].sum())
+
+
+def test_finds_planted_arrangements():
+    """How often the search finds the planted arrangement exactly: 999 of 1000 instances at
+    4 rows x 4 groups (seeds 0-999), all of 300 at 3 x 4 and 4 x 3. (With many rows it is
+    essentially unique, an exact-cover puzzle a local search can miss: ~45% at 8 rows x 6 groups.)"""
+    found = 0
+    for seed in range(200):
+        s, large = _planted(4, 4, seed)
+        perm = find_permutation(s, 2, 4, seed=seed)
+        keep = nm_mask(s[:, perm], 2, 4)
+        found += bool(keep[large[:, perm]].all())
+    assert found >= 198
 
 
 @given(out=st.integers(1, 6), cols=st.sampled_from([4, 8, 12]), seed=st.integers(0, 2**16))

@@ -1,0 +1,123 @@
+"""torch's semi-structured 2:4 product as a third GPU way of sparsecc::nm_linear
+(sparsecc/codegen/semi_structured.py). torch builds those tensors only on CUDA, so on CPU the
+GPU branch is entered with a stand-in `on_gpu`, `backend` and `build` (the dense weight): what is
+checked is the plumbing — when the way is offered, that the timed winner runs and gives the
+product, that torch's tensor is built once per stored weight, rebuilt after an in-place change,
+and freed when another way wins."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparsecc.codegen import ops, semi_structured
+from sparsecc.nm_format import compress
+from sparsecc.prune import magnitude
+
+
+class Limits:
+    sparse_min_rows = sparse_min_cols = 16
+
+
+class StandInBackend:
+    _DTYPE_SHAPE_CONSTRAINTS = {torch.float16: Limits, torch.bfloat16: Limits}
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """The GPU branch on CPU tensors: `winner` is the way the tuner picks, `offered` the ways it was
+    shown per call, `builds` how many 2:4 tensors were built."""
+    class State:
+        winner, offered, builds = "kernel", [], 0
+    state = State()
+
+    def choose(op, key, candidates, launch, device):
+        state.offered.append([c["run"] for c in candidates])
+        for c in candidates:  # timing runs every way once, as the tuner does
+            launch(c)
+        return {"run": state.winner}
+
+    def build(dense):
+        state.builds += 1
+        return dense.clone()
+    monkeypatch.setattr(ops, "on_gpu", lambda x: True)
+    monkeypatch.setattr(ops, "choose", choose)
+    monkeypatch.setattr(ops, "nm_linear_triton", lambda *a: ops.nm_linear_reference(*a))  # no interpreter needed
+    monkeypatch.setattr(semi_structured, "backend", lambda: StandInBackend)
+    monkeypatch.setattr(semi_structured, "build", build)
+    return state
+
+
+def _layer(out_f=32, in_f=64, dtype=torch.bfloat16, pattern="2:4"):
+    torch.manual_seed(0)
+    w = torch.randn(out_f, in_f)
+    w = (w * magnitude(w, pattern=pattern)).to(dtype)
+    n, m = (int(v) for v in pattern.split(":"))
+    values, index = compress(w, n, m)
+    return w, values, index, (n, m)
+
+
+def _run(x, values, index, nm, bias=None):
+    return torch.ops.sparsecc.nm_linear(x, values, index, bias, *nm, x.shape[-1])
+
+
+def test_the_winner_runs_and_its_tensor_is_built_once_per_stored_weight(gpu):
+    w, values, index, nm = _layer()
+    bias = torch.randn(32).to(torch.bfloat16)
+    x = torch.randn(3, 5, 64).to(torch.bfloat16)
+    gpu.winner = semi_structured.NAME
+    y = _run(x, values, index, nm, bias)
+    torch.testing.assert_close(y, F.linear(x, w, bias))
+    assert gpu.offered[-1] == ["kernel", "fallback", semi_structured.NAME]
+    assert ops.last_way["nm_linear"] == semi_structured.NAME
+    _run(x, values, index, nm, bias)
+    assert gpu.builds == 1  # kept for the stored weight
+    values.mul_(2)  # an in-place change of the stored weight: torch's tensor is rebuilt
+    torch.testing.assert_close(_run(x, values, index, nm, bias), F.linear(x, 2 * w, bias))
+    assert gpu.builds == 2
+
+
+def test_a_losing_way_frees_its_tensor(gpu):
+    w, values, index, nm = _layer()
+    x = torch.randn(4, 64).to(torch.bfloat16)
+    gpu.winner = "kernel"
+    torch.testing.assert_close(_run(x, values, index, nm), F.linear(x, w))
+    assert gpu.builds == 1 and values not in semi_structured._built  # built for timing, then dropped
+
+
+@pytest.mark.parametrize("why,layer,x_dtype", [
+    ("4:8 is not 2:4", dict(pattern="4:8"), torch.bfloat16),
+    ("fp32 is not a cuSPARSELt dtype", dict(dtype=torch.float32), torch.float32),
+    ("input and weight dtypes differ", dict(), torch.float16),
+    ("out 24 is not a multiple of 16", dict(out_f=24), torch.bfloat16),
+    ("in 72 is not a multiple of 16", dict(in_f=72), torch.bfloat16)])
+def test_offered_only_where_torch_supports_it(gpu, why, layer, x_dtype):
+    w, values, index, nm = _layer(**layer)
+    x = torch.randn(2, w.shape[1]).to(x_dtype)
+    _run(x, values, index, nm)
+    assert gpu.offered[-1] == ["kernel", "fallback"], why
+    assert gpu.builds == 0
+
+
+def test_not_offered_without_a_backend_or_outside_mode_auto(gpu, monkeypatch):
+    w, values, index, nm = _layer()
+    x = torch.randn(2, 64).to(torch.bfloat16)
+    for mode in ("triton", "reference"):
+        with ops.use_kernels(mode):
+            _run(x, values, index, nm)
+    assert gpu.offered == [] and gpu.builds == 0
+    monkeypatch.setattr(semi_structured, "backend", lambda: None)  # no cuSPARSELt in this torch build
+    _run(x, values, index, nm)
+    assert gpu.offered == [["kernel", "fallback"]]
+
+
+def test_this_torch_has_no_backend_on_cpu():
+    """torch's CPU build has no cuSPARSELt: off the GPU the way is never considered."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU build")
+    assert semi_structured.backend() is None
+
+
+def test_lowering_report_names_the_third_way(monkeypatch):
+    monkeypatch.setattr(ops, "tuning_enabled", lambda device: True)
+    assert semi_structured.NAME in ops.implementation("nm_linear", "cuda", "auto")
+    assert semi_structured.NAME not in ops.implementation("cats_mlp", "cuda", "auto")
+    assert ops.implementation("nm_linear", "cuda", "triton") == "nm_linear_triton"

@@ -67,21 +67,29 @@ def on_gpu(x: torch.Tensor) -> bool:
     return x.is_cuda
 
 
-def dispatch(op: str, key: tuple, x: torch.Tensor, kernel, fallback, alternatives: dict | None = None):
-    """Run kernel() or fallback() for op `op` on input x. Mode "triton": the kernel; "reference",
-    or "auto" off the GPU: the fallback. "auto" on the GPU: whichever of the kernel, the fallback
-    (the dense or reference path) and `alternatives` ({name: fn}: other GPU lowerings, e.g.
-    torch's 2:4 product for nm_linear) the tuner (tuning.py) timed fastest for this shape: a
-    kernel is never chosen where it would be slower. The way run is recorded in `last_way[op]`."""
+def pick(op: str, key: tuple, x: torch.Tensor, ways: dict) -> str:
+    """Which of `ways` ({name: fn}: "kernel", "fallback", then other GPU lowerings, e.g. torch's
+    2:4 product for nm_linear) op `op` runs on input x. Mode "triton": the kernel; "reference", or
+    "auto" off the GPU: the fallback (the dense or reference path). "auto" on the GPU: the way the
+    tuner (tuning.py) timed fastest for this shape, so a kernel is never chosen where it would be
+    slower. The names of the other ways are part of the tuning key: a choice cached before a way
+    existed is not reused."""
     mode = kernel_mode()
     if mode == "triton":
-        return kernel()
+        return "kernel"
     if mode == "reference" or not on_gpu(x):
-        return fallback()
-    ways = {"kernel": kernel, "fallback": fallback, **(alternatives or {})}
-    choice = choose(f"{op}/dispatch", key, [{"run": name} for name in ways], lambda c: ways[c["run"]](), x.device)
-    last_way[op] = choice["run"]
-    return ways[choice["run"]]()
+        return "fallback"
+    others = tuple(name for name in ways if name not in ("kernel", "fallback"))
+    choice = choose(f"{op}/dispatch", (*key, *others), [{"run": name} for name in ways],
+                    lambda c: ways[c["run"]](), x.device)["run"]
+    last_way[op] = choice
+    return choice
+
+
+def dispatch(op: str, key: tuple, x: torch.Tensor, kernel, fallback):
+    """Run kernel() or fallback() for op `op` on input x, as `pick` decides."""
+    ways = {"kernel": kernel, "fallback": fallback}
+    return ways[pick(op, key, x, ways)]()
 
 
 last_way: dict[str, str] = {}  # op -> the way mode "auto" last ran it on the GPU (for benchmarks)
@@ -121,15 +129,16 @@ def nm_linear(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, bias: 
               n: int, m: int, in_features: int) -> torch.Tensor:
     """x @ Wᵀ + bias for an N:M weight W stored compressed (values, packed index). On the GPU,
     torch's semi-structured 2:4 product (semi_structured.py) is timed as a third way where it applies."""
-    alternatives = {}
-    if kernel_mode() == "auto" and on_gpu(x) and semi_structured.applies(x, values, bias, n, m, in_features):
-        alternatives[semi_structured.NAME] = lambda: semi_structured.linear(x, values, index, bias, in_features)
-    y = dispatch("nm_linear", (x.dtype, bucket(x.numel() // max(1, x.shape[-1])), tuple(values.shape), n, m), x,
-                 lambda: nm_linear_triton(x, values, index, n, m, in_features, bias),
-                 lambda: nm_linear_reference(x, values, index, n, m, in_features, bias), alternatives)
-    if alternatives and last_way["nm_linear"] != semi_structured.NAME:
-        semi_structured.forget(values)  # built while timing, not chosen: free its memory
-    return y
+    ways = {"kernel": lambda: nm_linear_triton(x, values, index, n, m, in_features, bias),
+            "fallback": lambda: nm_linear_reference(x, values, index, n, m, in_features, bias)}
+    offered = kernel_mode() == "auto" and on_gpu(x) and semi_structured.applies(x, values, bias, n, m, in_features)
+    if offered:
+        ways[semi_structured.NAME] = lambda: semi_structured.linear(x, values, index, bias, in_features)
+        kept = semi_structured.kept(values)
+    way = pick("nm_linear", (x.dtype, bucket(x.numel() // max(1, x.shape[-1])), tuple(values.shape), n, m), x, ways)
+    if offered and way != semi_structured.NAME and not kept:
+        semi_structured.forget(values)  # built while timing this shape, not chosen: free its memory
+    return ways[way]()
 
 
 @nm_linear.register_fake

@@ -18,24 +18,34 @@ class Limits:
 
 
 class StandInBackend:
-    _DTYPE_SHAPE_CONSTRAINTS = {torch.float16: Limits, torch.bfloat16: Limits}
+    BACKEND = "cusparselt"
+    _DTYPE_SHAPE_CONSTRAINTS = {torch.float16: Limits, torch.bfloat16: Limits, torch.float32: Limits}
 
 
 @pytest.fixture
 def gpu(monkeypatch):
-    """The GPU branch on CPU tensors: `winner` is the way the tuner picks, `offered` the ways it was
-    shown per call, `builds` how many 2:4 tensors were built."""
+    """The GPU branch on CPU tensors: `winner` is the way the tuner picks (or a function of the
+    tuning key), `offered` the ways it was shown per call, `keys` the tuning keys, `builds` how many
+    2:4 tensors were built. Like cuSPARSELt, the stand-in product refuses strided inputs."""
     class State:
-        winner, offered, builds = "kernel", [], 0
+        winner, offered, keys, builds = "kernel", [], [], 0
     state = State()
 
     def choose(op, key, candidates, launch, device):
         state.offered.append([c["run"] for c in candidates])
+        state.keys.append(key)
         for c in candidates:  # timing runs every way once, as the tuner does
             launch(c)
-        return {"run": state.winner}
+        return {"run": state.winner(key) if callable(state.winner) else state.winner}
+
+    class ContiguousOnly:
+        @staticmethod
+        def linear(x, w, b=None):
+            assert x.is_contiguous(), "cuSPARSELt would read a strided input wrong"
+            return F.linear(x, w, b)
 
     def build(dense):
+        assert dense.is_contiguous()
         state.builds += 1
         return dense.clone()
     monkeypatch.setattr(ops, "on_gpu", lambda x: True)
@@ -43,6 +53,7 @@ def gpu(monkeypatch):
     monkeypatch.setattr(ops, "nm_linear_triton", lambda *a: ops.nm_linear_reference(*a))  # no interpreter needed
     monkeypatch.setattr(semi_structured, "backend", lambda: StandInBackend)
     monkeypatch.setattr(semi_structured, "build", build)
+    monkeypatch.setattr(semi_structured, "F", ContiguousOnly)
     return state
 
 
@@ -67,6 +78,7 @@ def test_the_winner_runs_and_its_tensor_is_built_once_per_stored_weight(gpu):
     y = _run(x, values, index, nm, bias)
     torch.testing.assert_close(y, F.linear(x, w, bias))
     assert gpu.offered[-1] == ["kernel", "fallback", semi_structured.NAME]
+    assert gpu.keys[-1][-1] == semi_structured.NAME  # a choice cached before this way existed is not reused
     assert ops.last_way["nm_linear"] == semi_structured.NAME
     _run(x, values, index, nm, bias)
     assert gpu.builds == 1  # kept for the stored weight
@@ -86,6 +98,7 @@ def test_a_losing_way_frees_its_tensor(gpu):
 @pytest.mark.parametrize("why,layer,x_dtype", [
     ("4:8 is not 2:4", dict(pattern="4:8"), torch.bfloat16),
     ("fp32 is not a cuSPARSELt dtype", dict(dtype=torch.float32), torch.float32),
+    ("fp16 weight, bf16 input", dict(dtype=torch.float16), torch.bfloat16),
     ("input and weight dtypes differ", dict(), torch.float16),
     ("out 24 is not a multiple of 16", dict(out_f=24), torch.bfloat16),
     ("in 72 is not a multiple of 16", dict(in_f=72), torch.bfloat16)])
@@ -95,6 +108,44 @@ def test_offered_only_where_torch_supports_it(gpu, why, layer, x_dtype):
     _run(x, values, index, nm)
     assert gpu.offered[-1] == ["kernel", "fallback"], why
     assert gpu.builds == 0
+
+
+def test_a_choice_per_shape_keeps_the_tensor_while_prefill_and_decode_alternate(gpu):
+    """2:4 wins for 16 tokens, the kernel for 1: the tensor built for prefill stays across decode calls."""
+    w, values, index, nm = _layer()
+    gpu.winner = lambda key: semi_structured.NAME if key[1] == 16 else "kernel"
+    for _ in range(3):
+        for tokens in (16, 1):
+            x = torch.randn(tokens, 64).to(torch.bfloat16)
+            torch.testing.assert_close(_run(x, values, index, nm), F.linear(x, w))
+    assert gpu.builds == 1
+
+
+def test_strided_inputs_and_inference_mode_weights(gpu):
+    """A strided input (here half of a wider activation, as from a fused projection: its rows are
+    not contiguous after reshape) is made contiguous; weights made under inference mode (no
+    version counter) are kept like others."""
+    with torch.inference_mode():
+        w, values, index, nm = _layer()
+    gpu.winner = semi_structured.NAME
+    x = torch.randn(2, 8, 128).to(torch.bfloat16)[..., :64]
+    assert not x.is_contiguous()
+    for _ in range(2):
+        torch.testing.assert_close(_run(x, values, index, nm), F.linear(x, w))
+    assert gpu.builds == 1
+
+
+def test_fp32_is_offered_on_cutlass(gpu, monkeypatch):
+    monkeypatch.setattr(StandInBackend, "BACKEND", "cutlass")
+    w, values, index, nm = _layer(dtype=torch.float32)
+    _run(torch.randn(2, 64), values, index, nm)
+    assert gpu.offered[-1] == ["kernel", "fallback", semi_structured.NAME]
+
+
+def test_not_offered_for_empty_batches(gpu):
+    w, values, index, nm = _layer()
+    assert _run(torch.randn(0, 64).to(torch.bfloat16), values, index, nm).shape == (0, 32)
+    assert gpu.offered[-1] == ["kernel", "fallback"]
 
 
 def test_not_offered_without_a_backend_or_outside_mode_auto(gpu, monkeypatch):

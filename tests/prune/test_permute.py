@@ -55,7 +55,8 @@ def _planted(rows, groups, seed, n=2, m=4):
 @given(rows=st.integers(2, 4), groups=st.integers(2, 4), seed=st.integers(0, 2**16))
 def test_comes_close_to_a_planted_arrangement(rows, groups, seed):
     """The search is a local search: on a planted instance it keeps nearly all the planted score
-    even where it misses the arrangement itself (seed 8388 at 4 x 4: 97.3%)."""
+    even where it misses the arrangement itself (6 misses in 22,439 random draws over these sizes,
+    the worst keeping 96.4%: 4 rows x 3 groups, seed 9453)."""
     s, large = _planted(rows, groups, seed)
     perm = find_permutation(s, 2, 4, seed=seed)
     assert nm_retained(s[:, perm], 2, 4) >= 0.95 * float(s[large].sum())
@@ -63,8 +64,8 @@ def test_comes_close_to_a_planted_arrangement(rows, groups, seed):
 
 def test_finds_planted_arrangements():
     """How often the search finds the planted arrangement exactly: 999 of 1000 instances at
-    4 rows x 4 groups (seeds 0-999), all of 300 at 3 x 4 and 4 x 3. (With many rows it is
-    essentially unique, an exact-cover puzzle a local search can miss: ~45% at 8 rows x 6 groups.)"""
+    4 rows x 4 groups (seeds 0-999). (With many rows it is essentially unique, an exact-cover
+    puzzle a local search can miss: ~45% at 8 rows x 6 groups.)"""
     found = 0
     for seed in range(200):
         s, large = _planted(4, 4, seed)

@@ -12,8 +12,8 @@ It applies where torch supports it: pattern 2:4, a non-empty input on the weight
 device, input, weight and bias of one dtype the backend takes (cuSPARSELt: fp16/bf16; CUTLASS:
 also fp32), and both weight dimensions multiples of the backend's minimum sparse tile
 (cuSPARSELt 16 x 16 for fp16/bf16). The dense input's rows are
-padded by torch itself. Nothing here runs off the GPU; the tests check the plumbing with a
-stand-in `build`.
+padded by torch itself. Nothing here runs off the GPU: on CPU the tests check the plumbing with
+a stand-in `build`; on a GPU they also compare the real product with F.linear.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 GPU branch is entered with a stand-in `on_gpu`, `backend` and `build` (the dense weight): what is
 checked is the plumbing — when the way is offered, that the timed winner runs and gives the
 product, that torch's tensor is built once per stored weight, rebuilt after an in-place change,
-and freed when another way wins."""
+and freed when another way wins. On a GPU the last test runs torch's real 2:4 product."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -172,3 +172,25 @@ def test_lowering_report_names_the_third_way(monkeypatch):
     assert semi_structured.NAME in ops.implementation("nm_linear", "cuda", "auto")
     assert semi_structured.NAME not in ops.implementation("cats_mlp", "cuda", "auto")
     assert ops.implementation("nm_linear", "cuda", "triton") == "nm_linear_triton"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or semi_structured.backend() is None,
+                    reason="torch's 2:4 product needs a CUDA GPU with cuSPARSELt (or CUTLASS)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_torch_2_4_product_on_the_gpu(monkeypatch, dtype):
+    """The real thing, where there is a GPU: the op forced onto torch's 2:4 way equals F.linear
+    for batched, strided and single-token inputs, with a bias."""
+    torch.manual_seed(0)
+    w = torch.randn(128, 256, device="cuda")
+    w = (w * magnitude(w, pattern="2:4")).to(dtype)
+    values, index = compress(w, 2, 4)
+    bias = torch.randn(128, device="cuda", dtype=dtype)
+    monkeypatch.setattr(ops, "choose", lambda op, key, candidates, launch, device: {"run": candidates[-1]["run"]})
+    for x in (torch.randn(3, 5, 256, device="cuda", dtype=dtype),
+              torch.randn(2, 8, 512, device="cuda", dtype=dtype)[..., :256],
+              torch.randn(1, 256, device="cuda", dtype=dtype)):
+        y = torch.ops.sparsecc.nm_linear(x, values, index, bias, 2, 4, 256)
+        assert ops.last_way["nm_linear"] == semi_structured.NAME
+        ref = F.linear(x.float(), w.float(), bias.float())
+        assert y.dtype == dtype and y.shape == ref.shape
+        assert float((y.float() - ref).norm() / ref.norm()) < 1e-2  # fp16/bf16 rounding of the output

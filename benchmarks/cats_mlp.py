@@ -55,6 +55,7 @@ def main(argv=None) -> int:
     cpu = device == "cpu"
     lines = ["| tokens | sparsity | active | " + ("CPU path | " if cpu else "") + "dense MLP ms | CATS ms | ratio | rel. error |",
              "| ---: | ---: | ---: | " + ("--- | " if cpu else "") + "---: | ---: | ---: | ---: |"]
+    print("\n" + "\n".join(lines), flush=True)  # the header now, each row as it is measured
     for t in args.tokens:
         x = torch.randn(t, hidden, device=device, generator=g, dtype=dtype)
         v = F.silu(F.linear(x.float(), w_gate.float())).abs().flatten().sort().values
@@ -82,11 +83,11 @@ def main(argv=None) -> int:
     lay = median_times({"row": lambda: F.linear(h, w_down), "col": lambda: F.linear(h, col)}, device, args.reps)
     lines += ["", f"- dense down projection, {args.tokens[0]} token(s): W_down row-major {lay['row'] * 1e3:.3f} ms, "
                   f"column-major {lay['col'] * 1e3:.3f} ms"]
-    print(lines[-1])
+    print("\n" + lines[-1], flush=True)
     path = "Triton kernel" if device == "cuda" else "CPU path (cats_cpu.py)"
     report_kernel("cats-mlp", "cats_mlp.py", args, device,
                   f"CATS MLP ({hidden} -> {inter} -> {hidden}, {str(dtype).replace('torch.', '')})",
-                  f"sparsecc's op runs the {path}; ratio = dense MLP time / its time.", "\n".join(lines))
+                  f"sparsecc's op runs the {path}; ratio = dense MLP time / its time.", "\n".join(lines), shown=len(lines))
     return 0
 
 

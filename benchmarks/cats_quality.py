@@ -37,6 +37,7 @@ def main(argv=None) -> int:
     lines = ["| setting | test perplexity | vs dense | neurons zeroed on test text (min .. max over layers) "
              "| calibration s | seed 000: Llama2-7B avg. accuracy |", "| --- | ---: | ---: | --- | ---: | ---: |",
              f"| dense | {dense:.2f} | 1.000 | - | - | {SEED_LLAMA2_AVG_ACC['dense']:.3f} |"]
+    print("\n" + "\n".join(lines), flush=True)  # the header now, each row as it is measured
     runs = [(f"CATS {t:.0%}", {"re:.*mlp": sparsecc.CATSConfig(t)}, t) for t in (0.5, 0.7, 0.9)]
     runs.append(("SparseGPT 2:4 + CATS 50%", {"default": sparsecc.SparseGPTConfig(pattern="2:4"), "lm_head": None,
                                               "re:.*mlp": sparsecc.CATSConfig(0.5)}, None))
@@ -56,7 +57,8 @@ def main(argv=None) -> int:
            f"The `{args.model}` zoo model; thresholds from {args.nsamples} random training windows of {seqlen} tokens "
            f"(seed {args.seed}); the share of zeroed MLP neurons measured on the test split; perplexity on the "
            "whole test split.",
-           text, f"python benchmarks/cats_quality.py --model {args.model} --write-results", args.write_results)
+           text, f"python benchmarks/cats_quality.py --model {args.model} --write-results", args.write_results,
+           shown=len(lines))
     return 0
 
 

@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     dense_down = w_down.permute(1, 0, 2).reshape(hidden, e * size)
     lines = ["| tokens | dense FFN ms | per-expert loop ms | sparsecc ms | vs loop | vs dense | rel. error |",
              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    print("\n" + "\n".join(lines), flush=True)  # the header now, each row as it is measured
     for t in tokens:
         x = r(t, hidden)
         args_ = (router, None, w_gate, None, w_up, None, w_down, None, k, 0.0, "silu", "sum")
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
     report_kernel("moe-ffn", "moe_ffn.py", args, device,
                   f"MoE FFN ({e} experts of {size}, top-{k}, hidden {hidden}, {str(dtype).replace('torch.', '')})",
                   f"sparsecc's op runs the {path}; 'vs' = other time / sparsecc time (above 1: sparsecc faster); "
-                  f"the dense FFN has all {e * size} neurons.", "\n".join(lines))
+                  f"the dense FFN has all {e * size} neurons.", "\n".join(lines), shown=len(lines))
     return 0
 
 

@@ -63,6 +63,7 @@ def main(argv=None) -> int:
              "| router R² (mean) | aux loss (mean) | expert token share (min .. max) | dropped | rewrite s |",
              "| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
              f"| dense | - | 100% | - | - | {dense:.2f} | 1.000 | - | - | - | - | - |"]
+    print("\n" + "\n".join(lines), flush=True)  # the header now, each row as it is measured
     runs = [(MoEConfig(e, k, cf), False) for e, k in SETTINGS for cf in (None, 1.25)]
     runs[2:2] = [(MoEConfig(8, 2, None, router="centroid"), False)]
     runs += [(MoEConfig(8, k), True) for k in (1, 2, 4)]
@@ -99,7 +100,8 @@ def main(argv=None) -> int:
            "capacity): aux loss = E·Σ f_e·P_e (Switch, 1.0 = balanced), f_e = share of the "
            "token-expert assignments per expert (over all layers), dropped = share of assignments beyond capacity "
            "(mean over layers).",
-           text, f"python benchmarks/moe_quality.py --model {args.model} --write-results", args.write_results)
+           text, f"python benchmarks/moe_quality.py --model {args.model} --write-results", args.write_results,
+           shown=len(lines))
     return 0
 
 

@@ -60,6 +60,7 @@ def main(argv=None) -> int:
         head = ["| weight [out, in] | tokens | dense ms | sparsecc ms | ratio | torch 2:4 ms | ratio | auto ms | ratio "
                 "| auto runs | rel. error (worst) |"]
     lines = head + ["|" + " --- |" * (head[0].count("|") - 1)]
+    print("\n" + "\n".join(lines), flush=True)  # the header now, each row as it is measured
     notes = set()
     for out_f, in_f in shapes:
         w = torch.randn(out_f, in_f, device=device, dtype=torch.float32)
@@ -99,7 +100,7 @@ def main(argv=None) -> int:
     report_kernel("nm-linear", "nm_linear.py", args, device,
                   f"N:M linear ({args.pattern}, {str(dtype).replace('torch.', '')})",
                   f"sparsecc's op runs the {path}; ratio = dense time / its time (above 1: faster than dense).",
-                  "\n".join(lines + [""] + [f"- {s}" for s in sorted(notes)]))
+                  "\n".join(lines + [""] + [f"- {s}" for s in sorted(notes)]), shown=len(lines))
     return 0
 
 

@@ -86,18 +86,25 @@ def add_quality_args(p) -> None:
 
 
 def quality_setup(model_name: str, data_dir, nsamples: int, seed: int):
-    """The zoo model, its corpus, calibration batches from the train split and the encoded test
-    split: (model, corpus, seqlen, batches, test_ids)."""
+    """The shipped zoo model and WikiText-2 token streams (with `data_dir`: a model trained on that
+    folder's text), calibration batches from the train split and the test split:
+    (model, corpus source, seqlen, batches, test_ids)."""
     import sparsecc
-    from sparsecc.zoo import encode_text, load_corpus, load_model
+    from sparsecc.zoo import encode_text, load_corpus, load_model, load_tokens, train_model
 
-    model, tok, _ = load_model(model_name, data_dir=data_dir)
-    corpus = load_corpus(data_dir)
+    if data_dir is None:
+        model, _, _ = load_model(model_name)
+        tokens = load_tokens()
+        source, train_ids, test_ids = tokens.source, tokens.train, tokens.test
+    else:
+        model, tok, _ = train_model(model_name, data_dir=data_dir)
+        corpus = load_corpus(data_dir)
+        source = corpus.source
+        train_ids, test_ids = encode_text(tok, corpus.train_text), encode_text(tok, corpus.test_text)
     seqlen = model.config.max_position_embeddings
-    train_ids, test_ids = encode_text(tok, corpus.train_text), encode_text(tok, corpus.test_text)
     batches = sparsecc.sample_batches(train_ids, nsamples, seqlen, seed=seed, batch_size=16,
-                                      source={"corpus": corpus.source})
-    return model, corpus, seqlen, batches, test_ids
+                                      source={"corpus": source})
+    return model, source, seqlen, batches, test_ids
 
 
 def bench_mode(device: str) -> str:
@@ -112,17 +119,22 @@ def device_name(device: str) -> str:
     return torch.cuda.get_device_name() if device == "cuda" else "CPU"
 
 
-def report(section: str, title: str, intro: str, text: str, command: str, write: bool, gpu: str = "") -> None:
+def report(section: str, title: str, intro: str, text: str, command: str, write: bool, gpu: str = "",
+           shown: int = 0) -> None:
     """Print a benchmark's table and, when `write`, store it as a section of RESULTS.md with the
-    date, the machine and the command that reproduces it."""
-    print("\n" + text)
+    date, the machine and the command that reproduces it. The first `shown` lines of `text` were
+    printed as they were measured (header first, then each row) and are not printed again."""
+    rest = text.splitlines()[shown:]
+    if rest:
+        print("\n".join(rest if shown else ["", *rest]), flush=True)
     if write:
         write_section(section, "\n".join([
             f"## {title}", "", intro, "", text, "",
             f"Measured {time.strftime('%Y-%m-%d')} on {machine()}{gpu}. Produced by `{command}`."]))
 
 
-def report_kernel(section: str, script: str, args, device: str, title: str, intro: str, text: str) -> None:
+def report_kernel(section: str, script: str, args, device: str, title: str, intro: str, text: str,
+                  shown: int = 0) -> None:
     """`report` for the kernel benchmarks: section `<section>-<device>` (plus `-<dtype>` when
     --dtype names another than the device's default), the GPU named."""
     default = "fp16" if device == "cuda" else "fp32"
@@ -130,4 +142,4 @@ def report_kernel(section: str, script: str, args, device: str, title: str, intr
     report(f"{section}-{device}{dtype}", f"{title} on {device_name(device)}", intro, text,
            f"python benchmarks/{script} --device {device}{' --quick' if args.quick else ''}"
            f"{f' --dtype {args.dtype}' if dtype else ''}{f' --reps {args.reps}' if args.reps != 5 else ''} --write-results",
-           args.write_results, f", {device_name(device)}" if device == "cuda" else "")
+           args.write_results, f", {device_name(device)}" if device == "cuda" else "", shown)

@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     g = torch.Generator(device=device).manual_seed(0)
     lines = ["| weight [out, in] | sparsity | tokens | dense ms | CSR ms | ratio | weight MiB dense / CSR | rel. error |",
              "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+    print("\n" + "\n".join(lines), flush=True)  # the header now, each row as it is measured
     for out_f, in_f in shapes:
         w = torch.randn(out_f, in_f, device=device, generator=g, dtype=dtype) / in_f ** 0.5
         for s in args.sparsity:
@@ -69,7 +70,7 @@ def main(argv=None) -> int:
     report_kernel("sparse-linear", "sparse_linear.py", args, device,
                   f"Unstructured sparse linear, dense vs CSR ({str(dtype).replace('torch.', '')})",
                   "Dense F.linear with the pruned weight vs CSRLinear (torch's CSR product); ratio = dense time / CSR time.",
-                  "\n".join(lines))
+                  "\n".join(lines), shown=len(lines))
     return 0
 
 

@@ -1,18 +1,23 @@
-"""Train (or load from the cache) the zoo's reference model and report it.
+"""Train (or load from the cache) the zoo's reference models, compare them with the shipped
+copies, and ship them.
 
     python benchmarks/train_reference.py [--variant ref [tiny ...]] [--data-dir D] [--cache-dir C]
-                                         [--force] [--write-results]
+                                         [--force] [--ship] [--write-results]
 
 Prints a markdown table (variant, parameters, context, training time, dense test perplexity,
-corpus). With --write-results it replaces the "Reference model" section of
-benchmarks/RESULTS.md, between its markers, and leaves the rest of the file alone.
+corpus) and, per variant, how far the trained weights are from the copy shipped in
+sparsecc/zoo/shipped. --ship replaces the shipped copies (and the shipped token streams) with
+the trained ones; it needs WikiText-2. With --write-results it replaces the "Reference model"
+section of benchmarks/RESULTS.md, between its markers, and leaves the rest of the file alone.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from sparsecc.zoo import VARIANTS, load_model
+from sparsecc.zoo import VARIANTS, load_corpus, shipped_variants, train_model
+from sparsecc.zoo.shipped import load_model as load_shipped
+from sparsecc.zoo.shipped import ship
 
 try:
     from results import RESULTS, write_section
@@ -47,8 +52,19 @@ def section(infos: list[dict]) -> str:
         table(infos), "",
         f"Measured {first['date']} on a {first['machine']}, {first['threads']} torch threads, torch {first['torch']}, "
         f"transformers {first['transformers']}. Produced by `python benchmarks/train_reference.py "
-        f"--variant {' '.join(i['variant'] for i in infos)} --write-results`.",
+        f"--variant {' '.join(i['variant'] for i in infos)} --ship --write-results`; these are the models "
+        "shipped in `sparsecc/zoo/shipped/` with the two splits as token ids, which the demo, the tests and "
+        "the benchmarks use.",
         ])
+
+
+def distance_to_shipped(variant: str, model) -> str:
+    """How far `model`'s weights are from the shipped copy of `variant` (max |difference|)."""
+    if variant not in shipped_variants():
+        return "not shipped"
+    shipped = load_shipped(variant)[0].state_dict()
+    diff = max((v - shipped[k]).abs().max().item() for k, v in model.state_dict().items())
+    return "identical" if diff == 0 else f"max |Δw| = {diff:.3g}"
 
 
 def main(argv=None) -> int:
@@ -57,11 +73,22 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--force", action="store_true", help="retrain even if cached")
+    p.add_argument("--ship", action="store_true", help="replace the copies shipped in sparsecc/zoo/shipped")
     p.add_argument("--write-results", action="store_true", help=f"update the section in {RESULTS}")
     args = p.parse_args(argv)
-    infos = [load_model(v, data_dir=args.data_dir, cache_dir=args.cache_dir, force=args.force)[2]
-             for v in args.variant]
+    corpus = load_corpus(args.data_dir)
+    if args.ship and corpus.source.get("name") != "wikitext-2":
+        p.error("--ship needs WikiText-2 (../shared/data, --data-dir or $SPARSECC_DATA): the shipped models "
+                "and token streams are WikiText-2's")
+    trained = {v: train_model(v, data_dir=args.data_dir, cache_dir=args.cache_dir, force=args.force)
+               for v in args.variant}
+    infos = [info for _, _, info in trained.values()]
     print(table(infos))
+    for v, (model, _, _) in trained.items():
+        print(f"{v}: trained vs shipped: {distance_to_shipped(v, model)}")
+    if args.ship:
+        ship(trained, corpus)
+        print(f"shipped {', '.join(trained)} and the token streams")
     if args.write_results:
         write_section("reference-model", section(infos))
         print(f"\nupdated {RESULTS}")

@@ -67,6 +67,7 @@ def main(argv=None) -> int:
     head = ("| phase | T (queries x keys) | dense SDPA ms | sparsecc ms | vs dense | FlexAttention ms (mask build ms) "
             "| vs Flex | rel. error |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    print("\n" + "\n".join(lines), flush=True)  # the header now, each row as it is measured
     for n in lengths:
         for phase, t, keys in (("prefill", n, n), ("decode", 1, min(cache, n))):
             q = torch.randn(1, hq, t, d, device=device, dtype=dtype, generator=g)
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
                   f"sparsecc's op runs the {path}; 'vs' columns = other time / sparsecc time (above 1: sparsecc "
                   "faster). Decode: one query over the rolling cache; dense decode reads all T cached keys. "
                   "rel. error: against the reference in float64 (T <= 2048).",
-                  "\n".join(lines))
+                  "\n".join(lines), shown=len(lines))
     return 0
 
 

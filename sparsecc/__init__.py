@@ -6,24 +6,63 @@
 """
 __version__ = "0.1.0"
 
-from . import prune
-from .api import calibrate, sparsify_
-from .backend import sparsecc_backend
-from .calibration import CalibrationSet, sample_batches
-from .checkpoint import load_pruned, save_pruned
-from .compressed import CSRLinear, NMLinear, compress_csr_, compress_nm_
-from .capture import Captured, LinearSite, capture
-from .configs import SparsityConfig, Technique, config_from_dict, register_technique
-from .errors import CalibrationError, CaptureError, PipelineError, PlanError, RecipeError, SparseccError
-from .passes import (AnalysisPass, ApplyRecipe, CollectHessians, CollectInputStats, Pass, Pipeline,
-                     PipelineResult, TransformPass)
-from .plan import Plan
-from .recipes import dump_recipe, load_recipe
-from .report import Report
-from .techniques.attention import kv_cache_lengths
-from .techniques.cats import activation_sparsity
-from .techniques import MoEConfig, MoEMLP, SparseMoEConfig, moe_load_balance
-from .techniques import AttentionSinkConfig, SlidingWindowConfig, CATSConfig, CATSMLP, MagnitudeConfig, OBSConfig, PruningConfig, SparseGPTConfig, WandaConfig
+import sys as _sys
+import types as _types
+
+# Public names -> the submodule defining them, imported on first use (PEP 562), so that
+# `import sparsecc` and `sparsecc --help` do not import torch.
+_SOURCES = {
+    "calibrate": ".api", "sparsify_": ".api", "sparsecc_backend": ".backend",
+    "CalibrationSet": ".calibration", "sample_batches": ".calibration", "load_pruned": ".checkpoint",
+    "save_pruned": ".checkpoint", "CSRLinear": ".compressed", "NMLinear": ".compressed",
+    "compress_csr_": ".compressed", "compress_nm_": ".compressed", "Captured": ".capture",
+    "LinearSite": ".capture", "capture": ".capture", "SparsityConfig": ".configs", "Technique": ".configs",
+    "config_from_dict": ".configs", "register_technique": ".configs", "Plan": ".plan",
+    "dump_recipe": ".recipes", "load_recipe": ".recipes", "Report": ".report",
+    "kv_cache_lengths": ".techniques.attention", "activation_sparsity": ".techniques.cats",
+    **dict.fromkeys(["CalibrationError", "CaptureError", "PipelineError", "PlanError", "RecipeError",
+                     "SparseccError"], ".errors"),
+    **dict.fromkeys(["AnalysisPass", "ApplyRecipe", "CollectHessians", "CollectInputStats", "Pass", "Pipeline",
+                     "PipelineResult", "TransformPass"], ".passes"),
+    **dict.fromkeys(["MoEConfig", "MoEMLP", "SparseMoEConfig", "moe_load_balance", "AttentionSinkConfig",
+                     "SlidingWindowConfig", "CATSConfig", "CATSMLP", "MagnitudeConfig", "OBSConfig",
+                     "PruningConfig", "SparseGPTConfig", "WandaConfig"], ".techniques"),
+}
+
+
+def __getattr__(name):
+    import importlib
+
+    if name.startswith("__"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    # The technique registry (recipes and plans name methods) and the torch ops fill in when
+    # .techniques is imported: any public name or submodule brings them, as the eager package did.
+    importlib.import_module(".techniques", __name__)
+    if name not in _SOURCES:  # a submodule (sparsecc.prune, sparsecc.backend, ...), else no such name
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(_SOURCES[name], __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted({*globals(), *__all__})
+
+
+class _Package(_types.ModuleType):
+    def __setattr__(self, name, value):
+        # Importing the submodule sparsecc.capture binds it here; the public name means the function.
+        if not (name == "capture" and isinstance(value, _types.ModuleType)):
+            super().__setattr__(name, value)
+
+
+_sys.modules[__name__].__class__ = _Package
+
 
 __all__ = [
     "AnalysisPass", "ApplyRecipe", "AttentionSinkConfig", "SlidingWindowConfig", "CATSConfig", "CATSMLP", "CalibrationError", "CalibrationSet", "CaptureError", "Captured",

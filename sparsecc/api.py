@@ -6,8 +6,10 @@ import math
 import torch
 from torch import nn
 
+from . import techniques as _techniques  # noqa: F401  (registers the built-in techniques by name)
 from .calibration import describe, validate_batches
 from .capture import capture
+from .compressed import compressed_linears
 from .configs import technique_for
 from .errors import CalibrationError, PlanError, RecipeError
 from .passes.base import ANALYSIS_PRODUCERS, ApplyRecipe
@@ -18,6 +20,7 @@ from .report import Report
 from .layerwise import owl_sparsities_for
 from .memory import check_hessian_memory
 from .targeting import normalize_recipe, resolve
+from .techniques.pruning import check_finite
 from .rewrites import RewriteContext, apply_rewrites, is_rewrite, rewrite_candidates
 
 
@@ -34,9 +37,19 @@ def _build(model, recipe, batches, debug, progress, data: bool = True):
     captured = capture(model, batches[0])
     recipe = normalize_recipe(recipe)
     kinds = {"linear": list(captured.sites), **rewrite_candidates(recipe, captured, type(model).__name__)}
-    assignments = resolve(recipe, kinds)
+    # compressed linears are no sites (not nn.Linear): resolve them too, so a recipe reaching them fails
+    packed = compressed_linears(model)
+    assignments = resolve(recipe, {**kinds, "linear": kinds["linear"] + list(packed)})
+    hit = [n for n in packed if n in assignments]
+    if hit:
+        more = f" and {len(hit) - 3} more" if len(hit) > 3 else ""
+        raise RecipeError(f"{', '.join(hit[:3])}{more} {'is' if len(hit) == 1 else 'are'} compressed "
+                          f"({', '.join(sorted({packed[n] for n in hit}))}), with no nn.Linear weight to prune: "
+                          "prune before compressing, or load the uncompressed model")
     modules = {n: c for n, c in assignments.items() if is_rewrite(c)}  # module rewrites (rewrites.py)
     assignments = {n: c for n, c in assignments.items() if not is_rewrite(c)}
+    for name in assignments:  # before any work (OWL, Hessians, the calibration forward)
+        check_finite(name, captured.sites[name].weight(model))
     if not data:
         needy = [f"{n} ({type(c).__name__})" for n, c in {**assignments, **modules}.items()
                  if technique_for(c).needs_data(c)]
@@ -119,10 +132,14 @@ def _apply_plan(model: nn.Module, plan: Plan, strict: bool) -> Report:
         try:
             weight = site.weight(model)
         except AttributeError:
-            raise PlanError(f"plan targets {site.param}, which this model does not have") from None
+            packed = compressed_linears(model).get(name)
+            raise PlanError(f"plan targets {site.param}, which this model does not have"
+                            + (f" ({name} is compressed, {packed}: apply the plan before compressing)" if packed else "")
+                            ) from None
         if tuple(weight.shape) != (site.out_features, site.in_features):
             raise PlanError(f"{name}: plan expects [{site.out_features}, {site.in_features}], "
                             f"model has {list(weight.shape)}")
+        check_finite(name, weight)
         expected = plan.meta.get("fingerprints", {}).get(name)
         if strict and expected and not all(math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6)
                                            for a, b in zip(fingerprint(weight), expected)):

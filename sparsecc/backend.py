@@ -29,12 +29,14 @@ import torch
 import torch.fx as fx
 from torch._dynamo import register_backend
 
+from . import techniques as _techniques  # noqa: F401  (registers the built-in techniques by name)
 from .capture import LinearSite, graph_linears, module_path
 from .codegen.window_attention import allowed
 from .codegen.ops import MODES, implementation, use_kernels
 from .configs import technique_for
 from .errors import RecipeError
 from .targeting import normalize_recipe, resolve
+from .techniques.pruning import check_finite
 
 log = logging.getLogger("sparsecc")
 
@@ -143,6 +145,7 @@ def rewrite_linears(gm: fx.GraphModule, example_inputs, assignments) -> tuple[li
         out_f, in_f = (w.shape[1], w.shape[0]) if gl.transposed else tuple(w.shape)
         site = LinearSite(gl.module, gl.module + ".weight", int(out_f), int(in_f), gl.transposed)
         view = w.detach().t() if gl.transposed else w.detach()
+        check_finite(gl.module, view)
         mask = technique_for(config).plan(config, site, view, {})["mask"]
         masks.append((mask.t() if gl.transposed else mask).to(w.dtype).contiguous())
         weight_node = gl.node.args[gl.arg_index]

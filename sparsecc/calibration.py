@@ -75,6 +75,7 @@ def validate_batches(model: nn.Module, batches) -> list:
     device = param.device if param is not None else torch.device("cpu")
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     vocab = emb.num_embeddings if isinstance(emb, nn.Embedding) else None
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     for i, b in enumerate(batches):
         if not isinstance(b, (torch.Tensor, Mapping)):
             raise CalibrationError(f"calibration batch {i} is a {type(b).__name__}; use a tensor or a dict of tensors")
@@ -96,6 +97,10 @@ def validate_batches(model: nn.Module, batches) -> list:
                 hint = " (add the batch dimension with .unsqueeze(0))" if x.dim() == 1 else ""
                 raise CalibrationError(f"calibration batch {i} has shape {tuple(x.shape)}; token ids must be "
                                        f"[batch, seq_len]{hint}")
+            if isinstance(context, int) and x.shape[1] > context:  # positions past it: garbage, or an index error
+                raise CalibrationError(f"calibration batch {i} has sequences of {x.shape[1]} tokens, longer than the "
+                                       f"model's context of {context} (config.max_position_embeddings); sample "
+                                       f"shorter windows, e.g. sparsecc.sample_batches(tokens, seqlen={context})")
             lo, hi = int(x.min()), int(x.max())
             if lo < 0 or hi >= vocab:
                 raise CalibrationError(f"calibration batch {i} has token ids in [{lo}, {hi}] but the model's "

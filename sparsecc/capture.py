@@ -164,24 +164,57 @@ def call_model(model: nn.Module, batch):
     return model(batch)
 
 
-def _record(model: nn.Module, batch) -> list:
+# Captures run in a dynamo region of their own (isolate_recompiles), so what they leave on the
+# model's code objects never reaches the user's torch.compile, or a later capture: their cache
+# entries count against no other compile's recompile limit, and when the model's own code raises
+# (a hook, a batch it rejects), the frames dynamo then marks "skip" for good (WON'T CONVERT; among
+# them transformers' forward decorators, which every model shares) are skipped in that region
+# only. A capture that fails drops its region; the next one starts a new region.
+_region = None
+
+
+def _record(model: nn.Module, batch, fresh: bool = False) -> list:
     import torch._dynamo
 
-    _session.seen = []
+    global _region
+    if _region is None or fresh:
+        _region = _new_region(retry=fresh)
+    _session.seen, done = [], False
     try:
         with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=64):
-            call_model(torch._dynamo.optimize(_recorder)(model), batch)
+            call_model(_region(model), batch)
+        done = True
         return _session.seen
     except Exception as e:
         raise CaptureError(f"dynamo could not run {type(model).__name__} on the calibration batch: {e}") from e
     finally:
         _session.seen = None
+        if not done:
+            _region = None
+            if not _ISOLATED:  # torch < 2.12 has one shared cache: clearing it is the only way back
+                torch._dynamo.reset()
+
+
+_ISOLATED = True
+
+
+def _new_region(retry: bool):
+    """A dynamo context recording linear calls, in a recompile region of its own where torch has
+    them. Older torch shares one cache: a retry after an empty capture clears it, as before."""
+    import torch._dynamo
+
+    global _ISOLATED
+    try:
+        return torch._dynamo.optimize(_recorder, isolate_recompiles=True)
+    except TypeError:  # torch < 2.12 (e.g. 2.11 on the GPU machines): no isolate_recompiles
+        _ISOLATED = False
+        if retry:
+            torch._dynamo.reset()
+        return torch._dynamo.optimize(_recorder)
 
 
 def capture(model: nn.Module, batch) -> Captured:
     """Trace `model` on one `batch` through dynamo and collect its linear sites and blocks."""
-    import torch._dynamo
-
     by_storage: dict[tuple, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         by_storage.setdefault((p.data_ptr(), tuple(p.shape)), []).append(name)
@@ -189,10 +222,12 @@ def capture(model: nn.Module, batch) -> Captured:
     seen = _record(model, batch)
     if not seen:
         # Dynamo ran the model eagerly: transformers wraps every model's forward in the same
-        # decorator function, whose compiled variants count against one recompile limit. Clear
-        # dynamo's cache and capture again.
-        torch._dynamo.reset()
-        seen = _record(model, batch)
+        # decorator function, whose compiled variants count against one recompile limit (per
+        # region). Capture again in a new region.
+        seen = _record(model, batch, fresh=True)
+    if not seen:  # e.g. dynamo's limit across regions (accumulated_recompile_limit) is spent
+        raise CaptureError(f"dynamo compiled no graph of {type(model).__name__} (disabled, or its recompile limits "
+                           "are spent): call torch._dynamo.reset() and try again")
 
     sites: dict[str, LinearSite] = {}
     feeds: dict[str, list[str]] = {}

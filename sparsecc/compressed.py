@@ -155,3 +155,8 @@ def compress_csr_(model: nn.Module, min_sparsity: float = 0.9, targets=None) -> 
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
     return sorted(built)
+
+
+def compressed_linears(model: nn.Module) -> dict[str, str]:
+    """{name: class name} of the linears compress_nm_/compress_csr_ replaced (no nn.Linear any more)."""
+    return {name: type(mod).__name__ for name, mod in model.named_modules() if isinstance(mod, (NMLinear, CSRLinear))}

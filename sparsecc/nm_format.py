@@ -46,6 +46,11 @@ def decompress(values: torch.Tensor, packed: torch.Tensor, n: int, m: int, in_fe
     rows = values.shape[0]
     if values.shape[1] * m != in_features * n:
         raise PlanError(f"compressed {n}:{m} values of width {values.shape[1]} do not fit {in_features} inputs")
+    if check:  # an untrusted index (a checkpoint): the dtype and shape compress gives it
+        want = [rows, -(-values.shape[1] // (8 // index_bits(m)))]
+        if packed.dtype != torch.uint8 or list(packed.shape) != want:
+            raise PlanError(f"compressed {n}:{m} index has dtype {packed.dtype} and shape {list(packed.shape)}; "
+                            f"expected torch.uint8 of shape {want}")
     index = _unpack(packed, index_bits(m), values.shape[1]).long().reshape(rows, in_features // m, n)
     if check and index.numel() and int(index.max()) >= m:
         raise PlanError(f"corrupt {n}:{m} index (position >= {m})")

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from . import techniques as _techniques  # noqa: F401  (registers the built-in techniques by name)
 from .configs import SparsityConfig, config_from_dict, known_configs
 from .errors import RecipeError
 from .targeting import normalize_recipe

@@ -18,6 +18,10 @@ from torch import nn
 
 from .configs import SparsityConfig, Technique, technique_for
 from .errors import RecipeError
+from .targeting import DEFAULT, key_matches
+
+#: set on each module a rewrite replaced or changed: the config that did it (a second is refused)
+REWRITTEN = "sparsecc_rewritten"
 
 
 @dataclass
@@ -60,17 +64,34 @@ def is_rewrite(config: SparsityConfig | None) -> bool:
 
 
 def rewrite_candidates(recipe: dict, captured, model_name: str) -> dict[str, list[str]]:
-    """{target kind: candidate names} for the module-rewrite configs in a recipe; a kind with no
-    candidate in the model is an error naming the config."""
+    """{target kind: candidate names} for the module-rewrite configs in a recipe. A key covering a
+    module that is already rewritten, or a kind with no candidate in the model, is an error."""
+    done = {n: m.__dict__[REWRITTEN] for n, m in captured.model.named_modules() if REWRITTEN in m.__dict__}
     kinds: dict[str, list[str]] = {}
-    for cfg in filter(is_rewrite, recipe.values()):
-        if cfg.TARGET in kinds:
+    for key, cfg in recipe.items():
+        if not is_rewrite(cfg):
             continue
         tech = technique_for(cfg)
-        kinds[cfg.TARGET] = list(tech.candidates(captured))
+        if cfg.TARGET not in kinds:
+            kinds[cfg.TARGET] = list(tech.candidates(captured))
+        # a rewritten module is no candidate any more (a CATS MLP is no gated MLP; after one
+        # attention rewrite no layer calls SDPA): name it rather than say the model has none
+        same = [n for n, c in done.items() if c.TARGET == cfg.TARGET]
+        again = [n for n in same if key != DEFAULT and key_matches(key, n)] or ([] if kinds[cfg.TARGET] else same)
+        if again:
+            raise RecipeError(f"recipe[{key!r}]: {again[0]} is already rewritten by {type(done[again[0]]).__name__}; "
+                              "modules are rewritten once: load the model again and put all its rewrites in one recipe")
         if not kinds[cfg.TARGET]:
             raise RecipeError(f"{model_name} has no {tech.what} for {type(cfg).__name__}; remove it from the recipe")
     return kinds
+
+
+def _mark(model: nn.Module, configs: dict[str, SparsityConfig], on_restore: list | None = None) -> None:
+    for name, cfg in configs.items():
+        module = model.get_submodule(name)
+        if on_restore is not None:
+            on_restore.append(lambda m=module: m.__dict__.pop(REWRITTEN, None))
+        setattr(module, REWRITTEN, cfg)
 
 
 def apply_rewrites(ctx: RewriteContext, assignments: dict[str, SparsityConfig]) -> list[dict]:
@@ -83,6 +104,7 @@ def apply_rewrites(ctx: RewriteContext, assignments: dict[str, SparsityConfig]) 
     for tech, configs in sorted(groups.values(), key=lambda g: g[0].order):
         specs = tech.candidates(ctx.captured)
         rows.extend(tech.rewrite(ctx, {n: specs[n] for n in configs}, configs))
+        _mark(ctx.model, configs, ctx.on_restore)
     return rows
 
 
@@ -98,6 +120,7 @@ def restore_rewrites(model: nn.Module, rows: list[dict]) -> list[str]:
             by_tech.setdefault(id(tech), (tech, []))[1].append(row)
     for tech, tech_rows in sorted(by_tech.values(), key=lambda g: g[0].order):
         done.extend(tech.restore(model, tech_rows))
+        _mark(model, {r["module"]: config_from_dict(r["config"]) for r in tech_rows})
     return done
 
 

@@ -40,7 +40,8 @@ def normalize_recipe(recipe) -> dict[str, SparsityConfig | None]:
     return out
 
 
-def _matches(key: str, name: str) -> bool:
+def key_matches(key: str, name: str) -> bool:
+    """Whether recipe `key` (a module name, covering the modules below it, or "re:<regex>") targets `name`."""
     if key.startswith("re:"):
         return re.fullmatch(key[3:], name) is not None
     return name == key or name.startswith(key + ".")
@@ -71,7 +72,7 @@ def resolve(recipe, candidates: Mapping[str, Sequence[str]]) -> dict[str, Sparsi
 
 
 def _hits(key: str, names: Sequence[str], what: str = "linear") -> list[str]:
-    hits = [n for n in names if _matches(key, n)]
+    hits = [n for n in names if key_matches(key, n)]
     if not hits:
         near = difflib.get_close_matches(key[3:] if key.startswith("re:") else key, list(names), n=3, cutoff=0.5)
         hint = f"; nearest names: {near}" if near else (f"; examples: {list(names)[:3]}" if names else "")

@@ -73,29 +73,28 @@ def state_tools():
 
 @pytest.fixture(scope="session")
 def zoo_cache(tmp_path_factory):
-    """Where zoo models are cached for the session: $SPARSECC_CACHE (so CI can keep it), else a temp dir."""
-    return os.environ.get("SPARSECC_CACHE") or str(tmp_path_factory.mktemp("zoo-cache"))
+    """Where zoo models trained by the tests are cached: a temp dir for the session."""
+    return str(tmp_path_factory.mktemp("zoo-cache"))
 
 
 @pytest.fixture(scope="session")
-def tiny_zoo(zoo_cache):
-    """(model, tokenizer, info, seconds): the zoo's tiny model, trained once per session (~1.5 min on
-    2 cores) unless cached. Tests must deepcopy the model before changing it."""
+def tiny_zoo():
+    """(model, tokenizer, info, seconds): the zoo's tiny model as shipped in the package (trained on
+    WikiText-2; nothing trains). Tests must deepcopy the model before changing it."""
     import time
 
     from sparsecc.zoo import load_model
     t0 = time.perf_counter()
-    model, tok, info = load_model("tiny", cache_dir=zoo_cache, progress=False)
+    model, tok, info = load_model("tiny")
     return model, tok, info, time.perf_counter() - t0
 
 
 @pytest.fixture(scope="session")
-def tiny_streams(tiny_zoo):
-    """(train_ids, test_ids): the corpus encoded with the tiny model's tokenizer."""
-    from sparsecc.zoo import encode_text, load_corpus
-    corpus = load_corpus()
-    tok = tiny_zoo[1]
-    return encode_text(tok, corpus.train_text), encode_text(tok, corpus.test_text)
+def tiny_streams():
+    """(train_ids, test_ids): WikiText-2's splits as shipped, encoded with the zoo tokenizer."""
+    from sparsecc.zoo import load_tokens
+    tokens = load_tokens()
+    return tokens.train, tokens.test
 
 
 @pytest.fixture

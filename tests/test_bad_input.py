@@ -93,3 +93,67 @@ def test_hessian_memory_is_checked_before_any_work(make_model, batches, state_to
         sparsecc.sparsify_(m, sparsecc.SparseGPTConfig(0.5), batches, progress=False)
     assert same(m, snap)
     sparsecc.sparsify_(m, sparsecc.WandaConfig(0.5), batches, progress=False)  # no Hessian: no check
+
+
+@pytest.mark.parametrize("compress", ["compress_nm_", "compress_csr_"])
+def test_compressed_linears_are_refused_not_skipped(compress, make_model, batches, state_tools):
+    """NMLinear/CSRLinear are not nn.Linear: a recipe reaching them must not silently leave them out."""
+    snapshot, same = state_tools
+    m = make_model("llama")
+    prune = {"compress_nm_": sparsecc.MagnitudeConfig(0.5, pattern="2:4"), "compress_csr_": sparsecc.MagnitudeConfig(0.95)}
+    sparsecc.sparsify_(m, {"default": prune[compress], "lm_head": None}, progress=False)
+    plan = sparsecc.calibrate(m, batches, {"re:.*o_proj": sparsecc.MagnitudeConfig(0.6)}, progress=False)
+    names = getattr(sparsecc, compress)(m)
+    kind = "NMLinear" if compress == "compress_nm_" else "CSRLinear"
+    assert len(names) == 14
+    snap = snapshot(m)
+    for recipe in ({"default": sparsecc.WandaConfig(0.5)}, {"re:.*mlp.*": sparsecc.MagnitudeConfig(0.5)},
+                   {"model.layers.1.self_attn.o_proj": sparsecc.SparseGPTConfig(0.5)}):
+        with pytest.raises(sparsecc.RecipeError, match=rf"model.layers.\d.\w+.\w+_proj .*compressed \({kind}\).*"
+                                                      "prune before compressing.*uncompressed model"):
+            sparsecc.sparsify_(m, recipe, batches, progress=False)
+        assert same(m, snap)
+    with pytest.raises(sparsecc.RecipeError, match=kind):
+        sparsecc.calibrate(m, batches, {"default": sparsecc.WandaConfig(0.5)}, progress=False)
+    with pytest.raises(sparsecc.PlanError, match=f"o_proj is compressed, {kind}: apply the plan before compressing"):
+        sparsecc.sparsify_(m, plan)
+    report = sparsecc.sparsify_(m, {"default": None, "lm_head": sparsecc.MagnitudeConfig(0.5)}, progress=False)
+    assert [r["module"] for r in report.rows] == ["lm_head"]  # nothing compressed targeted: fine
+
+
+@pytest.mark.parametrize("config", [sparsecc.MagnitudeConfig(0.5), sparsecc.WandaConfig(0.5),
+                                    sparsecc.SparseGPTConfig(0.5), sparsecc.OBSConfig(0.5),
+                                    sparsecc.WandaConfig(0.5, layerwise="owl")],
+                         ids=["magnitude", "wanda", "sparsegpt", "obs", "wanda-owl"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused(config, bad, make_model, batches, state_tools):
+    """Magnitude kept NaN weights; the calibrated methods failed on the next module's input."""
+    snapshot, _ = state_tools
+    m = make_model("llama")
+    with torch.no_grad():
+        m.model.layers[1].mlp.up_proj.weight[3, 5] = bad
+    snap = snapshot(m)
+    with pytest.raises(sparsecc.RecipeError, match=r"model.layers.1.mlp.up_proj: its weight holds NaN/Inf.*None"):
+        sparsecc.sparsify_(m, {"default": config}, batches, progress=False)
+    assert all(torch.equal(v.nan_to_num(), snap[k].nan_to_num()) for k, v in m.state_dict().items())  # NaN != NaN
+    skip = {"model.layers.1.mlp": None, "lm_head": None}  # the bad weight, and what its output reaches
+    assert len(sparsecc.sparsify_(m, {"default": config, **skip}, batches, progress=False).rows) == 11
+
+
+def test_non_finite_weights_are_refused_by_a_plan(make_model, batches):
+    m = make_model("llama")
+    plan = sparsecc.calibrate(m, batches, {"default": sparsecc.MagnitudeConfig(0.5)}, progress=False)
+    with torch.no_grad():
+        m.lm_head.weight[0, 0] = float("inf")
+    with pytest.raises(sparsecc.RecipeError, match="lm_head: its weight holds NaN/Inf"):
+        sparsecc.sparsify_(m, plan, strict=False)
+
+
+def test_non_finite_weights_are_refused_at_compile_time():
+    torch._dynamo.reset()
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    with torch.no_grad():
+        m[2].weight[0, 0] = float("nan")
+    compiled = torch.compile(m, backend="sparsecc", options={"recipe": {"default": sparsecc.MagnitudeConfig(0.5)}})
+    with pytest.raises(Exception, match="2: its weight holds NaN/Inf"):
+        compiled(torch.randn(2, 8))

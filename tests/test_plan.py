@@ -60,3 +60,99 @@ def test_plan_for_other_shapes_is_rejected(make_model, batches, tmp_path, state_
     gpt2 = make_model("gpt2")
     with pytest.raises(sparsecc.PlanError, match="does not have"):
         sparsecc.sparsify_(gpt2, plan)
+
+
+def _plan(make_model, batches, tmp_path, name="p"):
+    return sparsecc.calibrate(make_model("llama"), batches, RECIPE, progress=False).save(tmp_path / name)
+
+
+def test_save_refuses_an_existing_path_unless_told(make_model, batches, tmp_path):
+    plan = sparsecc.calibrate(make_model("llama"), batches, RECIPE, progress=False)
+    folder, file = tmp_path / "folder", tmp_path / "file"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    file.write_text("mine")
+    for path in (folder, file):
+        with pytest.raises(FileExistsError, match="overwrite=True"):
+            plan.save(path)
+    with pytest.raises(FileExistsError, match="not a folder"):
+        plan.save(file, overwrite=True)  # a file is never replaced by a plan folder
+    assert (folder / "keep.txt").read_text() == "mine" and file.read_text() == "mine"
+    plan.save(folder, overwrite=True)
+    assert sparsecc.Plan.load(folder).configs == plan.configs and not (folder / "keep.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder"]  # nothing stray
+
+
+def test_interrupted_save_leaves_the_old_plan_and_nothing_stray(make_model, batches, tmp_path, monkeypatch):
+    from sparsecc import plan as plan_module
+    path = _plan(make_model, batches, tmp_path)
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    plan = sparsecc.Plan.load(path)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(plan_module, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        plan.save(tmp_path / "new")
+    with pytest.raises(KeyboardInterrupt):
+        plan.save(path, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["p"]
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+
+
+SITE = "model.layers.0.mlp.up_proj"
+
+
+def _edit_tensors(path, edit):
+    from safetensors.torch import load_file, save_file
+    t = load_file(str(path / "tensors.safetensors"))
+    edit(t)
+    save_file(t, str(path / "tensors.safetensors"))
+
+
+def _edit_json(path, edit):
+    doc = json.loads((path / "plan.json").read_text())
+    edit(doc)
+    (path / "plan.json").write_text(json.dumps(doc))
+
+
+def _put(key, tensor):
+    """A damage: tensor `key` of the plan set to `tensor`."""
+    return lambda path: _edit_tensors(path, lambda t: t.update({key: tensor}))
+
+
+D = f"decision/{SITE}"
+
+
+@pytest.mark.parametrize("damage, match", [
+    (_put(f"{D}/mask", torch.full((128, 64), float("nan"))), f"{D}/mask.*bool"),
+    (_put(f"{D}/mask", torch.ones(3, 5, dtype=torch.bool)), f"{D}/mask.*\\[3, 5\\].*\\[128, 64\\]"),
+    (_put(f"{D}/weight", torch.full((128, 64), float("inf"))), f"{D}/weight.*not finite"),
+    (_put(f"{D}/perm", torch.zeros(64, dtype=torch.long)), f"{D}/perm.*permutation"),
+    (_put("decision/model.nowhere/mask", torch.ones(2, 2, dtype=torch.bool)), "model.nowhere/mask.*no such site"),
+    (_put("junk", torch.ones(2)), "'junk'"),
+    (lambda p: _edit_json(p, lambda d: d.pop("sites")), "'sites'"),
+    (lambda p: _edit_json(p, lambda d: d.update(sites=[1, 2])), "'sites'"),
+    (lambda p: _edit_json(p, lambda d: d["sites"][SITE].update(out_features="many")), f"site {SITE!r}"),
+    (lambda p: _edit_json(p, lambda d: d["configs"][SITE].update(sparsity=7)), f"config of {SITE!r}"),
+    (lambda p: _edit_json(p, lambda d: d.update(rows="hello")), "'rows'"),
+    (lambda p: _edit_json(p, lambda d: d["meta"]["fingerprints"].update({SITE: "x"})), "fingerprint"),
+], ids=["nan-mask", "mask-shape", "inf-weight", "perm", "unknown-site", "unknown-tensor", "no-sites", "sites-list",
+        "site-field", "config-field", "rows", "fingerprint"])
+def test_load_checks_the_contents(make_model, batches, tmp_path, damage, match):
+    path = _plan(make_model, batches, tmp_path)
+    damage(path)
+    with pytest.raises(sparsecc.PlanError, match=match):
+        sparsecc.Plan.load(path)
+
+
+def test_plan_for_a_model_of_other_shapes_changes_nothing(make_model, batches, tmp_path, state_tools):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    snapshot, same = state_tools
+    plan = sparsecc.Plan.load(_plan(make_model, batches, tmp_path))
+    narrow = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2)).eval()
+    snap = snapshot(narrow)
+    with pytest.raises(sparsecc.PlanError, match=r"plan expects \[128, 64\], model has \[96, 64\]"):
+        sparsecc.sparsify_(narrow, plan, strict=False)
+    assert same(narrow, snap)

@@ -195,7 +195,9 @@ class Pipeline:
         runner = BlockRunner(ctx, needs_data=any(isinstance(p, AnalysisPass) for p in self.order), relevant=relevant)
         self._scopes = []
         done: list[str] = []
-        bar = tqdm(runner.scopes(), total=runner.num_scopes(), desc="sparsecc", unit="block", disable=not self.progress, leave=False)
+        total = runner.num_scopes()  # 0 for a recipe of module rewrites only: no bar then
+        bar = tqdm(runner.scopes(), total=total, desc="sparsecc", unit="block", disable=not self.progress or not total,
+                   leave=False)
         for scope in bar:
             bar.set_postfix_str(scope.name)
             self._scopes.append(scope.name)

@@ -89,6 +89,13 @@ class OBSConfig(PruningConfig):
             raise RecipeError(f"damp must be in [0, 1), got {self.damp}")
 
 
+def check_finite(name: str, weight: torch.Tensor) -> None:
+    """Refuse a NaN/Inf weight: magnitude would keep it and the calibrated methods would spread it."""
+    if not bool(torch.isfinite(weight).all()):
+        raise RecipeError(f"{name}: its weight holds NaN/Inf, which no pruning method can rank; repair or "
+                          f"reload the model, or skip the module with {{{name!r}: None}} in the recipe")
+
+
 class _Pruning(Technique):
     """Shared plan/apply: optional channel permutation, then the metric's own selection."""
 

@@ -1,9 +1,10 @@
 """The zoo's small Llama-architecture reference models: definition, training, cache.
 
-`load_model(variant)` returns a model trained on the corpus (see corpus.py), training it on
-first use and caching it under `<cache>/zoo/<variant>-<hash>/` (model safetensors, tokenizer,
-info.json). The hash covers the variant's architecture and training hyperparameters, the
-corpus hashes and the vocabulary size, so any change trains a fresh model.
+`sparsecc.zoo.load_model(variant)` returns the copy trained on WikiText-2 that ships with the
+package (shipped.py): nothing trains at run time. `train_model(variant)` trains one on the corpus (see
+corpus.py) on first use and caches it under `<cache>/zoo/<variant>-<hash>/` (model safetensors,
+tokenizer, info.json). The hash covers the variant's architecture and training hyperparameters,
+the corpus hashes and the vocabulary size, so any change trains a fresh model.
 
     python -m sparsecc.zoo.train --variant ref [--data-dir D] [--cache-dir C] [--force]
 """
@@ -89,15 +90,17 @@ def model_key(variant: Variant, corpus: Corpus) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def load_model(variant: str = "tiny", data_dir=None, cache_dir=None, train_if_missing: bool = True,
-               progress: bool = True, force: bool = False):
-    """Return `(model, tokenizer, info)` for a zoo variant, training and caching it if needed.
+def train_model(variant: str | Variant = "tiny", data_dir=None, cache_dir=None, train_if_missing: bool = True,
+                progress: bool = True, force: bool = False):
+    """Return `(model, tokenizer, info)` for a zoo variant (a name or a `Variant`) trained on the
+    corpus of `data_dir` (see `load_corpus`), training and caching it if needed.
 
     The model is in eval mode; `info` is the cached info.json plus `path`. Raises
     FileNotFoundError if it is not cached and `train_if_missing` is False. `force` retrains."""
-    if variant not in VARIANTS:
+    if isinstance(variant, str) and variant not in VARIANTS:
         raise ValueError(f"unknown zoo variant {variant!r}; choose one of {sorted(VARIANTS)}")
-    spec = VARIANTS[variant]
+    spec = VARIANTS[variant] if isinstance(variant, str) else variant
+    variant = spec.name
     corpus = load_corpus(data_dir)
     path = cache_root(cache_dir) / "zoo" / f"{variant}-{model_key(spec, corpus)}"
     if (path / "info.json").is_file() and not force:
@@ -213,7 +216,9 @@ def _save(path: Path, model, tokenizer, info: dict, overwrite: bool = False) -> 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m sparsecc.zoo.train",
-                                description="Train (or load from the cache) a sparsecc zoo model and print its info.")
+                                description="Train (or load from the cache) a sparsecc zoo model and print its info. "
+                                "The package ships both variants trained on WikiText-2; this reproduces them or "
+                                "trains on other text.")
     p.add_argument("--variant", default="tiny", choices=sorted(VARIANTS))
     p.add_argument("--data-dir", default=None, help="folder with wikitext-2/ (default: $SPARSECC_DATA, "
                    "../shared/data, else Python's own stdlib sources)")
@@ -221,8 +226,8 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="retrain even if cached")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    _, _, info = load_model(args.variant, data_dir=args.data_dir, cache_dir=args.cache_dir,
-                            progress=not args.quiet, force=args.force)
+    _, _, info = train_model(args.variant, data_dir=args.data_dir, cache_dir=args.cache_dir,
+                             progress=not args.quiet, force=args.force)
     info = {k: v for k, v in info.items() if k != "config"}  # the full HF config is in config.json
     print(json.dumps(info, indent=2, default=str))
     return 0

@@ -166,3 +166,13 @@ def test_padding_tokens_are_not_counted(make_model):
     mask[1, 6:] = 0
     res = Pipeline([CollectInputStats()], progress=False).run(m, [{"input_ids": ids, "attention_mask": mask}])
     assert res.stats["input_stats"]["model.layers.0.self_attn.q_proj"].count == 16
+
+
+@pytest.mark.parametrize("recipe, bar", [
+    ({"re:.*self_attn": sparsecc.AttentionSinkConfig(sinks=1, window=4)}, None),
+    ({"re:.*mlp": sparsecc.CATSConfig(0.5)}, "CATS thresholds"),  # its own, meaningful bar
+], ids=["attention", "cats"])
+def test_rewrite_only_recipes_show_no_empty_block_bar(recipe, bar, make_model, batches, capsys):
+    sparsecc.sparsify_(make_model("llama"), recipe, batches, progress=True)
+    err = capsys.readouterr().err
+    assert "block" not in err and (bar in err if bar else err == ""), err

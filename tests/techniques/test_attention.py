@@ -210,6 +210,22 @@ def test_bad_use(make_model):
         model(ids, cache=filled, use_cache=True)
 
 
+def test_a_second_rewrite_names_the_first(make_model):
+    """After one attention rewrite the model no longer calls SDPA: say what rewrote it, not 'load it with sdpa'."""
+    model = make_model("llama")
+    sparsecc.sparsify_(model, {"re:.*self_attn": sparsecc.AttentionSinkConfig(sinks=1, window=4)}, progress=False)
+    with pytest.raises(sparsecc.RecipeError, match="model.layers.0.self_attn is already rewritten by AttentionSinkConfig"):
+        sparsecc.sparsify_(model, {"re:.*self_attn": sparsecc.AttentionSinkConfig(sinks=1, window=4)}, progress=False)
+    model = make_model("llama")
+    sparsecc.sparsify_(model, {"model.layers.0.self_attn": sparsecc.SlidingWindowConfig(window=4)}, progress=False)
+    twin = copy.deepcopy(model)
+    for recipe in ({"model.layers.0.self_attn": sparsecc.SlidingWindowConfig(window=3)},
+                   {"model.layers.1.self_attn": sparsecc.SlidingWindowConfig(window=3)}):  # no layer calls SDPA now
+        with pytest.raises(sparsecc.RecipeError, match="model.layers.0.self_attn is already rewritten by "
+                                                       "SlidingWindowConfig"):
+            sparsecc.sparsify_(twin, recipe, progress=False)
+
+
 def test_data_free_and_deepcopy(make_model):
     """No batches needed; a deep copy of a rewritten model keeps its form."""
     model = make_model("llama")

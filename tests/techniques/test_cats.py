@@ -129,6 +129,23 @@ def test_ungated_mlps_are_refused(family, make_model):
         sparsecc.sparsify_(model, {"default": sparsecc.CATSConfig(0.5)}, batches_for(model, 0), progress=False)
 
 
+def test_a_second_rewrite_names_the_first(make_model, state_tools):
+    """A gated MLP rewritten once is no gated MLP any more: say so, not "the model has none"."""
+    snapshot, same_state = state_tools
+    model = make_model("llama")
+    calib = batches_for(model, 0)
+    sparsecc.sparsify_(model, {"model.layers.0.mlp": sparsecc.CATSConfig(0.5)}, calib, progress=False)
+    snap = snapshot(model)
+    for recipe in ({"model.layers.0.mlp": sparsecc.CATSConfig(0.5)}, {"re:.*mlp": sparsecc.MoEConfig(4, 2)}):
+        with pytest.raises(sparsecc.RecipeError, match=r"model.layers.0.mlp is already rewritten by CATSConfig; "
+                                                       r".*one recipe"):
+            sparsecc.sparsify_(model, recipe, calib, progress=False)
+        assert same_state(model, snap)
+    sparsecc.sparsify_(model, {"model.layers.1.mlp": sparsecc.CATSConfig(0.5)}, calib, progress=False)
+    with pytest.raises(sparsecc.RecipeError, match="model.layers.0.mlp is already rewritten by CATSConfig"):
+        sparsecc.sparsify_(model, {"default": sparsecc.CATSConfig(0.5)}, calib, progress=False)
+
+
 def test_bad_configs_and_entry_points(make_model):
     with pytest.raises(sparsecc.RecipeError, match="sparsity"):
         sparsecc.CATSConfig(sparsity=1.0)

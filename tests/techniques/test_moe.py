@@ -337,6 +337,21 @@ def test_mixtral_blocks_lower_to_the_op_unchanged(make_model):
     assert all(s["dropped"] > 0 for s in moe_load_balance(model, [x]).values())
 
 
+def test_a_second_rewrite_names_the_first(make_model):
+    model = make_model("llama")
+    report = sparsecc.sparsify_(model, {"re:.*mlp": MoEConfig(4, 2)}, batches_for(model, 0), progress=False)
+    with pytest.raises(sparsecc.RecipeError, match="model.layers.0.mlp is already rewritten by MoEConfig"):
+        sparsecc.sparsify_(model, {"re:.*mlp": MoEConfig(4, 2)}, batches_for(model, 0), progress=False)
+    fresh = make_model("llama")
+    sparsecc.rewrites.restore_rewrites(fresh, report.rows)  # as load_pruned does
+    with pytest.raises(sparsecc.RecipeError, match="model.layers.0.mlp is already rewritten by MoEConfig"):
+        sparsecc.sparsify_(fresh, {"re:.*mlp": sparsecc.CATSConfig(0.5)}, batches_for(model, 0), progress=False)
+    mixtral = make_model("mixtral")
+    sparsecc.sparsify_(mixtral, {"re:.*mlp": moe.SparseMoEConfig()}, progress=False)
+    with pytest.raises(sparsecc.RecipeError, match="model.layers.0.mlp is already rewritten by SparseMoEConfig"):
+        sparsecc.sparsify_(mixtral, {"re:.*mlp": moe.SparseMoEConfig()}, progress=False)
+
+
 def test_sparse_moe_refuses_what_it_cannot_lower(make_model, monkeypatch):
     llama = make_model("llama")
     with pytest.raises(sparsecc.RecipeError, match="no sparse MoE block"):

@@ -21,7 +21,7 @@ from .layerwise import owl_sparsities_for
 from .memory import check_hessian_memory
 from .targeting import normalize_recipe, resolve
 from .techniques.pruning import check_finite
-from .rewrites import RewriteContext, apply_rewrites, is_rewrite, rewrite_candidates
+from .rewrites import RewriteContext, apply_rewrites, hidden_linears, is_rewrite, rewrite_candidates
 
 
 def _example_batch(model: nn.Module):
@@ -37,15 +37,22 @@ def _build(model, recipe, batches, debug, progress, data: bool = True):
     captured = capture(model, batches[0])
     recipe = normalize_recipe(recipe)
     kinds = {"linear": list(captured.sites), **rewrite_candidates(recipe, captured, type(model).__name__)}
-    # compressed linears are no sites (not nn.Linear): resolve them too, so a recipe reaching them fails
+    # linears capture cannot prune (compressed; run inside a rewritten module's op): resolve them
+    # too, so that a recipe reaching them fails instead of skipping them
     packed = compressed_linears(model)
-    assignments = resolve(recipe, {**kinds, "linear": kinds["linear"] + list(packed)})
+    hidden = hidden_linears(model, captured.sites)
+    assignments = resolve(recipe, {**kinds, "linear": kinds["linear"] + list(packed) + list(hidden)})
     hit = [n for n in packed if n in assignments]
     if hit:
         more = f" and {len(hit) - 3} more" if len(hit) > 3 else ""
         raise RecipeError(f"{', '.join(hit[:3])}{more} {'is' if len(hit) == 1 else 'are'} compressed "
                           f"({', '.join(sorted({packed[n] for n in hit}))}), with no nn.Linear weight to prune: "
                           "prune before compressing, or load the uncompressed model")
+    hit = [n for n in hidden if n in assignments]
+    if hit:
+        raise RecipeError(f"{hit[0]}{f' and {len(hit) - 1} more' if len(hit) > 1 else ''} cannot be pruned now: "
+                          f"{hidden[hit[0]]}, which runs it inside one op; put the pruning in the recipe that "
+                          f"rewrites (pruning runs first), or skip it with {{{hit[0]!r}: None}}")
     modules = {n: c for n, c in assignments.items() if is_rewrite(c)}  # module rewrites (rewrites.py)
     assignments = {n: c for n, c in assignments.items() if not is_rewrite(c)}
     for name in assignments:  # before any work (OWL, Hessians, the calibration forward)

@@ -86,6 +86,20 @@ def rewrite_candidates(recipe: dict, captured, model_name: str) -> dict[str, lis
     return kinds
 
 
+def hidden_linears(model: nn.Module, seen) -> dict[str, str]:
+    """{name: why} of the nn.Linears inside rewritten modules that capture did not see (`seen`):
+    the rewrite runs them inside one op (a CATS MLP), so a later recipe cannot prune them."""
+    out = {}
+    for owner, module in model.named_modules():
+        cfg = module.__dict__.get(REWRITTEN)
+        if cfg is None:
+            continue
+        for sub, lin in module.named_modules(prefix=owner):
+            if isinstance(lin, nn.Linear) and sub not in seen:
+                out[sub] = f"inside {owner}, rewritten by {type(cfg).__name__}"
+    return out
+
+
 def _mark(model: nn.Module, configs: dict[str, SparsityConfig], on_restore: list | None = None) -> None:
     for name, cfg in configs.items():
         module = model.get_submodule(name)

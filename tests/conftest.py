@@ -2,7 +2,8 @@
 import os
 
 # Triton kernels are tested on CPU tensors in triton's interpreter, which must be switched on
-# before the kernels are defined (at `import sparsecc`). On a GPU machine run with
+# before the kernels are defined (when sparsecc.codegen is first imported; setting it before
+# `import sparsecc` is enough). On a GPU machine run with
 # TRITON_INTERPRET=0 to test them on the device.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 # On a GPU, kernels would autotune every new shape hypothesis draws; tests/codegen/test_tuning.py

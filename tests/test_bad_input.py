@@ -121,6 +121,26 @@ def test_compressed_linears_are_refused_not_skipped(compress, make_model, batche
     assert [r["module"] for r in report.rows] == ["lm_head"]  # nothing compressed targeted: fine
 
 
+def test_pruning_the_linears_of_a_cats_mlp_later_is_refused_not_skipped(make_model, batches, state_tools):
+    """A CATS MLP runs its three linears inside one op, so capture sees none of them: a later
+    pruning recipe reaching them must say so (it left them dense, silently)."""
+    snapshot, same = state_tools
+    m = make_model("llama")
+    sparsecc.sparsify_(m, {"re:.*mlp": sparsecc.CATSConfig(0.5)}, batches, progress=False)
+    snap = snapshot(m)
+    for recipe in ({"default": sparsecc.WandaConfig(0.5)}, {"re:.*down_proj": sparsecc.MagnitudeConfig(0.5)}):
+        with pytest.raises(sparsecc.RecipeError, match=r"model\.layers\.\d\.mlp\.\w+_proj.* cannot be pruned now: "
+                                                      r"inside model\.layers\.\d\.mlp, rewritten by CATSConfig"):
+            sparsecc.sparsify_(m, recipe, batches, progress=False)
+        assert same(m, snap)
+    report = sparsecc.sparsify_(m, {"default": sparsecc.WandaConfig(0.5), r"re:.*mlp\..*": None}, batches, progress=False)
+    assert report.rows and all(".mlp." not in r["module"] for r in report.rows)
+    fresh = make_model("llama")  # in one recipe, pruning runs before the rewrite: fine
+    both = sparsecc.sparsify_(fresh, {"default": sparsecc.WandaConfig(0.5), "re:.*mlp": sparsecc.CATSConfig(0.5)},
+                              batches, progress=False)
+    assert any(".mlp.down_proj" in r["module"] for r in both.rows)
+
+
 @pytest.mark.parametrize("config", [sparsecc.MagnitudeConfig(0.5), sparsecc.WandaConfig(0.5),
                                     sparsecc.SparseGPTConfig(0.5), sparsecc.OBSConfig(0.5),
                                     sparsecc.WandaConfig(0.5, layerwise="owl")],

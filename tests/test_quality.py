@@ -1,4 +1,5 @@
-"""Pruning quality on the zoo's tiny trained Llama (WikiText-2 test perplexity), CI-bounded.
+"""Pruning quality on the zoo's tiny trained Llama as shipped (WikiText-2 test perplexity, the
+shipped token ids: the same model and text on every machine), CI-bounded.
 
 Every linear but lm_head is pruned, calibrating block-sequentially on 32 windows of the training
 split; perplexity on the first 64 test windows (8,192 tokens). Thresholds sit a few points outside

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from .plan import Plan, fingerprint, plan_meta
 from .report import Report
 from .layerwise import owl_sparsities_for
 from .memory import check_hessian_memory
-from .targeting import normalize_recipe, resolve
+from .targeting import key_matches, normalize_recipe, resolve
 from .techniques.pruning import check_finite
 from .rewrites import RewriteContext, apply_rewrites, hidden_linears, is_rewrite, rewrite_candidates
 
@@ -31,6 +32,14 @@ def _example_batch(model: nn.Module):
         raise CalibrationError(f"{type(model).__name__} takes no token ids, so sparsecc cannot make an input "
                                "to capture it: pass batches=[example_input]")
     return torch.zeros(1, 8, dtype=torch.long, device=emb.weight.device)
+
+
+def _covering_key(names: list[str]) -> str:
+    """A recipe key covering all `names`: the modules below the first one's parent, its numbers
+    generalised ('re:model\\.layers\\.\\d+\\.mlp\\..*'), where that covers them all; else the first name."""
+    parent = re.escape(names[0].rsplit(".", 1)[0]).replace(r"\_", "_")
+    key = "re:" + re.sub(r"\d+", r"\\d+", parent) + r"\..*"
+    return key if all(key_matches(key, n) for n in names) else names[0]
 
 
 def _build(model, recipe, batches, debug, progress, data: bool = True):
@@ -52,7 +61,7 @@ def _build(model, recipe, batches, debug, progress, data: bool = True):
     if hit:
         raise RecipeError(f"{hit[0]}{f' and {len(hit) - 1} more' if len(hit) > 1 else ''} cannot be pruned now: "
                           f"{hidden[hit[0]]}, which runs it inside one op; put the pruning in the recipe that "
-                          f"rewrites (pruning runs first), or skip it with {{{hit[0]!r}: None}}")
+                          f"rewrites (pruning runs first), or skip them with {{{_covering_key(hit)!r}: None}}")
     modules = {n: c for n, c in assignments.items() if is_rewrite(c)}  # module rewrites (rewrites.py)
     assignments = {n: c for n, c in assignments.items() if not is_rewrite(c)}
     for name in assignments:  # before any work (OWL, Hessians, the calibration forward)

@@ -197,6 +197,16 @@ def _dump(folder: str, before: str, gm: fx.GraphModule, rewrites: list[dict], op
     return path
 
 
+_PACKED = {"nm_linear": "it is compressed (NMLinear)", "csr_linear": "it is compressed (CSRLinear)",
+           "cats_mlp": "its linears run inside the CATS MLP op"}
+
+
+def _packed_linears(gm: fx.GraphModule) -> dict[str, str]:
+    """{module: why} of the linears the graph runs as sparsecc ops (compressed ones, CATS MLPs):
+    a recipe reaching them is refused, as sparsify_ refuses it, rather than leaving them dense."""
+    return {o["module"]: _PACKED[o["op"]] for o in sparse_ops(gm) if o["op"] in _PACKED and o["module"]}
+
+
 def sparsecc_backend(gm: fx.GraphModule, example_inputs, options=None, mode=None):
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
@@ -210,8 +220,15 @@ def sparsecc_backend(gm: fx.GraphModule, example_inputs, options=None, mode=None
         if opts.debug:
             log.warning("sparsecc: graph before rewrite:\n%s", gm.graph)
         gm = _copy(gm)  # dynamo still reads its own graph after we return: rewrite a copy
-        assignments = resolve(opts.recipe, {"linear": sorted({gl.module for gl in graph_linears(gm) if gl.module}),
+        packed = _packed_linears(gm)
+        assignments = resolve(opts.recipe, {"linear": sorted({gl.module for gl in graph_linears(gm) if gl.module}
+                                                             | set(packed)),
                                             "attention": sorted({module_path(n) for n in _sdpa_nodes(gm)} - {""})})
+        hit = [n for n in packed if n in assignments]
+        if hit:
+            raise RecipeError(f"{hit[0]}{f' and {len(hit) - 1} more' if len(hit) > 1 else ''} cannot be pruned at "
+                              f"compile time: {packed[hit[0]]}, run as one sparsecc op with no weight to mask; prune "
+                              f"before compressing or rewriting (sparsify_), or skip it with {{{hit[0]!r}: None}}")
         masks, done = rewrite_linears(gm, example_inputs, assignments)
         done += rewrite_attention(gm, assignments)
         if opts.debug:

@@ -27,8 +27,9 @@ def sample_batches(tokens: torch.Tensor, nsamples: int = 128, seqlen: int = 2048
     128 segments of 2048 tokens from the training text), grouped into batches."""
     if tokens.dim() != 1 or tokens.dtype not in (torch.int32, torch.int64):
         raise CalibrationError(f"tokens must be a 1-D integer tensor, got {tokens.dtype} of shape {tuple(tokens.shape)}")
-    if nsamples < 1 or batch_size < 1:
-        raise CalibrationError("nsamples and batch_size must be at least 1")
+    if nsamples < 1 or batch_size < 1 or seqlen < 1:
+        raise CalibrationError(f"nsamples, seqlen and batch_size must be at least 1, got {nsamples}, {seqlen} and "
+                               f"{batch_size} (seqlen: the model's context, e.g. 2048)")
     if tokens.numel() <= seqlen:
         raise CalibrationError(f"calibration text too short: {tokens.numel()} tokens, need more than one "
                                f"window of {seqlen}; give more text or a smaller seqlen")

@@ -40,7 +40,7 @@ from .configs import config_from_dict
 from .errors import PlanError, SparseccError
 from .nm_format import compress as nm_compress
 from .nm_format import decompress as nm_decompress
-from .rewrites import is_rewrite_row, restore_rewrites
+from .rewrites import REWRITTEN, is_rewrite_row, restore_rewrites
 from .prune.masks import parse_pattern
 from .recipes import dump_recipe
 
@@ -62,6 +62,7 @@ def save_pruned(model: nn.Module, path, report, *, recipe=None, tokenizer=None, 
     pruned = {}
     for row in report.rows:
         if is_rewrite_row(row):  # a module rewrite (CATS threshold, attention form): its row is the state
+            _check_rewrite_row(row, model)
             continue
         _check_row(row, params)
         pruned[row["param"]] = row
@@ -99,6 +100,18 @@ def save_pruned(model: nn.Module, path, report, *, recipe=None, tokenizer=None, 
         meta["sha256"] = {f.name: _tensor_hashes(f) for f in sorted(tmp.glob("*.safetensors"))}
         (tmp / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
     return path
+
+
+def _check_rewrite_row(row: dict, model: nn.Module) -> None:
+    """A rewrite row must name a module of `model` that this config rewrote (rewrites.REWRITTEN)."""
+    kind = row["config"].get("type")
+    try:
+        done = model.get_submodule(row["module"]).__dict__.get(REWRITTEN)
+    except AttributeError:
+        done = None
+    if type(done).__name__ != kind:
+        raise PlanError(f"report row {row['module']!r} records a {kind} rewrite this model does not have; "
+                        "pass the report sparsify_ returned for this model")
 
 
 def _check_row(row: dict, params: dict[str, nn.Parameter]) -> None:
@@ -202,11 +215,11 @@ def _verify_hashes(path: Path, meta: dict) -> None:
 def check_output_dir(path, overwrite: bool) -> None:
     """Refuse an existing output (unless overwrite) before any work is done."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{str(path)!r} is a file, not a folder; choose another output folder")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{str(path)!r} already exists; choose another output folder or pass overwrite=True "
                               "(--overwrite on the command line)")
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{str(path)!r} exists and is not a folder")
 
 
 def read_meta(path) -> dict:
@@ -352,6 +365,25 @@ def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
         raise PlanError(f"{str(file)!r} is corrupt or truncated: {e}") from None
 
 
+@contextmanager
+def quiet_loading(quiet: bool = True):
+    """Silence transformers' loading bar and load report (warnings) inside the block, when `quiet`."""
+    from transformers.utils import logging as hf_logging
+
+    if not quiet:
+        yield
+        return
+    bar, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
 def _from_pretrained(path: Path, compressed: set[str] = frozenset()):
     """The transformers model of a folder; `compressed` names weights stored elsewhere (N:M), whose
     placeholders (or absence, in older folders) load_pruned fills in afterwards."""
@@ -359,7 +391,8 @@ def _from_pretrained(path: Path, compressed: set[str] = frozenset()):
     try:
         config = json.loads((path / "config.json").read_text())
     except FileNotFoundError:
-        raise PlanError(f"{str(path)!r} has no config.json: pass model= to load into your own module") from None
+        raise PlanError(f"{str(path)!r} has no config.json, so it is no transformers model folder (one written by "
+                        "save_pretrained); from Python, load_pruned(..., model=) loads into your own module") from None
     except json.JSONDecodeError as e:
         raise PlanError(f"{str(path / 'config.json')!r} is corrupt: {e}") from None
     arch = (config.get("architectures") or [None])[0]
@@ -370,9 +403,10 @@ def _from_pretrained(path: Path, compressed: set[str] = frozenset()):
     if not (path / "model.safetensors").is_file():
         raise PlanError(f"checkpoint file {str(path / 'model.safetensors')!r} is missing")
     try:
-        model, info = cls.from_pretrained(path, local_files_only=True, use_safetensors=True, trust_remote_code=False,
-                                          dtype="auto", ignore_mismatched_sizes=bool(compressed),
-                                          output_loading_info=True)
+        with quiet_loading(bool(compressed)):  # the placeholders' expected "MISMATCH" report would alarm
+            model, info = cls.from_pretrained(path, local_files_only=True, use_safetensors=True,
+                                              trust_remote_code=False, dtype="auto",
+                                              ignore_mismatched_sizes=bool(compressed), output_loading_info=True)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise PlanError(f"cannot load the model weights in {str(path)!r}: {e}") from None
     wrong = sorted(k[0] for k in info.get("mismatched_keys", ()) if k[0] not in compressed)

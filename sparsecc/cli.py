@@ -154,6 +154,13 @@ def prune(args) -> int:
 
     check_output_dir(args.out, args.overwrite)  # the outputs before any work
     _check_output("--out", args.out, makes_parents=True)
+    out, model_dir = Path(args.out).resolve(), Path(args.model_dir).resolve()
+    if args.json and out in (j := Path(args.json).resolve(), *j.parents):
+        raise ValueError(f"--json {args.json!r} lies in --out {args.out!r}, which is written whole; "
+                         "put the report beside it, e.g. --json report.json")
+    if out in (model_dir, *model_dir.parents):
+        raise ValueError(f"--out {args.out!r} would replace the model being pruned ({args.model_dir!r}); "
+                         "choose another folder")
     recipe = sparsecc.load_recipe(args.recipe)
     model, tok = load_local_model(args.model_dir, args.tokenizer)
     seqlen = _seqlen(args, model)

@@ -1,4 +1,6 @@
 """Bad input gets a clear error naming the fix, and the model is left exactly as it was."""
+import re
+
 import pytest
 import torch
 
@@ -130,10 +132,11 @@ def test_pruning_the_linears_of_a_cats_mlp_later_is_refused_not_skipped(make_mod
     snap = snapshot(m)
     for recipe in ({"default": sparsecc.WandaConfig(0.5)}, {"re:.*down_proj": sparsecc.MagnitudeConfig(0.5)}):
         with pytest.raises(sparsecc.RecipeError, match=r"model\.layers\.\d\.mlp\.\w+_proj.* cannot be pruned now: "
-                                                      r"inside model\.layers\.\d\.mlp, rewritten by CATSConfig"):
+                                                      r"inside model\.layers\.\d\.mlp, rewritten by CATSConfig") as e:
             sparsecc.sparsify_(m, recipe, batches, progress=False)
         assert same(m, snap)
-    report = sparsecc.sparsify_(m, {"default": sparsecc.WandaConfig(0.5), r"re:.*mlp\..*": None}, batches, progress=False)
+    skip = eval(re.search(r"skip them with (\{.*\})", str(e.value)).group(1))  # the key the message suggests
+    report = sparsecc.sparsify_(m, {"default": sparsecc.WandaConfig(0.5), **skip}, batches, progress=False)
     assert report.rows and all(".mlp." not in r["module"] for r in report.rows)
     fresh = make_model("llama")  # in one recipe, pruning runs before the rewrite: fine
     both = sparsecc.sparsify_(fresh, {"default": sparsecc.WandaConfig(0.5), "re:.*mlp": sparsecc.CATSConfig(0.5)},
@@ -177,3 +180,44 @@ def test_non_finite_weights_are_refused_at_compile_time():
     compiled = torch.compile(m, backend="sparsecc", options={"recipe": {"default": sparsecc.MagnitudeConfig(0.5)}})
     with pytest.raises(Exception, match="2: its weight holds NaN/Inf"):
         compiled(torch.randn(2, 8))
+
+
+@pytest.mark.parametrize("packing", ["compress_nm_", "cats"])
+def test_compile_time_recipes_refuse_linears_run_as_sparsecc_ops(packing, make_model, batches):
+    """The backend sees a compressed linear or a CATS MLP as one sparsecc op: a compile-time recipe
+    reaching it must say so (it left them dense, silently), and run once they are skipped."""
+    m = make_model("llama")
+    if packing == "cats":
+        sparsecc.sparsify_(m, {"re:.*mlp": sparsecc.CATSConfig(0.5)}, batches, progress=False)
+        why = "its linears run inside the CATS MLP op"
+    else:
+        sparsecc.sparsify_(m, {"re:.*mlp\\..*": sparsecc.MagnitudeConfig(pattern="2:4")}, progress=False)
+        sparsecc.compress_nm_(m, "2:4")
+        why = r"it is compressed \(NMLinear\)"
+    torch._dynamo.reset()
+    recipe = {"default": sparsecc.MagnitudeConfig(0.5), "lm_head": None}
+    with pytest.raises(Exception, match=rf"model\.layers\.\d\.mlp\S* .*cannot be pruned at compile time: {why}"):
+        torch.compile(m, backend="sparsecc", options={"recipe": recipe})(batches[0])
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(m, backend="sparsecc", options={"recipe": {**recipe, r"re:.*mlp.*": None}})(batches[0])
+
+
+@pytest.mark.parametrize("kw", [{"seqlen": 0}, {"seqlen": -1}, {"nsamples": 0}, {"batch_size": 0}])
+def test_sample_batches_refuses_empty_windows(kw):
+    with pytest.raises(sparsecc.CalibrationError, match="must be at least 1, got .*seqlen: the model's context"):
+        sparsecc.sample_batches(torch.arange(1000), **{"nsamples": 4, "seqlen": 16, **kw})
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_an_output_path_that_is_a_file_is_refused_naming_the_fix(overwrite, tmp_path, make_model):
+    target = tmp_path / "file"
+    target.write_text("mine")
+    m = make_model("llama")
+    report = sparsecc.sparsify_(m, {"default": sparsecc.MagnitudeConfig(0.5)}, progress=False)
+    with pytest.raises(FileExistsError, match="is a file, not a folder; choose another output folder"):
+        sparsecc.save_pruned(m, target, report, overwrite=overwrite)
+    with pytest.raises(FileExistsError, match="is a file"):
+        sparsecc.calibrate(m, [torch.randint(0, 128, (1, 8))], {"default": sparsecc.MagnitudeConfig(0.5)},
+                           progress=False).save(target, overwrite=overwrite)
+    assert target.read_text() == "mine"

@@ -275,6 +275,17 @@ def test_save_pruned_refuses_another_models_report(pruned, make_model, tmp_path)
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+def test_save_pruned_refuses_another_models_rewrite_rows(make_model, batches, tmp_path):
+    """A CATS report saved with a model that has no CATS MLPs made load_pruned rebuild them."""
+    cats = make_model("llama")
+    report = sparsecc.sparsify_(cats, {"re:.*mlp": sparsecc.CATSConfig(0.5)}, batches, progress=False)
+    with pytest.raises(sparsecc.PlanError, match=r"report row 'model\.layers\.0\.mlp' records a CATSConfig rewrite "
+                                                 "this model does not have; pass the report sparsify_ returned"):
+        sparsecc.save_pruned(make_model("llama"), tmp_path / "a", report)
+    assert list(tmp_path.iterdir()) == []
+    sparsecc.save_pruned(cats, tmp_path / "b", report)  # its own report: fine
+
+
 @given(st.integers(1, 5), st.sampled_from([(1, 2), (2, 4), (4, 8), (3, 8), (1, 4), (5, 16)]), st.integers(1, 4),
        st.integers(0, 2 ** 16), st.booleans())
 def test_nm_compression_round_trips(rows, nm, groups, seed, zeros):

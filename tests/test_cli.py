@@ -176,6 +176,27 @@ def test_a_failing_write_leaves_neither_checkpoint_nor_json(failing, model_dir, 
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("case", ["json is out", "json inside out", "out is the model"])
+def test_outputs_that_overlap_are_refused_before_any_work(case, model_dir, texts, tmp_path, capsys, monkeypatch):
+    """--json in --out was written into the folder save_pruned replaces whole (the checkpoint stayed,
+    the run failed); --out on the model folder replaced the model being pruned."""
+    import sparsecc.local_models
+    monkeypatch.setattr(sparsecc.local_models, "load_local_model", lambda *a: pytest.fail("loaded before checking"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    json_path, match = {"json is out": (tmp_path / "new", "--json .* lies in --out"),
+                        "json inside out": (out / "report.json", "--json .* lies in --out"),
+                        "out is the model": (tmp_path / "r.json", "would replace the model being pruned")}[case]
+    if case != "json inside out":
+        out = {"json is out": tmp_path / "new", "out is the model": model_dir}[case]
+    code, _, err = run(capsys, "prune", model_dir, "--recipe", texts / "recipe.yaml", "--calib", texts / "calib.txt",
+                       "--out", out, "--overwrite", "--json", json_path, "--nsamples", 2, "--quiet")
+    one_line_error(code, err, "prune", match)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_eval_on_text_shorter_than_one_window(model_dir, texts, capsys):
     code, _, err = run(capsys, "eval", model_dir, "--text", texts / "short.txt", "--quiet")
     one_line_error(code, err, "eval", r"short.txt.* \d+ tokens.*one window of 128.*--seqlen")

@@ -72,11 +72,11 @@ def test_save_refuses_an_existing_path_unless_told(make_model, batches, tmp_path
     folder.mkdir()
     (folder / "keep.txt").write_text("mine")
     file.write_text("mine")
-    for path in (folder, file):
-        with pytest.raises(FileExistsError, match="overwrite=True"):
-            plan.save(path)
-    with pytest.raises(FileExistsError, match="not a folder"):
-        plan.save(file, overwrite=True)  # a file is never replaced by a plan folder
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        plan.save(folder)
+    for overwrite in (False, True):  # a file is never replaced by a plan folder
+        with pytest.raises(FileExistsError, match="is a file, not a folder; choose another output folder"):
+            plan.save(file, overwrite=overwrite)
     assert (folder / "keep.txt").read_text() == "mine" and file.read_text() == "mine"
     plan.save(folder, overwrite=True)
     assert sparsecc.Plan.load(folder).configs == plan.configs and not (folder / "keep.txt").exists()

@@ -52,21 +52,17 @@ def load_model(variant: str = "tiny", root: Path = SHIPPED_DIR):
     """`(model, tokenizer, info)` of the shipped, trained `variant`: the model in eval mode, fp32;
     `info` its info.json (training setup, corpus hashes, dense test perplexity) plus `path`."""
     from transformers import AutoTokenizer, LlamaForCausalLM
-    from transformers.utils import logging as hf_logging
+
+    from ..checkpoint import quiet_loading
 
     path = root / variant
     if not (path / "info.json").is_file():
         raise ValueError(f"unknown zoo variant {variant!r}; the package ships {shipped_variants(root)} "
                          "(sparsecc.zoo.train_model trains others)")
     info = json.loads((path / "info.json").read_text())
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a few MB from the package: no "Loading weights" bar
-    try:
+    with quiet_loading():  # a few MB from the package: no "Loading weights" bar
         model = LlamaForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32).eval()
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    finally:
-        if bar:
-            hf_logging.enable_progress_bar()
     return model, tokenizer, {**info, "path": str(path)}
 
 

@@ -35,7 +35,7 @@ def oracle_routing_(model) -> None:
     (computing all experts, so no saving: a bound on what a better router could reach)."""
     import torch
 
-    from sparsecc.gated import ACTIVATIONS
+    from sparsecc.codegen.cats_mlp import ACTIVATIONS
     from sparsecc.techniques.moe import MoEMLP
 
     def forward(mod, x):

@@ -15,7 +15,6 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"), "relu": F.relu}
 _MULS = {operator.mul, torch.mul}
 
 
@@ -25,7 +24,7 @@ class GatedMLP:
     gate: str   # child names of its three linears
     up: str
     down: str
-    act: str    # a key of ACTIVATIONS
+    act: str    # a key of codegen.cats_mlp.ACTIVATIONS
 
     def to_dict(self) -> dict:
         return {"name": self.name, "gate": self.gate, "up": self.up, "down": self.down, "act": self.act}

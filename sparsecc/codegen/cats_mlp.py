@@ -12,8 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..gated import ACTIVATIONS
 from .tuning import bucket, candidates, choose
+
+#: the gate activations the gated-MLP kernels take (gated.py names them on the graph)
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"), "relu": F.relu}
 
 
 def cats_gate(x, w_gate, b_gate, threshold: float, act: str) -> torch.Tensor:
@@ -160,7 +162,7 @@ def _configs(tokens: int) -> list[dict]:
 def cats_mlp_triton(x, w_gate, b_gate, w_up, b_up, w_down, b_down, threshold: float, act: str,
                     blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
     """The Triton CATS MLP (same result as cats_mlp_reference up to float rounding)."""
-    from .nm_linear import interpreted
+    from .tuning import interpreted
 
     if triton is None:
         raise RuntimeError("cats_mlp_triton needs triton; use cats_mlp_reference")

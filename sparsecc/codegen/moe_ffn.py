@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..gated import ACTIVATIONS
+from .cats_mlp import ACTIVATIONS
 from .cats_mlp import _act_backward
 from .tuning import bucket, candidates, choose
 
@@ -238,7 +238,7 @@ def moe_ffn_triton(x, router_weight, router_bias, w_gate, b_gate, w_up, b_up, w_
                    capacity_factor: float, act: str, mode: str, block_m: int | None = None) -> torch.Tensor:
     """The grouped Triton MoE FFN (same result as moe_ffn_reference up to float rounding);
     block_m: rows per tile (default: autotuned)."""
-    from .nm_linear import interpreted
+    from .tuning import interpreted
 
     if triton is None:
         raise RuntimeError("moe_ffn_triton needs triton; use moe_ffn_reference")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..nm_format import decompress, index_bits
-from .tuning import bucket, candidates, choose
+from .tuning import bucket, candidates, choose, interpreted
 
 try:
     import triton
@@ -31,11 +31,6 @@ def nm_linear_reference(x: torch.Tensor, values: torch.Tensor, index: torch.Tens
     """x [..., in] @ decompress(values, index)ᵀ + bias, in x's dtype."""
     w = decompress(values.to(x.device), index.to(x.device), n, m, in_features).to(x.dtype)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
-
-
-def interpreted() -> bool:
-    """Whether triton kernels run in its CPU interpreter (TRITON_INTERPRET=1 at import)."""
-    return triton is not None and bool(triton.knobs.runtime.interpret)
 
 
 if triton is not None:

@@ -46,12 +46,20 @@ def candidates(default: dict, **choices: list) -> list[dict]:
 
 
 def cache_path() -> Path:
-    from ..zoo.train import cache_root
-    return cache_root() / "autotune.json"
+    """$SPARSECC_CACHE/autotune.json, else ~/.cache/sparsecc/autotune.json."""
+    return Path(os.environ.get("SPARSECC_CACHE") or "~/.cache/sparsecc").expanduser() / "autotune.json"
+
+
+def interpreted() -> bool:
+    """Whether triton kernels run in its CPU interpreter (TRITON_INTERPRET=1 when they were defined)."""
+    try:
+        import triton
+    except ImportError:  # pragma: no cover - triton is a dependency
+        return False
+    return bool(triton.knobs.runtime.interpret)
 
 
 def enabled(device: torch.device) -> bool:
-    from .nm_linear import interpreted
     return device.type == "cuda" and not interpreted() and os.environ.get(ENV, "1") != "0"
 
 

@@ -229,7 +229,7 @@ def window_attention_triton(q, k, v, q_pos, k_pos, key_mask, window, dilation, s
                             blocks: tuple[int, int] | None = None) -> torch.Tensor:
     """The Triton window attention (same result as window_attention_reference for the cache layout
     above: consecutive queries, sinks first, then consecutive keys)."""
-    from .nm_linear import interpreted
+    from .tuning import interpreted
 
     if triton is None:
         raise RuntimeError("window_attention_triton needs triton; use window_attention_reference")

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..prune.sparsegpt import dampen  # noqa: F401  (re-exported: SparseGPT's conditioning of H)
+
 
 @dataclass
 class InputStats:
@@ -74,18 +76,6 @@ class HessianStats:
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor]) -> "HessianStats":
         return cls(t["xtx"], int(t["count"]))
-
-
-def dampen(h: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
-    """SparseGPT's conditioning of H before its inverse: dead inputs (H_jj = 0, never active)
-    get H_jj = 1 (their weights should be zeroed by the caller), then lambda*I is added with
-    lambda = damp * mean(diag H). Returns (damped H, bool mask of dead columns)."""
-    h = h.clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
-    idx = torch.arange(h.shape[0], device=h.device)
-    h[idx, idx] += damp * torch.diagonal(h).mean()
-    return h, dead
 
 
 STAT_TYPES = {"input_stats": InputStats, "hessian": HessianStats}

@@ -10,7 +10,7 @@
 Seed 003 §2 proves why this is the OBS update (Lemma 1) with the Cholesky simplification
 (H_/S^-1)_{:,j} ~ L_jj L_jR. The Hessian is conditioned as in the reference code: dead inputs
 (H_jj = 0) get H_jj = 1 and their weights are zeroed, then lambda*I with lambda = damp*mean(diag H)
-is added (`passes.stats.dampen`).
+is added (`dampen`).
 
 Mask-count rule (unstructured): each mask block of B_s consecutive columns (the last one may be
 narrower, width b) prunes exactly floor(sparsity * rows * b) entries, chosen over all rows of the
@@ -26,7 +26,6 @@ import warnings
 import torch
 
 from ..errors import CalibrationError, RecipeError
-from ..passes.stats import dampen
 from .masks import check_nm_width, check_sparsity, nm_mask, parse_pattern, unstructured_mask
 
 MAX_DAMP = 1.0  # the largest relative damping tried before giving up on Cholesky
@@ -34,6 +33,18 @@ MAX_DAMP = 1.0  # the largest relative damping tried before giving up on Cholesk
 
 class HessianWarning(UserWarning):
     """The Hessian of a layer needed more damping than asked for, or could not be inverted."""
+
+
+def dampen(h: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT's conditioning of H before its inverse: dead inputs (H_jj = 0, never active)
+    get H_jj = 1 (their weights should be zeroed by the caller), then lambda*I is added with
+    lambda = damp * mean(diag H). Returns (damped H, bool mask of dead columns)."""
+    h = h.clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    idx = torch.arange(h.shape[0], device=h.device)
+    h[idx, idx] += damp * torch.diagonal(h).mean()
+    return h, dead
 
 
 @contextlib.contextmanager

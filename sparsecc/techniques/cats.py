@@ -24,11 +24,12 @@ import torch
 from torch import nn
 
 from ..calibration import token_mask
+from ..codegen.cats_mlp import ACTIVATIONS
 from ..codegen import ops as _ops  # noqa: F401  (registers torch.ops.sparsecc.cats_mlp)
 from ..codegen.cats_cpu import column_major, wants_column_major
 from ..configs import SparsityConfig, register_technique
 from ..errors import CalibrationError, PlanError
-from ..gated import ACTIVATIONS, GatedMLP
+from ..gated import GatedMLP
 from ..prune.masks import check_sparsity
 from ..rewrites import ModuleRewrite, RewriteContext, observe
 

@@ -39,11 +39,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..calibration import token_mask
+from ..codegen.cats_mlp import ACTIVATIONS
 from ..codegen import ops as _ops  # noqa: F401  (registers torch.ops.sparsecc.moe_ffn)
 from ..codegen.moe_ffn import MODES, Routing, route
 from ..configs import SparsityConfig, register_technique
 from ..errors import CalibrationError, PlanError, RecipeError
-from ..gated import ACTIVATIONS, GatedMLP
+from ..gated import GatedMLP
 from ..rewrites import ModuleRewrite, RewriteContext, observe
 
 ROUTERS = ("fitted", "centroid")

@@ -10,7 +10,7 @@ import sparsecc
 from sparsecc.codegen import cats_cpu
 from sparsecc.codegen.cats_cpu import cats_mlp_cpu, column_major
 from sparsecc.codegen.cats_mlp import cats_mlp_reference
-from sparsecc.gated import ACTIVATIONS
+from sparsecc.codegen.cats_mlp import ACTIVATIONS
 
 TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2.5e-2}  # relative to max |y|
 

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import sparsecc
 from sparsecc.codegen import cats_mlp_reference, cats_mlp_triton, interpreted
-from sparsecc.gated import ACTIVATIONS
+from sparsecc.codegen.cats_mlp import ACTIVATIONS
 
 DEVICE = "cuda" if torch.cuda.is_available() and not interpreted() else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2.5e-2}  # relative to max |y|

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sparsecc.errors import CalibrationError, RecipeError
-from sparsecc.passes.stats import dampen
+from sparsecc.prune.sparsegpt import dampen
 from sparsecc.prune.hessian_error import reconstruction_error
 from sparsecc.prune.obs import obs
 from sparsecc.prune.sparsegpt import HessianWarning, sparsegpt

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import sparsecc
 from sparsecc.codegen.cats_mlp import cats_mlp_reference
-from sparsecc.gated import ACTIVATIONS
+from sparsecc.codegen.cats_mlp import ACTIVATIONS
 
 ACTS = sorted(ACTIVATIONS)
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import sparsecc
 from sparsecc.codegen.moe_ffn import route
-from sparsecc.gated import ACTIVATIONS
+from sparsecc.codegen.cats_mlp import ACTIVATIONS
 from sparsecc.techniques import moe
 from sparsecc.techniques.moe import MoEConfig, MoEMLP, moe_load_balance, split_experts
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import torch
 
-from . import techniques  # noqa: F401  (registers the techniques a checkpoint's rows name)
 from .checkpoint import META, _from_pretrained, load_pruned
 from .errors import CalibrationError, PlanError
 

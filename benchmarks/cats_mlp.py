@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsecc.codegen import cats_cpu
-from sparsecc.codegen.ops import use_kernels
+from sparsecc.ops import use_kernels
 
 try:
     from results import add_device_args, bench_mode, device_dtype, median_times, report_kernel

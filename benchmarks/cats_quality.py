@@ -15,7 +15,7 @@ import copy
 import time
 
 import sparsecc
-from sparsecc.evaluate import perplexity
+from sparsecc.tools.evaluate import perplexity
 
 try:
     from results import add_quality_args, quality_setup, report

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsecc.codegen.moe_ffn import moe_ffn_reference
-from sparsecc.codegen.ops import use_kernels
+from sparsecc.ops import use_kernels
 
 try:
     from results import add_device_args, bench_mode, device_dtype, median_time, report_kernel

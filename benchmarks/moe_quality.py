@@ -19,7 +19,7 @@ import statistics
 import time
 
 import sparsecc
-from sparsecc.evaluate import perplexity
+from sparsecc.tools.evaluate import perplexity
 from sparsecc.techniques.moe import MoEConfig, moe_load_balance
 
 try:

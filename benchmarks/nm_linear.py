@@ -20,8 +20,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from sparsecc.codegen.ops import last_way, use_kernels
-from sparsecc.nm_format import compress
+from sparsecc.ops import last_way, use_kernels
+from sparsecc.codegen.nm_format import compress
 from sparsecc.prune import magnitude
 
 try:

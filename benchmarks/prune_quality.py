@@ -14,7 +14,7 @@ import time
 
 
 import sparsecc
-from sparsecc.evaluate import perplexity
+from sparsecc.tools.evaluate import perplexity
 from sparsecc.prune.owl import outlier_ratio
 
 try:

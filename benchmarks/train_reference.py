@@ -48,7 +48,7 @@ def section(infos: list[dict]) -> str:
         f"with {first['spec']['vocab_size']} tokens) trained from scratch by `sparsecc.zoo` with AdamW, fp32. "
         "WikiText-2's train split is not available offline, so they train on its validation split and are "
         "evaluated on its test split: non-overlapping windows of the context length, mean NLL over all "
-        "predicted tokens, exp (`sparsecc.evaluate.perplexity`).", "",
+        "predicted tokens, exp (`sparsecc.tools.evaluate.perplexity`).", "",
         table(infos), "",
         f"Measured {first['date']} on a {first['machine']}, {first['threads']} torch threads, torch {first['torch']}, "
         f"transformers {first['transformers']}. Produced by `python benchmarks/train_reference.py "

@@ -22,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from sparsecc.codegen.ops import use_kernels
+from sparsecc.ops import use_kernels
 from sparsecc.codegen.window_attention import window_attention_reference
 
 try:

@@ -6,19 +6,16 @@
 """
 __version__ = "0.1.0"
 
-import sys as _sys
-import types as _types
-
 # Public names -> the submodule defining them, imported on first use (PEP 562), so that
 # `import sparsecc` and `sparsecc --help` do not import torch.
 _SOURCES = {
     "calibrate": ".api", "sparsify_": ".api", "sparsecc_backend": ".backend",
-    "CalibrationSet": ".calibration", "sample_batches": ".calibration", "load_pruned": ".checkpoint",
-    "save_pruned": ".checkpoint", "CSRLinear": ".compressed", "NMLinear": ".compressed",
-    "compress_csr_": ".compressed", "compress_nm_": ".compressed", "Captured": ".capture",
-    "LinearSite": ".capture", "capture": ".capture", "SparsityConfig": ".configs", "Technique": ".configs",
-    "config_from_dict": ".configs", "register_technique": ".configs", "Plan": ".plan",
-    "dump_recipe": ".recipes", "load_recipe": ".recipes", "Report": ".report",
+    "CalibrationSet": ".graph.calibration", "sample_batches": ".graph.calibration", "load_pruned": ".io.checkpoint",
+    "save_pruned": ".io.checkpoint", "CSRLinear": ".techniques.packing", "NMLinear": ".techniques.packing",
+    "compress_csr_": ".techniques.packing", "compress_nm_": ".techniques.packing", "pack_": ".techniques.packing", "Captured": ".graph.capture",
+    "LinearSite": ".graph.capture", "capture": ".graph.capture", "SparsityConfig": ".techniques.configs", "Technique": ".techniques.configs",
+    "config_from_dict": ".techniques.configs", "register_technique": ".techniques.configs", "Plan": ".io.plan",
+    "dump_recipe": ".io.recipes", "load_recipe": ".io.recipes", "Report": ".io.report",
     "kv_cache_lengths": ".techniques.attention", "activation_sparsity": ".techniques.cats",
     **dict.fromkeys(["CalibrationError", "CaptureError", "PipelineError", "PlanError", "RecipeError",
                      "SparseccError"], ".errors"),
@@ -54,22 +51,12 @@ def __dir__():
     return sorted({*globals(), *__all__})
 
 
-class _Package(_types.ModuleType):
-    def __setattr__(self, name, value):
-        # Importing the submodule sparsecc.capture binds it here; the public name means the function.
-        if not (name == "capture" and isinstance(value, _types.ModuleType)):
-            super().__setattr__(name, value)
-
-
-_sys.modules[__name__].__class__ = _Package
-
-
 __all__ = [
     "AnalysisPass", "ApplyRecipe", "AttentionSinkConfig", "SlidingWindowConfig", "CATSConfig", "CATSMLP", "CalibrationError", "CalibrationSet", "CaptureError", "Captured",
     "CSRLinear", "CollectHessians", "CollectInputStats", "LinearSite", "MagnitudeConfig", "MoEConfig", "MoEMLP", "SparseMoEConfig", "NMLinear", "OBSConfig", "Pass",
     "PruningConfig", "SparseGPTConfig", "WandaConfig", "Pipeline",
     "PipelineError", "PipelineResult", "Plan", "PlanError", "RecipeError", "Report", "SparseccError",
     "SparsityConfig", "Technique", "TransformPass", "calibrate", "activation_sparsity", "capture", "compress_csr_", "compress_nm_", "config_from_dict", "dump_recipe", "kv_cache_lengths",
-    "load_pruned", "load_recipe", "moe_load_balance", "prune", "register_technique", "sample_batches", "save_pruned", "sparsecc_backend",
+    "load_pruned", "load_recipe", "moe_load_balance", "pack_", "prune", "register_technique", "sample_batches", "save_pruned", "sparsecc_backend",
     "sparsify_",
 ]

@@ -102,13 +102,14 @@ def tiny_streams():
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """kernel_calls("nm_linear_triton") wraps that Triton entry point of sparsecc.codegen.ops and
-    returns the list the shape of each call's first argument is appended to."""
-    from sparsecc.codegen import ops
+    """kernel_calls("nm_linear_triton") wraps that registered Triton kernel of a sparsecc op
+    (sparsecc.ops.dispatch.WAYS) and returns the list the shape of each call's first argument is appended to."""
+    from sparsecc.ops.dispatch import WAYS
 
     def spy(name):
-        calls, kernel = [], getattr(ops, name)
-        monkeypatch.setattr(ops, name, lambda *a, **k: calls.append(a[0].shape) or kernel(*a, **k))
+        ways = next(w for w in WAYS.values() if w.kernel.__name__ == name)
+        calls, kernel = [], ways.kernel
+        monkeypatch.setattr(ways, "kernel", lambda *a, **k: calls.append(a[0].shape) or kernel(*a, **k))
         return calls
     return spy
 

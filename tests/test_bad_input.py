@@ -86,11 +86,11 @@ def test_data_free_recipe_needs_no_batches(make_model):
 
 
 def test_hessian_memory_is_checked_before_any_work(make_model, batches, state_tools, monkeypatch):
-    import sparsecc.memory
+    import sparsecc.passes.memory
     snapshot, same = state_tools
     m = make_model("llama")
     snap = snapshot(m)
-    monkeypatch.setattr(sparsecc.memory, "available_bytes", lambda device: 100_000)
+    monkeypatch.setattr(sparsecc.passes.memory, "available_bytes", lambda device: 100_000)
     with pytest.raises(sparsecc.CalibrationError, match=r"needs ~0\.\d+ GiB .*decoder block model\.layers\.\d.*WandaConfig"):
         sparsecc.sparsify_(m, sparsecc.SparseGPTConfig(0.5), batches, progress=False)
     assert same(m, snap)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import sparsecc
-from sparsecc.evaluate import perplexity
+from sparsecc.tools.evaluate import perplexity
 
 WINDOWS = 64
 CONFIGS = {

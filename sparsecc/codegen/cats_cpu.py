@@ -82,7 +82,7 @@ def cats_mlp_cpu(x, w_gate, b_gate, w_up, b_up, w_down, b_down, threshold: float
     if sparse is False or x.numel() == 0 or (sparse is None and not (eligible and w_up.numel() >= MIN_WEIGHTS)):
         return cats_mlp_reference(x, w_gate, b_gate, w_up, b_up, w_down, b_down, threshold, act)
     lead, hidden = x.shape[:-1], x.shape[-1]
-    with torch.no_grad():  # the op's backward is its own (ops.py); nothing here is differentiated
+    with torch.no_grad():  # the op's backward is its own (sparsecc/ops/cats_mlp.py): nothing is differentiated here
         x2 = x.reshape(-1, hidden)
         v = cats_gate(x2, w_gate, b_gate, threshold, act)                  # lines 2-3: zero below t
         idx = (v != 0).any(0).nonzero().squeeze(1)                         # neurons active for some token

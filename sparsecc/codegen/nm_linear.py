@@ -1,4 +1,4 @@
-"""N:M sparse linear: y = x Wᵀ (+ b) with W stored compressed (`sparsecc.nm_format`).
+"""N:M sparse linear: y = x Wᵀ (+ b) with W stored compressed (`sparsecc.codegen.nm_format`).
 
 W [out, in] keeps N of every M consecutive inputs; it is stored as `values` [out, in·N/M] and
 `index` (each kept value's position 0..M-1 in its group, packed `bits` to a byte: 2 bits for
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..nm_format import decompress, index_bits
+from .nm_format import decompress, index_bits
 from .tuning import bucket, candidates, choose, interpreted
 
 try:
@@ -88,11 +88,11 @@ def _configs(tokens: int, m: int) -> list[dict]:
     return found
 
 
-def nm_linear(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, n: int, m: int, in_features: int,
-              bias: torch.Tensor | None = None, blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
+def nm_linear_triton(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, n: int, m: int, in_features: int,
+                     bias: torch.Tensor | None = None, blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
     """x [..., in] times the compressed N:M weight, by the Triton kernel (same result as the reference)."""
     if triton is None:
-        raise RuntimeError("nm_linear needs triton (pip install triton); use nm_linear_reference")
+        raise RuntimeError("nm_linear_triton needs triton (pip install triton); use nm_linear_reference")
     if x.device.type == "cpu" and not interpreted():
         raise RuntimeError("the Triton N:M kernel runs on CPU tensors only in triton's interpreter: set "
                            "TRITON_INTERPRET=1 before importing sparsecc, or use nm_linear_reference")

@@ -3,9 +3,9 @@ sparsecc::nm_linear.
 
 In kernel mode "auto" on a CUDA device, the nm_linear op times its ways of running per shape
 (the Triton kernel, the reference, and — where `applies` — torch's 2:4 product) and runs the
-fastest (ops.pick). torch's tensor is built from the decompressed weight on first use and
-kept while the stored weight lives (keyed by its `values` tensor, rebuilt if values or index
-change in place); built only to be timed and then not chosen, it is dropped again (`forget`),
+fastest (sparsecc.ops.dispatch.pick). torch's tensor is built from the decompressed weight on
+first use and kept while the stored weight lives (keyed by its `values` tensor, rebuilt if values
+or index change in place); built only to be timed and then not chosen, it is dropped again (`forget`),
 so only weights that run on it pay its memory (about 9/16 of the dense fp16 weight).
 
 It applies where torch supports it: pattern 2:4, a non-empty input on the weight's (CUDA)
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..nm_format import decompress
+from .nm_format import decompress
 
 NAME = "torch_semi_structured"  # what lowering reports call this way
 _built: WeakIdKeyDictionary = WeakIdKeyDictionary()  # values tensor -> (_stamp, torch's 2:4 tensor)

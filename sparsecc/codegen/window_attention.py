@@ -7,7 +7,8 @@ Every query and key carries its absolute token index (q_pos, k_pos). Query a may
 
 so the first `sinks` tokens (Longformer's global tokens of a causal model, StreamingLLM's sinks)
 are always visible, plus the last `window` tokens (every `dilation`-th one). window=None is plain
-causal attention.
+causal attention. An optional boolean `key_mask` further removes pairs: [B, L] per key (padding),
+or [B, T, L] per query and key (a model's own attention mask).
 
 Positions within the cache (StreamingLLM §3.2): with the cache holding the sinks and the last
 `window` tokens, a query at index a sits at cache position min(a, sinks + window - 1), the window
@@ -56,7 +57,8 @@ def window_attention_reference(q, k, v, q_pos, k_pos, key_mask, window: int | No
     """softmax(q kᵀ · scale + mask) v over the allowed pairs.
 
     q [B, Hq, T, D]; k [B, Hk, L, D]; v [B, Hk, L, Dv] (Hq a multiple of Hk: grouped-query);
-    q_pos [T], k_pos [L] absolute token indices; key_mask [B, L] bool or None (False: padding);
+    q_pos [T], k_pos [L] absolute token indices; key_mask [B, L] or [B, T, L] bool or None (False:
+    the pair is masked, e.g. padding);
     inv_freq: the RoPE frequencies when sink scores use positions within the cache, else None.
     Returns [B, Hq, T, Dv]."""
     bsz, hq, t, _ = q.shape
@@ -73,7 +75,7 @@ def window_attention_reference(q, k, v, q_pos, k_pos, key_mask, window: int | No
         scores[..., is_sink] = sink_scores
     keep = allowed(q_pos, k_pos, window, dilation, sinks)[None, None, None]
     if key_mask is not None:
-        keep = keep & key_mask[:, None, None, None, :]
+        keep = keep & (key_mask[:, None, None, None] if key_mask.dim() == 2 else key_mask[:, None, None])
     scores = scores.masked_fill(~keep, float("-inf"))
     probs = torch.softmax(scores, -1).nan_to_num(0.0)  # a query with no visible key (padding) gets 0
     out = torch.einsum("bkgtl,bkld->bkgtd", probs, v.to(acc))
@@ -102,7 +104,8 @@ def window_attention_blocked(q, k, v, q_pos, k_pos, key_mask, window: int | None
             qb, kb = torch.cat([qb, qs], -1), torch.cat([kb.masked_fill(sink, 0), kb.masked_fill(~sink, 0)], -1)
         keep = allowed(qp, kp, window, dilation, sinks)
         if key_mask is not None:
-            keep = keep & key_mask[:, None, None, idx]
+            rows = key_mask[:, None, None] if key_mask.dim() == 2 else key_mask[:, None, a:a + block]  # [B, 1, t|1, L]
+            keep = keep & rows[..., idx]
         out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=None if bool(keep.all()) else keep, scale=scale,
                                              enable_gqa=q.shape[1] != k.shape[1])
         outs.append(out.nan_to_num(0.0))  # a query with no visible key (padding) gets 0, as in the reference
@@ -127,10 +130,11 @@ except ImportError:  # pragma: no cover
 if triton is not None:
 
     @triton.jit
-    def _attend(q, m_i, l_i, acc, k_ptr, v_ptr, kpos_ptr, kmask_ptr, qp, lo, hi, n_sink, L, D, DV, skn, svn,
-                WINDOW, DILATION, scale, IS_SINK: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KMASK: tl.constexpr,
+    def _attend(q, m_i, l_i, acc, k_ptr, v_ptr, kpos_ptr, kmask_ptr, qp, row, lo, hi, n_sink, L, D, DV, skn, svn,
+                skmt, WINDOW, DILATION, scale, IS_SINK: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KMASK: tl.constexpr,
                 DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-        """Fold keys lo..hi-1 into the running softmax state of a query block."""
+        """Fold keys lo..hi-1 into the running softmax state of a query block (rows `row` of the
+        key mask, skmt apart: 0 for a [B, L] mask)."""
         rd = tl.arange(0, BLOCK_D)
         rdv = tl.arange(0, BLOCK_DV)
         for j0 in range(lo, hi, BLOCK_N):
@@ -149,7 +153,8 @@ if triton is not None:
                 if HAS_WINDOW:
                     keep = keep & (dist % DILATION == 0) & (dist < WINDOW * DILATION)
             if HAS_KMASK:
-                keep = keep & (tl.load(kmask_ptr + j, mask=live, other=0) != 0)[None, :]
+                km = tl.load(kmask_ptr + row[:, None] * skmt + j[None, :], mask=live[None, :], other=0)
+                keep = keep & (km != 0)
             s = tl.where(keep, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp(s - m_new[:, None])
@@ -166,7 +171,7 @@ if triton is not None:
     @triton.jit
     def _window_attention_kernel(q_ptr, k_ptr, v_ptr, qpos_ptr, kpos_ptr, kmask_ptr, invf_ptr, o_ptr,
                                  T, L, D, DV, HQ, GROUPS, SINKS, WINDOW, DILATION, scale,
-                                 sqb, sqh, sqt, skb, skh, skn, svb, svh, svn, sob, soh, sot, skmb,
+                                 sqb, sqh, sqt, skb, skh, skn, svb, svh, svn, sob, soh, sot, skmb, skmt,
                                  HAS_WINDOW: tl.constexpr, HAS_KMASK: tl.constexpr, SHIFT: tl.constexpr,
                                  HALF: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
                                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
@@ -177,6 +182,7 @@ if triton is not None:
         rd = tl.arange(0, BLOCK_D)
         rdv = tl.arange(0, BLOCK_DV)
         row = rm < T
+        rk = tl.where(row, rm, 0)  # key mask rows: padded query rows read row 0
         q = tl.load(q_ptr + b * sqb + h * sqh + rm[:, None] * sqt + rd[None, :],
                     mask=row[:, None] & (rd[None, :] < D), other=0.0)
         qp = tl.load(qpos_ptr + rm, mask=row, other=0)
@@ -201,15 +207,15 @@ if triton is not None:
                                 mask=row[:, None] & (rd[None, :] < 2 * HALF), other=0.0).to(tl.float32)
                 rot = tl.where(rd[None, :] < HALF, -qpart, qpart)                    # rotate_half(q)
                 qs = (q.to(tl.float32) * tl.cos(ang) - rot * tl.sin(ang)).to(q.dtype)
-            m_i, l_i, acc = _attend(qs, m_i, l_i, acc, k_base, v_base, kpos_ptr, km_base, qp, 0, n_sink, n_sink, L,
-                                    D, DV, skn, svn, WINDOW, DILATION, scale, True, HAS_WINDOW, HAS_KMASK, DOT_FP32,
-                                    BLOCK_N, BLOCK_D, BLOCK_DV)
+            m_i, l_i, acc = _attend(qs, m_i, l_i, acc, k_base, v_base, kpos_ptr, km_base, qp, rk, 0, n_sink, n_sink,
+                                    L, D, DV, skn, svn, skmt, WINDOW, DILATION, scale, True, HAS_WINDOW, HAS_KMASK,
+                                    DOT_FP32, BLOCK_N, BLOCK_D, BLOCK_DV)
         lo = n_sink
         if HAS_WINDOW:
             lo = tl.maximum(n_sink, q_first - (WINDOW - 1) * DILATION - off)
         hi = tl.minimum(L, q_last - off + 1)
-        m_i, l_i, acc = _attend(q, m_i, l_i, acc, k_base, v_base, kpos_ptr, km_base, qp, lo, hi, n_sink, L, D, DV,
-                                skn, svn, WINDOW, DILATION, scale, False, HAS_WINDOW, HAS_KMASK, DOT_FP32,
+        m_i, l_i, acc = _attend(q, m_i, l_i, acc, k_base, v_base, kpos_ptr, km_base, qp, rk, lo, hi, n_sink, L, D, DV,
+                                skn, svn, skmt, WINDOW, DILATION, scale, False, HAS_WINDOW, HAS_KMASK, DOT_FP32,
                                 BLOCK_N, BLOCK_D, BLOCK_DV)
         out = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
         tl.store(o_ptr + b * sob + h * soh + rm[:, None] * sot + rdv[None, :], out.to(o_ptr.dtype.element_ty),
@@ -254,6 +260,7 @@ def window_attention_triton(q, k, v, q_pos, k_pos, key_mask, window, dilation, s
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             kmask.stride(0) if key_mask is not None else 0,
+            kmask.stride(1) if key_mask is not None and key_mask.dim() == 3 else 0,
             HAS_WINDOW=window is not None, HAS_KMASK=key_mask is not None, SHIFT=shift,
             HALF=inv_freq.numel() if shift else 0, DOT_FP32=q.dtype == torch.float32 or interpreted(),
             BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=max(16, triton.next_power_of_2(dv)), **cfg)
@@ -261,7 +268,8 @@ def window_attention_triton(q, k, v, q_pos, k_pos, key_mask, window, dilation, s
     if blocks is not None:
         cfg = dict(BLOCK_M=blocks[0], BLOCK_N=blocks[1])
     else:
-        key = (q.dtype, bucket(t), bucket(n), hq, k.shape[1], d, dv, window is None, shift, key_mask is not None)
+        key = (q.dtype, bucket(t), bucket(n), hq, k.shape[1], d, dv, window is None, shift,
+               None if key_mask is None else key_mask.dim())
         cfg = choose("window_attention", key, _configs(t), launch, q.device)
     launch(cfg)
     return out

@@ -1,7 +1,11 @@
 """Analysis and transformation passes, and the Pipeline that orders and runs them (see README.md)."""
-from .base import AnalysisPass, ApplyRecipe, CollectHessians, CollectInputStats, Pass, TransformPass
+from ..prune.sparsegpt import dampen
+from .analysis import (CollectGateActivations, CollectHessians, CollectInputStats, CollectOutlierRatios,
+                       CollectRouterStats, HessianStats, InputStats)
+from .base import AnalysisPass, Pass, TransformPass
 from .pipeline import PassContext, Pipeline, PipelineResult
-from .stats import HessianStats, InputStats, dampen
+from .transform import ApplyRecipe, RewriteModules
 
-__all__ = ["AnalysisPass", "ApplyRecipe", "CollectHessians", "CollectInputStats", "HessianStats", "InputStats",
-           "Pass", "PassContext", "Pipeline", "PipelineResult", "TransformPass", "dampen"]
+__all__ = ["AnalysisPass", "ApplyRecipe", "CollectGateActivations", "CollectHessians", "CollectInputStats",
+           "CollectOutlierRatios", "CollectRouterStats", "HessianStats", "InputStats", "Pass", "PassContext",
+           "Pipeline", "PipelineResult", "RewriteModules", "TransformPass", "dampen"]

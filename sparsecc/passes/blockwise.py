@@ -13,16 +13,14 @@ if not, the model is calibrated as a whole instead (correct, but not memory-sequ
 """
 from __future__ import annotations
 
-import inspect
 import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch import nn
 
-from ..calibration import token_mask
-from ..capture import Captured, call_model
+from ..graph.calibration import token_mask
+from ..graph.capture import Captured, forward_model
 
 
 class _Stop(Exception):
@@ -61,22 +59,12 @@ def _hidden_of(out):
     return None
 
 
-def model_kwargs(model: nn.Module) -> dict:
-    """Calibration forwards need no KV cache: pass use_cache=False where the model takes it."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return {}
-    return {"use_cache": False} if "use_cache" in params else {}
+class Sites(list):
+    """A scope's linear sites; `holds(name)` says whether module `name` lies in the scope."""
 
-
-def forward_model(model, batch):
-    extra = model_kwargs(model)
-    if extra and isinstance(batch, dict):
-        return model(**{**extra, **batch})
-    if extra:
-        return model(batch, **extra)
-    return call_model(model, batch)
+    def __init__(self, sites, holds: Callable[[str], bool]):
+        super().__init__(sites)
+        self.holds = holds
 
 
 @dataclass
@@ -84,8 +72,11 @@ class Scope:
     """A unit of calibration: the sites it holds and how to run it over all batches."""
 
     name: str
-    sites: list
+    sites: Sites
     run: Callable[[], None]   # one forward over all calibration batches
+
+    def holds(self, module: str) -> bool:
+        return self.sites.holds(module)
 
 
 class BlockRunner:
@@ -159,23 +150,27 @@ class BlockRunner:
             names = self.ctx.captured.blocks
             for k, block in enumerate(self.blocks):
                 in_block = [s for s in sites.values() if s.name.startswith(names[k] + ".")]
-                yield Scope(names[k], in_block, lambda k=k: self._run_block(k))
+                holds = (lambda m, b=names[k]: m == b or m.startswith(b + "."))
+                yield Scope(names[k], Sites(in_block, holds), lambda k=k: self._run_block(k))
                 self.hidden = self._run_block(k)  # outputs after this block's transforms
                 self.calls[k] = None  # free what block k needed
-        rest = self._rest()
-        if rest:
-            yield Scope("model" if not self.sequential else "rest", rest, self._run_model)
+        if self._rest_needed():
+            outside = (lambda m: not self.sequential or self.ctx.captured.block_of(m + ".") is None)
+            yield Scope("model" if not self.sequential else "rest", Sites(self._rest(), outside), self._run_model)
 
     def num_scopes(self) -> int:
-        return (len(self.blocks) if self.sequential else 0) + bool(self._rest())
+        return (len(self.blocks) if self.sequential else 0) + self._rest_needed()
 
     def _rest(self) -> list:
-        """Sites outside the blocks (all of them when not sequential); empty if none is relevant."""
+        """Sites outside the blocks (all of them when not sequential)."""
         sites = self.ctx.captured.sites.values()
-        rest = [s for s in sites if not self.sequential or self.ctx.captured.block_of(s.name) is None]
-        if self.relevant is not None:
-            rest = [s for s in rest if s.name in self.relevant] and rest  # skip a rest nobody needs
-        return rest
+        return [s for s in sites if not self.sequential or self.ctx.captured.block_of(s.name) is None]
+
+    def _rest_needed(self) -> bool:
+        """Whether the rest scope holds anything a pass wants (`relevant`: site or module names)."""
+        if self.relevant is None:
+            return bool(self._rest()) or not self.sequential
+        return any(not self.sequential or self.ctx.captured.block_of(n + ".") is None for n in self.relevant)
 
     @torch.no_grad()
     def _run_block(self, k: int) -> list[torch.Tensor]:

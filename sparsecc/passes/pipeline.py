@@ -1,12 +1,15 @@
 """Pipeline: order passes by what they need and produce, run them block by block, record.
 
+    pipe = Pipeline.from_recipe(model, recipe, batches)   # the passes a recipe needs (build.py)
     pipe = Pipeline([CollectInputStats(), CollectHessians(), ApplyRecipe(...)], debug=True)
     result = pipe.run(model, batches)     # result.stats, result.timings, result.summary()
 
-Ordering uses networkx: an edge p -> q when q requires an artefact p produces. A requirement
-nobody produces, two producers of one artefact, or a cycle is an error naming the passes.
-Within each scope consecutive analysis passes share one forward over the calibration data.
-If anything fails, every weight a pass changed is restored: the model is left as it was.
+Ordering uses networkx: an edge p -> q when q requires an artefact p produces, or runs `after`
+one. A requirement nobody produces, two producers of one artefact, or a cycle is an error
+naming the passes. Whole-model analysis passes (OWL's) run in a first sweep over every scope;
+the rest in a second, scope by scope, consecutive analysis passes sharing one forward. Every
+change is recorded in one Transaction: if anything fails (or `keep_changes=False`, what
+`calibrate` asks) the model is left as it was.
 """
 from __future__ import annotations
 
@@ -18,12 +21,15 @@ import networkx as nx
 import torch
 from tqdm.auto import tqdm
 
-from ..calibration import describe, validate_batches
-from ..capture import Captured, capture
 from ..errors import CalibrationError, PipelineError
-from .base import ANALYSIS_PRODUCERS, AnalysisPass, ApplyRecipe, Pass
+from ..graph.calibration import describe, validate_batches
+from ..graph.capture import Captured, capture
+from ..techniques.transaction import Transaction
+from .analysis import PRODUCERS
+from .base import AnalysisPass, Pass
 from .blockwise import BlockRunner
 from .checks import verify
+from .transform import ApplyRecipe, RewriteModules
 
 
 @dataclass
@@ -36,13 +42,13 @@ class PassContext:
     debug: bool = False
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)       # artefact -> module -> stat
     decisions: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
-    rows: list[dict] = field(default_factory=list)                         # per-layer report rows
-    originals: dict[str, torch.Tensor] = field(default_factory=dict)      # param -> value before
-    on_restore: list = field(default_factory=list)                         # undo callables (module swaps)
+    configs: dict = field(default_factory=dict)                            # module -> the config applied
+    rows: list[dict] = field(default_factory=list)                         # per-module report rows
     batch_index: int = 0
     token_mask: torch.Tensor | None = None
 
     def __post_init__(self):
+        self.tx = Transaction(self.model)
         self.site_layout = {s.name: (tuple(s.weight(self.model).shape), s.weight(self.model).dtype,
                                      s.weight(self.model).device) for s in self.captured.sites.values()}
 
@@ -51,19 +57,7 @@ class PassContext:
 
     def save_original(self, *params) -> None:
         """Keep the current value of each parameter (a name or a site) before a pass changes it."""
-        for p in params:
-            name = p if isinstance(p, str) else p.param
-            if name not in self.originals:
-                self.originals[name] = self.model.get_parameter(name).detach().clone()
-
-    def restore(self) -> None:
-        for undo in reversed(self.on_restore):  # module swaps first, then the weights inside them
-            undo()
-        self.on_restore.clear()
-        with torch.no_grad():
-            for name, value in self.originals.items():
-                self.model.get_parameter(name).copy_(value)
-        self.originals.clear()
+        self.tx.save(*params)
 
     def record(self, site, config, weight, seconds: float, error=(None, None)) -> None:
         self.rows.append({"module": site.name, "param": site.param, "transposed": site.transposed,
@@ -83,14 +77,8 @@ class PipelineResult:
     setup: dict
     scopes: list[str]
     sites: dict
-    configs: dict = field(default_factory=dict)   # module -> config, from ApplyRecipe passes
-
-    def save(self, path):
-        """Save what every pass collected (and any decisions) as a Plan: JSON + safetensors."""
-        from ..plan import Plan
-
-        return Plan(self.sites, self.configs, self.decisions, self.stats, self.setup, self.rows,
-                    {"timings": self.timings, "order": self.order}).save(path)
+    configs: dict = field(default_factory=dict)   # module -> the config applied (linears and rewritten modules)
+    specs: dict = field(default_factory=dict)     # rewritten module -> its spec (RewriteModules passes)
 
     def summary(self) -> str:
         lines = [f"pipeline: {' -> '.join(self.order)}",
@@ -113,6 +101,25 @@ class Pipeline:
         self.debug = debug
         self.progress = progress
         self.order = self._order()
+        self.captured: Captured | None = None  # set by from_recipe
+
+    @classmethod
+    def from_recipe(cls, model: torch.nn.Module, recipe, batches, *, data: bool = True, debug: bool = False,
+                    progress: bool = True) -> "Pipeline":
+        """The pipeline carrying out `recipe` on `model`: every analysis pass its configs need, the
+        pruning and the module rewrites (build.py). `batches` are validated calibration batches (a
+        dummy batch with `data=False`, for data-free recipes)."""
+        from .build import recipe_passes
+
+        captured, passes = recipe_passes(model, recipe, batches, data)
+        pipe = cls(passes, debug=debug, progress=progress)
+        pipe.captured = captured
+        return pipe
+
+    @property
+    def targets(self) -> dict:
+        """{module: config} of every linear and module the transforms change (in pass order)."""
+        return {n: c for p in self.order if isinstance(p, (ApplyRecipe, RewriteModules)) for n, c in p.assignments.items()}
 
     def _order(self) -> list[Pass]:
         producer: dict[str, Pass] = {}
@@ -127,46 +134,53 @@ class Pipeline:
         for i, p in enumerate(self.passes):
             for art in p.requires:
                 if art not in producer:
-                    fix = ANALYSIS_PRODUCERS.get(art)
+                    fix = PRODUCERS.get(art)
                     hint = f"; add {fix.__name__}() to the pipeline" if fix else ""
                     raise PipelineError(f"pass {p.name!r} needs {art!r} but no pass in the pipeline produces it{hint}")
                 g.add_edge(index[id(producer[art])], i)
+            for art in p.after:
+                if art in producer and producer[art] is not p:
+                    g.add_edge(index[id(producer[art])], i)
         try:
             cycle = nx.find_cycle(g)
         except nx.NetworkXNoCycle:
-            return [self.passes[i] for i in nx.lexicographical_topological_sort(g)]
-        a, b = self.passes[cycle[0][0]].name, self.passes[cycle[0][1]].name
-        raise PipelineError(f"passes {a!r} and {b!r} depend on each other (cycle: "
-                            f"{' -> '.join(self.passes[u].name for u, _ in cycle)} -> {a})")
+            order = [self.passes[i] for i in nx.lexicographical_topological_sort(g)]
+        else:
+            a, b = self.passes[cycle[0][0]].name, self.passes[cycle[0][1]].name
+            raise PipelineError(f"passes {a!r} and {b!r} depend on each other (cycle: "
+                                f"{' -> '.join(self.passes[u].name for u, _ in cycle)} -> {a})")
+        whole = {a for p in order if getattr(p, "whole_model", False) for a in p.produces}
+        for p in order:
+            late = [a for a in p.requires if a not in whole and a in producer]
+            if getattr(p, "whole_model", False) and late:
+                raise PipelineError(f"whole-model pass {p.name!r} cannot need {late[0]!r}, produced block by block")
+        return order
 
     def run(self, model: torch.nn.Module, batches, captured: Captured | None = None,
-            keep_changes: bool = True, then=None) -> PipelineResult:
-        """Run on `model` with calibration `batches`. keep_changes=False restores the weights
-        afterwards (what `calibrate` does); on any error they are always restored. `then(ctx)`, if
-        given, runs after the passes, still inside that guarantee (module rewrites register their
-        undo in ctx.on_restore)."""
-        batches_list = validate_batches(model, batches)
+            keep_changes: bool = True) -> PipelineResult:
+        """Run on `model` with calibration `batches` (None: passes that need no data, on a given
+        `captured`). keep_changes=False undoes every change afterwards (what `calibrate` does); on
+        any error they are always undone."""
+        batches_list = validate_batches(model, batches) if batches is not None else []
         was_training = model.training
         model.eval()
         ctx = None
         try:
-            captured = captured or capture(model, batches_list[0])
+            captured = captured or self.captured or capture(model, batches_list[0])
             ctx = PassContext(model, captured, batches_list, self.debug)
             timings = self._run(ctx)
-            if then is not None:
-                t0 = time.perf_counter()
-                then(ctx)
-                timings["module rewrites"] = time.perf_counter() - t0
+            specs = {n: s for p in self.order if isinstance(p, RewriteModules) for n, s in p.specs.items()}
             result = PipelineResult([p.name for p in self.order], ctx.stats, ctx.decisions, ctx.rows, timings,
-                                    describe(batches_list, getattr(batches, "setup", None)),
-                                    self._scopes, dict(captured.sites),
-                                    {n: c for p in self.order if isinstance(p, ApplyRecipe) for n, c in p.assignments.items()})
-            if not keep_changes:
-                ctx.restore()
+                                    describe(batches_list, getattr(batches, "setup", None)) if batches_list else {},
+                                    self._scopes, dict(captured.sites), dict(ctx.configs), specs)
+            if keep_changes:
+                ctx.tx.commit()
+            else:
+                ctx.tx.rollback()
             return result
         except BaseException:
             if ctx is not None:
-                ctx.restore()
+                ctx.tx.rollback()
             raise
         finally:
             model.train(was_training)
@@ -177,30 +191,46 @@ class Pipeline:
         for p in self.order:
             if isinstance(p, AnalysisPass):
                 p.setup(ctx)
+        first = [p for p in self.order if getattr(p, "whole_model", False)]
+        sweeps = [first, [p for p in self.order if p not in first]] if first else [self.order]
+        self._scopes = []
+        for sweep in sweeps:
+            scopes = self._sweep(ctx, sweep, timings, "sparsecc (whole-model statistics)" if sweep is first else "sparsecc")
+            if sweep is not first:
+                self._scopes = scopes
+            for p in sweep:
+                if isinstance(p, AnalysisPass):
+                    t = time.perf_counter()
+                    p.finish(ctx)
+                    timings[p.name] += time.perf_counter() - t
+        return timings
+
+    def _sweep(self, ctx: PassContext, passes: list[Pass], timings: dict, desc: str) -> list[str]:
+        """Run `passes` scope by scope (one decoder block at a time, then the rest)."""
         stages: list[list[Pass]] = []
-        for p in self.order:  # consecutive analysis passes share one forward
+        for p in passes:  # consecutive analysis passes share one forward
             if stages and isinstance(p, AnalysisPass) and isinstance(stages[-1][0], AnalysisPass):
                 stages[-1].append(p)
             else:
                 stages.append([p])
         relevant: set[str] | None = set()
-        for p in self.order:
+        for p in passes:
             if isinstance(p, AnalysisPass):
-                relevant |= p._wanted
-            elif isinstance(p, ApplyRecipe):
+                relevant |= p._wanted | set(p.hooked_modules(ctx))
+            elif isinstance(p, (ApplyRecipe, RewriteModules)):
                 relevant |= set(p.assignments)
             else:
                 relevant = None  # a custom transform may touch any site
                 break
-        runner = BlockRunner(ctx, needs_data=any(isinstance(p, AnalysisPass) for p in self.order), relevant=relevant)
-        self._scopes = []
+        runner = BlockRunner(ctx, needs_data=any(isinstance(p, AnalysisPass) for p in passes), relevant=relevant)
+        scopes: list[str] = []
         done: list[str] = []
-        total = runner.num_scopes()  # 0 for a recipe of module rewrites only: no bar then
-        bar = tqdm(runner.scopes(), total=total, desc="sparsecc", unit="block", disable=not self.progress or not total,
+        total = runner.num_scopes()
+        bar = tqdm(runner.scopes(), total=total, desc=desc, unit="block", disable=not self.progress or total < 2,
                    leave=False)
         for scope in bar:
             bar.set_postfix_str(scope.name)
-            self._scopes.append(scope.name)
+            scopes.append(scope.name)
             done_here: list[str] = []
             for stage in stages:
                 try:
@@ -227,7 +257,7 @@ class Pipeline:
                                             f"(passes run before it: {', '.join(done_here[:-1]) or 'none'}): "
                                             + "; ".join(problems))
             done = done_here
-        return timings
+        return scopes
 
 
 def _observe(ctx: PassContext, scope, stage: list[AnalysisPass]) -> dict[str, float]:
@@ -255,6 +285,19 @@ def _observe(ctx: PassContext, scope, stage: list[AnalysisPass]) -> dict[str, fl
                 p.observe(ctx, site, x)
                 spent[p.name] += time.perf_counter() - t
         handles.append(ctx.model.get_submodule(site.name).register_forward_pre_hook(hook))
+    for p in stage:
+        for name in p.hooked_modules(ctx):
+            if not scope.holds(name):
+                continue
+
+            def module_hook(mod, args, out, name=name, p=p):
+                x, y = args[0], out
+                if ctx.token_mask is not None and x.dim() >= 3 and x.shape[:2] == ctx.token_mask.shape:
+                    x, y = x[ctx.token_mask], y[ctx.token_mask]
+                t = time.perf_counter()
+                p.observe_module(ctx, name, x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]))
+                spent[p.name] += time.perf_counter() - t
+            handles.append(ctx.model.get_submodule(name).register_forward_hook(module_hook))
     try:
         scope.run()
     finally:

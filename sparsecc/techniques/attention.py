@@ -25,18 +25,18 @@ indices. Dropout inside attention is not applied (inference rewrites).
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers.cache_utils import DynamicLayer
 
-from ..codegen import ops as _ops  # noqa: F401  (registers torch.ops.sparsecc.window_attention)
+from .. import ops as _ops  # noqa: F401  (registers torch.ops.sparsecc.window_attention)
 from ..codegen.window_attention import allowed
-from ..configs import SparsityConfig, register_technique
+from .configs import SparsityConfig, register_technique
 from ..errors import RecipeError
-from ..rewrites import ModuleRewrite, RewriteContext
+from .rewrites import ModuleRewrite
+from .transaction import Transaction
 
 IMPL = "sparsecc"
 
@@ -203,7 +203,7 @@ def sparsecc_attention(module, query, key, value, attention_mask, dropout: float
     return out.transpose(1, 2).contiguous(), None
 
 
-def _refuse_padding(model: nn.Module, on_restore: list) -> None:
+def _refuse_padding(model: nn.Module, tx) -> None:
     """transformers hands a custom attention function no mask, so padded rows would attend their
     padding: refuse padded batches at the model's entry instead (checked outside compiled code)."""
     if getattr(model, "_sparsecc_padding_hook", None) is not None:
@@ -218,7 +218,7 @@ def _refuse_padding(model: nn.Module, on_restore: list) -> None:
     def undo():
         model._sparsecc_padding_hook.remove()
         del model._sparsecc_padding_hook
-    on_restore.append(undo)
+    tx.on_undo(undo)
     model._sparsecc_padding_hook = model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
@@ -254,8 +254,8 @@ def _pair_share(form: _Form, length: int) -> float:
     return 1.0 - kept / (length * (length + 1) / 2)
 
 
-def apply_form(model: nn.Module, name: str, config, on_restore: list) -> dict:
-    """Rewrite attention module `name` to `config`'s form; the undo goes to on_restore first."""
+def apply_form(model: nn.Module, name: str, config, tx) -> dict:
+    """Rewrite attention module `name` to `config`'s form, each change recorded in `tx` first."""
     module = _check_module(model, name)
     window, dilation, sinks, shift = config.form()
     form = _Form(window, dilation, sinks, _rotary(model, name) if shift and sinks > 0 else None)
@@ -264,7 +264,7 @@ def apply_form(model: nn.Module, name: str, config, on_restore: list) -> dict:
         if head_dim is not None and 2 * form.rotary.inv_freq.numel() > head_dim:
             raise RecipeError(f"{name}: rotary dims {2 * form.rotary.inv_freq.numel()} exceed head_dim {head_dim}")
     _register_impl()
-    _refuse_padding(model, on_restore)
+    _refuse_padding(model, tx)
     old_impl, old_form = module.config._attn_implementation, getattr(module, "sparsecc_attention", None)
     handle = None
 
@@ -275,7 +275,7 @@ def apply_form(model: nn.Module, name: str, config, on_restore: list) -> dict:
         if old_form is None:
             del module.sparsecc_attention
         module.config._attn_implementation = old_impl
-    on_restore.append(undo)
+    tx.on_undo(undo)
     module.sparsecc_attention = form
     module.config._attn_implementation = IMPL
     handle = _rolling_layer(module, form)
@@ -288,28 +288,31 @@ def apply_form(model: nn.Module, name: str, config, on_restore: list) -> dict:
 
 class _AttentionRewrite(ModuleRewrite):
     what = "attention module calling scaled_dot_product_attention (load the model with attn_implementation='sdpa')"
-    order = 0  # data-free; before calibrated rewrites, whose calibration then sees the final attention
+    first = True  # data-free, at the start of its block: the block's statistics then see the final attention
+
+    def compile_error(self, config) -> str | None:
+        """The graph lowering has no rolling cache: positions within the cache need sparsify_."""
+        _, _, sinks, shift = config.form()
+        if shift and sinks > 0:
+            return ("positions within the cache (shift_positions=True) and the rolling KV cache come from "
+                    "sparsecc.sparsify_(model, recipe); at compile time use shift_positions=False or SlidingWindowConfig")
+        return None
 
     def candidates(self, captured) -> dict[str, str]:
         return {name: name for name in captured.attention}
 
-    def rewrite(self, ctx: RewriteContext, specs, configs) -> list[dict]:
-        rows = []
-        for name, cfg in configs.items():
-            t0 = time.perf_counter()
-            rows.append({**apply_form(ctx.model, name, cfg, ctx.on_restore), "seconds": time.perf_counter() - t0})
-        return rows
+    def apply(self, config, model, name, spec, decision, tx):
+        return apply_form(model, name, config, tx)
 
     def restore(self, model: nn.Module, rows: list[dict]) -> list[str]:
-        from ..configs import config_from_dict
+        from .configs import config_from_dict
 
-        undo: list = []
+        tx = Transaction(model)
         try:
             for row in rows:
-                apply_form(model, row["module"], config_from_dict(row["config"]), undo)
+                apply_form(model, row["module"], config_from_dict(row["config"]), tx)
         except BaseException:
-            for fn in reversed(undo):
-                fn()
+            tx.rollback()
             raise
         return [row["module"] for row in rows]
 

@@ -2,7 +2,7 @@
 
 Each config takes `sparsity` and `pattern` ("N:M" or None), optionally `layerwise="owl"`
 (OWL's outlier-weighted per-block sparsity, seed 003 §4, allocated before pruning by
-`sparsecc.owl`) and, with a pattern, `permute=True` (seed 000's channel permutation: input
+`passes/analysis/outliers.py`) and, with a pattern, `permute=True` (seed 000's channel permutation: input
 columns are reordered so that more important weights survive the N:M mask, and the rows of the
 linears feeding those columns are reordered to match, leaving the dense function unchanged).
 """
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..configs import SparsityConfig, Technique, register_technique
+from .configs import SparsityConfig, Technique, register_technique
 from ..errors import RecipeError
 from ..prune import magnitude, obs, sparsegpt, wanda
 from ..prune.masks import check_nm_width, check_sparsity, parse_pattern
@@ -102,8 +102,9 @@ class _Pruning(Technique):
     def select(self, config, site, weight, stats) -> dict[str, torch.Tensor]:
         raise NotImplementedError  # abstract
 
-    def needs_data(self, config):
-        return bool(self.requires) or config.layerwise is not None
+    def needs(self, config):
+        """OWL's allocation is one more artefact (passes/analysis/outliers.py)."""
+        return self.requires + (("layer_sparsity",) if config.layerwise == "owl" else ())
 
     def importance(self, weight, stats) -> torch.Tensor:
         """Scores used to choose a channel permutation (the metric's own when it has one)."""
@@ -143,18 +144,9 @@ class _Pruning(Technique):
 
 
 def permute_stats(stats: dict, perm: torch.Tensor) -> dict:
-    """Statistics of the permuted input: column j of the new input is column perm[j] of the old."""
-    from ..passes.stats import HessianStats, InputStats
-
-    out = {}
-    for key, s in stats.items():
-        if isinstance(s, InputStats):
-            out[key] = InputStats(s.sumsq[perm], s.sum_abs[perm], s.max_abs[perm], s.count)
-        elif isinstance(s, HessianStats):
-            out[key] = HessianStats(s.xtx[perm][:, perm], s.count)
-        else:
-            out[key] = s
-    return out
+    """Statistics of the permuted input: column j of the new input is column perm[j] of the old
+    (each statistic that depends on the column order has a `permuted(perm)`)."""
+    return {key: s.permuted(perm) if hasattr(s, "permuted") else s for key, s in stats.items()}
 
 
 @register_technique(MagnitudeConfig)

@@ -53,7 +53,7 @@ def load_model(variant: str = "tiny", root: Path = SHIPPED_DIR):
     `info` its info.json (training setup, corpus hashes, dense test perplexity) plus `path`."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from ..checkpoint import quiet_loading
+    from ..io.checkpoint import quiet_loading
 
     path = root / variant
     if not (path / "info.json").is_file():

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import transformers
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from ..evaluate import perplexity
+from ..tools.evaluate import perplexity
 from .corpus import Corpus, load_corpus
 from .tokenizer import encode_text, train_tokenizer
 

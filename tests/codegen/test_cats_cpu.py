@@ -62,7 +62,7 @@ def test_all_and_no_neurons_active(threads, shape):
 
 
 def test_empty_batch_and_reference_mode(monkeypatch):
-    from sparsecc.codegen.ops import use_kernels
+    from sparsecc.ops import use_kernels
 
     monkeypatch.setattr(cats_cpu, "MIN_WEIGHTS", 0)
     ws = weights(24, 40, 0, True, torch.float32)

@@ -1,13 +1,13 @@
 """The N:M Triton kernel against its reference (CPU: triton's interpreter; GPU with TRITON_INTERPRET=0),
-the sparsecc::nm_linear op, NMLinear/compress_nm_, and the backend running the kernels."""
+NMLinear/compress_nm_, and the backend running the kernels (the op itself: tests/ops/test_nm_linear.py)."""
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 import sparsecc
-from sparsecc.codegen import interpreted, nm_linear, nm_linear_reference, use_kernels
-from sparsecc.nm_format import compress
+from sparsecc.codegen import interpreted, nm_linear_reference, nm_linear_triton
+from sparsecc.codegen.nm_format import compress
 from sparsecc.prune import magnitude
 
 DEVICE = "cuda" if torch.cuda.is_available() and not interpreted() else "cpu"
@@ -44,7 +44,7 @@ def test_kernel_equals_reference(tokens, out_f, groups, nm, dtype, bias, seed):
     x = torch.randn(tokens, in_f, generator=g).to(DEVICE, dtype)
     b = torch.randn(out_f, generator=g).to(DEVICE, dtype) if bias else None
     values = values.to(DEVICE, dtype)
-    y = nm_linear(x, values, index.to(DEVICE), n, m, in_f, b)
+    y = nm_linear_triton(x, values, index.to(DEVICE), n, m, in_f, b)
     check(y, nm_linear_reference(x.float(), values.float(), index, n, m, in_f, None if b is None else b.float()), dtype)
 
 
@@ -56,35 +56,16 @@ def test_kernel_edges(blocks):
         values, index = compress(w, 2, 4)
         for shape in [(1, 64), (2, 3, 64)]:
             x = torch.randn(*shape).to(DEVICE)
-            y = nm_linear(x, values.to(DEVICE), index.to(DEVICE), 2, 4, 64, blocks=blocks)
+            y = nm_linear_triton(x, values.to(DEVICE), index.to(DEVICE), 2, 4, 64, blocks=blocks)
             check(y, torch.nn.functional.linear(x, w.to(DEVICE)), torch.float32)
 
 
 def test_kernel_bad_input():
     values, index = compress(nm_weight(8, 16, 2, 4), 2, 4)
     with pytest.raises(ValueError, match="do not fit 2:4"):
-        nm_linear(torch.randn(3, 12), values, index, 2, 4, 16)
+        nm_linear_triton(torch.randn(3, 12), values, index, 2, 4, 16)
     with pytest.raises(ValueError, match="BLOCK_K=18 must be a multiple of M=4"):
-        nm_linear(torch.randn(3, 16), values, index, 2, 4, 16, blocks=(16, 16, 18))
-    with pytest.raises(ValueError, match="kernel mode must be one of"):
-        with use_kernels("cuda"):
-            pass
-
-
-def test_op_registration():
-    w = nm_weight(16, 32, 2, 4)
-    values, index = compress(w, 2, 4)
-    x, b = torch.randn(5, 32), torch.randn(16)
-    torch.library.opcheck(torch.ops.sparsecc.nm_linear.default, (x, values, index, b, 2, 4, 32))
-    torch.library.opcheck(torch.ops.sparsecc.nm_linear.default, (x[None], values, index, None, 2, 4, 32))
-    xg, bg = x.clone().requires_grad_(), b.clone().requires_grad_()
-    torch.library.opcheck(torch.ops.sparsecc.nm_linear.default, (xg, values, index, bg, 2, 4, 32))
-    # gradients equal those of the dense layer
-    torch.ops.sparsecc.nm_linear(xg, values, index, bg, 2, 4, 32).square().sum().backward()
-    xd, bd = x.clone().requires_grad_(), b.clone().requires_grad_()
-    torch.nn.functional.linear(xd, w, bd).square().sum().backward()
-    torch.testing.assert_close(xg.grad, xd.grad)
-    torch.testing.assert_close(bg.grad, bd.grad)
+        nm_linear_triton(torch.randn(3, 16), values, index, 2, 4, 16, blocks=(16, 16, 18))
 
 
 def tiny_llama():

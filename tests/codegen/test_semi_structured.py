@@ -8,8 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparsecc.codegen import ops, semi_structured
-from sparsecc.nm_format import compress
+from sparsecc.codegen import semi_structured
+from sparsecc.codegen.nm_format import compress
+from sparsecc.codegen.nm_linear import nm_linear_reference
+from sparsecc.ops import dispatch
 from sparsecc.prune import magnitude
 
 
@@ -48,9 +50,9 @@ def gpu(monkeypatch):
         assert dense.is_contiguous()
         state.builds += 1
         return dense.clone()
-    monkeypatch.setattr(ops, "on_gpu", lambda x: True)
-    monkeypatch.setattr(ops, "choose", choose)
-    monkeypatch.setattr(ops, "nm_linear_triton", lambda *a: ops.nm_linear_reference(*a))  # no interpreter needed
+    monkeypatch.setattr(dispatch, "on_gpu", lambda x: True)
+    monkeypatch.setattr(dispatch, "choose", choose)
+    monkeypatch.setattr(dispatch.WAYS["nm_linear"], "kernel", lambda *a: nm_linear_reference(*a))  # no interpreter
     monkeypatch.setattr(semi_structured, "backend", lambda: StandInBackend)
     monkeypatch.setattr(semi_structured, "build", build)
     monkeypatch.setattr(semi_structured, "F", ContiguousOnly)
@@ -79,7 +81,7 @@ def test_the_winner_runs_and_its_tensor_is_built_once_per_stored_weight(gpu):
     torch.testing.assert_close(y, F.linear(x, w, bias))
     assert gpu.offered[-1] == ["kernel", "fallback", semi_structured.NAME]
     assert gpu.keys[-1][-1] == semi_structured.NAME  # a choice cached before this way existed is not reused
-    assert ops.last_way["nm_linear"] == semi_structured.NAME
+    assert dispatch.last_way["nm_linear"] == semi_structured.NAME
     _run(x, values, index, nm, bias)
     assert gpu.builds == 1  # kept for the stored weight
     values.mul_(2)  # an in-place change of the stored weight: torch's tensor is rebuilt
@@ -152,7 +154,7 @@ def test_not_offered_without_a_backend_or_outside_mode_auto(gpu, monkeypatch):
     w, values, index, nm = _layer()
     x = torch.randn(2, 64).to(torch.bfloat16)
     for mode in ("triton", "reference"):
-        with ops.use_kernels(mode):
+        with dispatch.use_kernels(mode):
             _run(x, values, index, nm)
     assert gpu.offered == [] and gpu.builds == 0
     monkeypatch.setattr(semi_structured, "backend", lambda: None)  # no cuSPARSELt in this torch build
@@ -168,10 +170,10 @@ def test_this_torch_has_no_backend_on_cpu():
 
 
 def test_lowering_report_names_the_third_way(monkeypatch):
-    monkeypatch.setattr(ops, "tuning_enabled", lambda device: True)
-    assert semi_structured.NAME in ops.implementation("nm_linear", "cuda", "auto")
-    assert semi_structured.NAME not in ops.implementation("cats_mlp", "cuda", "auto")
-    assert ops.implementation("nm_linear", "cuda", "triton") == "nm_linear_triton"
+    monkeypatch.setattr(dispatch, "tuning_enabled", lambda device: True)
+    assert semi_structured.NAME in dispatch.implementation("nm_linear", "cuda", "auto")
+    assert semi_structured.NAME not in dispatch.implementation("cats_mlp", "cuda", "auto")
+    assert dispatch.implementation("nm_linear", "cuda", "triton") == "nm_linear_triton"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or semi_structured.backend() is None,
@@ -185,12 +187,12 @@ def test_torch_2_4_product_on_the_gpu(monkeypatch, dtype):
     w = (w * magnitude(w, pattern="2:4")).to(dtype)
     values, index = compress(w, 2, 4)
     bias = torch.randn(128, device="cuda", dtype=dtype)
-    monkeypatch.setattr(ops, "choose", lambda op, key, candidates, launch, device: {"run": candidates[-1]["run"]})
+    monkeypatch.setattr(dispatch, "choose", lambda op, key, candidates, launch, device: {"run": candidates[-1]["run"]})
     for x in (torch.randn(3, 5, 256, device="cuda", dtype=dtype),
               torch.randn(2, 8, 512, device="cuda", dtype=dtype)[..., :256],
               torch.randn(1, 256, device="cuda", dtype=dtype)):
         y = torch.ops.sparsecc.nm_linear(x, values, index, bias, 2, 4, 256)
-        assert ops.last_way["nm_linear"] == semi_structured.NAME
+        assert dispatch.last_way["nm_linear"] == semi_structured.NAME
         ref = F.linear(x.float(), w.float(), bias.float())
         assert y.dtype == dtype and y.shape == ref.shape
         assert float((y.float() - ref).norm() / ref.norm()) < 1e-2  # fp16/bf16 rounding of the output

@@ -8,7 +8,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sparsecc.codegen.window_attention import rotate_back, window_attention_blocked, window_attention_reference
+from sparsecc.codegen.window_attention import (allowed, rotate_back, window_attention_blocked,
+                                               window_attention_reference)
 
 op = torch.ops.sparsecc.window_attention
 F64 = dict(dtype=torch.float64)
@@ -126,6 +127,19 @@ def test_key_padding_and_fully_masked_queries():
     assert torch.equal(none, torch.zeros_like(none))
 
 
+def test_a_mask_per_query_and_key_is_anded_with_the_window():
+    """key_mask [B, T, L] (a model's own attention mask) removes exactly its pairs from the pattern."""
+    q, k, v = qkv(2, 4, 2, 5, 9, 4, 2)
+    pos = torch.arange(9)
+    mask = torch.rand(2, 5, 9, generator=torch.Generator().manual_seed(3)) > 0.4
+    keep = allowed(pos[4:], pos, 3, 2, 1) & mask[:, None]
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                           attn_mask=keep, scale=0.5)
+    torch.testing.assert_close(op(q, k, v, pos[4:], pos, mask, 3, 2, 1, 0.5, None), ref)
+    torch.testing.assert_close(op(q, k, v, pos[4:], pos, mask[:, :1].expand(2, 5, 9), 3, 2, 1, 0.5, None),
+                               op(q, k, v, pos[4:], pos, mask[:, 0], 3, 2, 1, 0.5, None))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck_and_gradients(dtype):
     q, k, v = (t.to(dtype).requires_grad_(True) for t in qkv(1, 4, 2, 3, 6, 4, 1))
@@ -146,16 +160,18 @@ def test_reference_is_the_op():
 
 
 @given(t=st.integers(1, 30), kept=st.integers(0, 20), evicted=st.integers(0, 30), window=st.integers(1, 12),
-       dilation=st.integers(1, 3), sinks=st.integers(0, 4), shift=st.booleans(), padded=st.booleans(),
-       block=st.integers(1, 7), seed=st.integers(0, 2**16))
-def test_blocked_cpu_path_equals_reference(t, kept, evicted, window, dilation, sinks, shift, padded, block, seed):
-    """The CPU path (a block of queries against only the keys it can see) on rolling-cache layouts."""
+       dilation=st.integers(1, 3), sinks=st.integers(0, 4), shift=st.booleans(),
+       masked=st.sampled_from([None, "key", "pair"]), block=st.integers(1, 7), seed=st.integers(0, 2**16))
+def test_blocked_cpu_path_equals_reference(t, kept, evicted, window, dilation, sinks, shift, masked, block, seed):
+    """The CPU path (a block of queries against only the keys it can see) on rolling-cache layouts,
+    with no mask, a mask per key [B, L] or per query and key [B, T, L]."""
     n = t + kept
     seen = n + (evicted if sinks < n - t else 0)
     j = torch.arange(n)
     q_pos, k_pos = torch.arange(seen - t, seen), torch.where(j < sinks, j, j + (seen - n))
     q, k, v = qkv(2, 4, 2, t, n, 8, seed)
-    key_mask = (torch.rand(2, n, generator=torch.Generator().manual_seed(seed)) > 0.3) if padded else None
+    shape = {None: None, "key": (2, n), "pair": (2, t, n)}[masked]
+    key_mask = torch.rand(*shape, generator=torch.Generator().manual_seed(seed)) > 0.3 if shape else None
     args = (q, k, v, q_pos, k_pos, key_mask, window, 1 if shift else dilation, sinks, 0.4,
             torch.rand(2, **F64) if shift else None)
     torch.testing.assert_close(window_attention_blocked(*args, block=block), window_attention_reference(*args))
@@ -202,13 +218,14 @@ def test_kernel_equals_reference(b, hk, groups, t, kept, evicted, d, window, dil
 @needs_kernels
 @pytest.mark.parametrize("window,sinks", [(1, 0), (1, 2), (1000, 0), (None, 0), (3, 40)])
 def test_kernel_edges_and_key_mask(window, sinks):
-    """window 1 (each query sees itself, plus sinks), window >= length, more sinks than keys, and
-    padded keys (a query whose keys are all padding outputs 0)."""
+    """window 1 (each query sees itself, plus sinks), window >= length, more sinks than keys,
+    padded keys (a query whose keys are all padding outputs 0), and a mask per query and key."""
     q, k, v = (x.float().to(DEVICE) for x in qkv(2, 4, 2, 37, 37, 8, 5))
     pos = torch.arange(37, device=DEVICE)
     mask = torch.ones(2, 37, dtype=torch.bool, device=DEVICE)
     mask[1, :20] = False
-    for key_mask in (None, mask):
+    pairs = torch.rand(2, 37, 37, generator=torch.Generator().manual_seed(1)).to(DEVICE) > 0.5
+    for key_mask in (None, mask, pairs):
         args = (q, k, v, pos, pos, key_mask, window, 1, sinks, 0.4, None)
         torch.testing.assert_close(window_attention_triton(*args, blocks=(16, 16)), window_attention_reference(*args),
                                    rtol=1e-4, atol=1e-5)

@@ -236,14 +236,15 @@ def test_composes_with_weight_pruning(make_model):
 def test_a_failure_after_the_first_swap_leaves_the_model_as_it_was(make_model, monkeypatch):
     model = make_model("llama")
     state = copy.deepcopy(model.state_dict())
-    real, calls = moe._swap, []
+    real, calls = moe.MoETechnique.apply, []
 
-    def swap_then_fail(*a, **k):
+    def apply_then_fail(self, *a, **k):
         if calls:
             raise KeyboardInterrupt  # the user presses Ctrl-C after the first MLP was swapped
-        calls.append(real(*a, **k))
+        calls.append(real(self, *a, **k))
+        return calls[-1]
 
-    monkeypatch.setattr(moe, "_swap", swap_then_fail)
+    monkeypatch.setattr(moe.MoETechnique, "apply", apply_then_fail)
     with pytest.raises(KeyboardInterrupt):
         sparsecc.sparsify_(model, {"default": sparsecc.MagnitudeConfig(0.5), "re:.*mlp": MoEConfig(4, 2)},
                            batches_for(model, 0), progress=False)
@@ -258,7 +259,7 @@ def test_restore_rebuilds_modules_a_state_dict_loads_into(make_model):
     report = sparsecc.sparsify_(model, {"re:.*mlp": MoEConfig(4, 2, capacity_factor=1.25)}, batches_for(model, 0),
                                 progress=False)
     fresh = make_model("llama", seed=1)
-    assert sparsecc.rewrites.restore_rewrites(fresh, report.rows) == [r["module"] for r in report.rows]
+    assert sparsecc.techniques.rewrites.restore_rewrites(fresh, report.rows) == [r["module"] for r in report.rows]
     fresh.load_state_dict(model.state_dict(), strict=True)
     x = torch.randint(0, 128, (2, 9))
     with torch.no_grad():
@@ -328,7 +329,7 @@ def test_mixtral_blocks_lower_to_the_op_unchanged(make_model):
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, before, rtol=1e-5, atol=1e-5)
     fresh = make_model("mixtral", seed=1)
-    sparsecc.rewrites.restore_rewrites(fresh, report.rows)
+    sparsecc.techniques.rewrites.restore_rewrites(fresh, report.rows)
     fresh.load_state_dict(model.state_dict(), strict=True)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x).logits, before, rtol=1e-5, atol=1e-5)
@@ -343,7 +344,7 @@ def test_a_second_rewrite_names_the_first(make_model):
     with pytest.raises(sparsecc.RecipeError, match="model.layers.0.mlp is already rewritten by MoEConfig"):
         sparsecc.sparsify_(model, {"re:.*mlp": MoEConfig(4, 2)}, batches_for(model, 0), progress=False)
     fresh = make_model("llama")
-    sparsecc.rewrites.restore_rewrites(fresh, report.rows)  # as load_pruned does
+    sparsecc.techniques.rewrites.restore_rewrites(fresh, report.rows)  # as load_pruned does
     with pytest.raises(sparsecc.RecipeError, match="model.layers.0.mlp is already rewritten by MoEConfig"):
         sparsecc.sparsify_(fresh, {"re:.*mlp": sparsecc.CATSConfig(0.5)}, batches_for(model, 0), progress=False)
     mixtral = make_model("mixtral")

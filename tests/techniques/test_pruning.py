@@ -91,7 +91,7 @@ def test_permutation_alone_keeps_the_dense_function(make_model, batches):
     dec.pop("mask"); dec.pop("weight", None)
     with torch.no_grad():
         before = m(batches[0]).logits
-        tech = sparsecc.configs.technique_for(recipe["model.layers.0.mlp.down_proj"])
+        tech = sparsecc.techniques.configs.technique_for(recipe["model.layers.0.mlp.down_proj"])
         tech.apply(recipe["model.layers.0.mlp.down_proj"], m, plan.sites["model.layers.0.mlp.down_proj"], dec)
         torch.testing.assert_close(m(batches[0]).logits, before, rtol=1e-5, atol=1e-5)
         assert not torch.equal(dec["perm"], torch.arange(len(dec["perm"])))

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import LlamaForCausalLM
 
-from sparsecc.evaluate import perplexity
+from sparsecc.tools.evaluate import perplexity
 from sparsecc.zoo import (VARIANTS, corpus_sha256, load_corpus, load_model, load_tokens, model_key, shipped_variants,
                           train_model, train_tokenizer)
 from sparsecc.zoo import shipped as shipped_mod

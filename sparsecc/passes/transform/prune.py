@@ -1,0 +1,69 @@
+"""The transform pass that prunes linears: each targeted site's weight technique, site by site."""
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+
+import torch
+
+from ...prune.hessian_error import relative_error
+from ...techniques.configs import technique_for
+from ..base import TransformPass
+
+
+class ApplyRecipe(TransformPass):
+    """Plan and apply each targeted linear's technique, recording its decision and a report row.
+    With `decisions` (a Plan's), apply those as they are: no statistics are needed."""
+
+    name = "apply_recipe"
+    produces = ("weights",)
+    after = ("module_forms",)
+
+    def __init__(self, assignments: dict, sparsity: dict | None = None, decisions: dict | None = None):
+        self.assignments = dict(assignments)
+        self.sparsity = dict(sparsity or {})  # per-module overrides of the configs' sparsity
+        self.decisions = decisions
+        self.requires = () if decisions is not None else tuple(sorted(
+            {r for c in self.assignments.values() for r in technique_for(c).needs(c)}))
+
+    def run(self, ctx, sites):
+        changed = False
+        for site in sites:
+            config = self.assignments.get(site.name)
+            if config is None:
+                continue
+            tech = technique_for(config)
+            override = self.sparsity.get(site.name, ctx.stats.get("layer_sparsity", {}).get(site.name))
+            if override is not None and self.decisions is None:
+                config = dataclasses.replace(config, sparsity=float(override))
+            if site.tied:
+                warnings.warn(f"{site.param} is tied to {', '.join(site.tied)}: rewriting {site.name} changes "
+                              f"those too (skip it with {{{site.name!r}: None}} in the recipe)", stacklevel=2)
+            t0 = time.perf_counter()
+            weight = site.weight(ctx.model)
+            before = weight.detach().clone()
+            if self.decisions is not None:
+                decision = self.decisions[site.name]
+            else:
+                decision = tech.plan(config, site, weight, {k: ctx.stats[k][site.name] for k in tech.needs(config)})
+            ctx.tx.save(*tech.touches(config, site, decision))
+            tech.apply(config, ctx.model, site, decision)
+            ctx.decisions[site.name], ctx.configs[site.name] = decision, config
+            seconds = time.perf_counter() - t0
+            ctx.record(site, config, weight, seconds, error=self._error(ctx, site, before, decision))
+            changed = True
+        return changed
+
+    @staticmethod
+    def _error(ctx, site, before, decision):
+        """Relative reconstruction error of the rewritten weight on the calibration inputs."""
+        after = site.weight(ctx.model).detach()
+        if "perm" in decision:  # columns were permuted: compare in the original order of the stats
+            unperm = torch.empty_like(after)
+            unperm[:, decision["perm"].to(after.device)] = after
+            after = unperm
+        hess = ctx.stats.get("hessian", {}).get(site.name)
+        inp = ctx.stats.get("input_stats", {}).get(site.name)
+        return relative_error(before, after, hess.xtx if hess is not None else None,
+                              inp.sumsq if inp is not None else None)

@@ -1,0 +1,47 @@
+"""The transform passes that rewrite modules (techniques/rewrites.py), block by block.
+
+Two stages: `first=True` rewrites (the attention forms, data-free) at the start of each block,
+so that the block's statistics see them; the others after the block's pruning, on the
+statistics collected there (CATS thresholds, MoE routers), in increasing technique `order`.
+"""
+from __future__ import annotations
+
+import time
+
+from ...errors import CalibrationError
+from ...techniques.configs import technique_for
+from ...techniques.rewrites import mark
+from ..base import TransformPass
+
+
+class RewriteModules(TransformPass):
+    def __init__(self, assignments: dict, specs: dict, first: bool = False, decisions: dict | None = None):
+        self.assignments, self.specs, self.decisions = dict(assignments), dict(specs), decisions
+        self.name = "rewrite_module_forms" if first else "rewrite_modules"
+        self.produces = ("module_forms",) if first else ("modules",)
+        self.after = () if first else ("module_forms", "weights")
+        self.requires = () if decisions is not None else tuple(sorted(
+            {a for c in self.assignments.values() for a in technique_for(c).needs(c)}))
+
+    def run(self, ctx, sites):
+        todo = [n for n in self.assignments if sites.holds(n)]
+        todo.sort(key=lambda n: technique_for(self.assignments[n]).order)  # stable: recipe order within one
+        for name in todo:
+            config, spec = self.assignments[name], self.specs[name]
+            tech = technique_for(config)
+            t0 = time.perf_counter()
+            if self.decisions is not None:
+                decision = self.decisions.get(name, {})
+            else:
+                stats = {}
+                for art in tech.needs(config):
+                    stats[art] = ctx.stats.get(art, {}).get(name)
+                    if stats[art] is None:
+                        raise CalibrationError(f"{name}: no {art} were collected for it (its module never ran on "
+                                               "the calibration batches)")
+                decision = tech.plan(config, ctx.model, name, spec, stats)
+            row = tech.apply(config, ctx.model, name, spec, decision, ctx.tx)
+            mark(ctx.model, name, config, ctx.tx)
+            ctx.decisions[name], ctx.configs[name] = decision, config
+            ctx.rows.append({**row, "seconds": time.perf_counter() - t0})
+        return bool(todo)

@@ -1,0 +1,54 @@
+"""One undo log for every change a run makes to a model.
+
+A transform records what it is about to change *before* changing it: `save(param)` keeps a
+parameter's value, `swap(name, module)` replaces a submodule and remembers the old one, and
+`on_undo(fn)` takes any other undo (a hook to remove, a layout to put back). `rollback()` undoes
+everything (module swaps and other undos in reverse order, then the saved parameter values), so a
+failed or trial run leaves the model as it was; `commit()` forgets the log.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+class Transaction:
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._params: dict[str, torch.Tensor] = {}
+        self._undo: list[Callable[[], None]] = []
+        self.swapped: list[str] = []   # module names replaced so far
+
+    def save(self, *params) -> None:
+        """Keep the current value of each parameter (a name, or anything with a `.param` name)."""
+        for p in params:
+            name = p if isinstance(p, str) else p.param
+            if name not in self._params:
+                self._params[name] = self.model.get_parameter(name).detach().clone()
+
+    def on_undo(self, fn: Callable[[], None]) -> None:
+        self._undo.append(fn)
+
+    def swap(self, name: str, module: nn.Module) -> None:
+        """Put `module` in place of submodule `name` (the undo recorded first)."""
+        parent_name, _, child = name.rpartition(".")
+        parent = self.model.get_submodule(parent_name)
+        old = getattr(parent, child)
+        self.on_undo(lambda: setattr(parent, child, old))
+        setattr(parent, child, module)
+        self.swapped.append(name)
+
+    @torch.no_grad()
+    def rollback(self) -> None:
+        for undo in reversed(self._undo):  # module swaps first, then the weights inside them
+            undo()
+        for name, value in self._params.items():
+            self.model.get_parameter(name).copy_(value)
+        self.commit()
+
+    def commit(self) -> None:
+        self._params.clear()
+        self._undo.clear()
+        self.swapped.clear()

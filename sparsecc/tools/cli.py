@@ -1,0 +1,340 @@
+"""Command line: `sparsecc demo | prune | eval | bench`.
+
+    sparsecc demo                                   the embedded offline default (README)
+    sparsecc prune MODEL_DIR --recipe R --calib TEXT --out OUT [--overwrite] [--compress]
+    sparsecc eval MODEL_DIR --text FILE             perplexity the way the seeds compute it
+    sparsecc bench [--quick] [--only NAMES]         the benchmarks that run on this machine
+
+Errors print one line naming the fix and exit with status 2 (`sparsecc --traceback CMD ...` shows
+where an unexpected one came from); options and output paths are checked before any work, and a
+failing command writes nothing. Ctrl-C exits with 130 and leaves no half-written output.
+Module-level imports stay light (no torch) so that --help and --version answer at once.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .. import __version__
+
+
+class _Methods(dict):
+    """--method name -> config class, imported on first use (the names alone are needed for --help)."""
+
+    def __getitem__(self, name):
+        from .. import techniques
+        return getattr(techniques, super().__getitem__(name))
+
+
+METHODS = _Methods(magnitude="MagnitudeConfig", wanda="WandaConfig", sparsegpt="SparseGPTConfig")
+
+
+def demo(args) -> int:
+    """The embedded default: a shipped zoo model pruned, compiled and compared on held-out text."""
+    import torch
+
+    import sparsecc
+    from .evaluate import perplexity
+    from ..zoo import load_model, load_tokens
+
+    t0 = time.time()
+    config = METHODS[args.method](sparsity=args.sparsity, pattern=args.pattern)  # bad values fail before any work
+    model, _, info = load_model(args.model)
+    tokens = load_tokens()
+    seqlen = model.config.max_position_embeddings
+    corpus = tokens.source.get("name")
+    print(f"model: {args.model} ({info['params'] / 1e6:.2f}M params, context {seqlen}), shipped trained on {corpus}",
+          flush=True)
+    windows = args.eval_windows or None
+    dense = perplexity(model, tokens.test, seqlen, max_windows=windows)
+
+    batches = sparsecc.sample_batches(tokens.train, nsamples=args.nsamples, seqlen=seqlen, seed=args.seed,
+                                      batch_size=8, source={"corpus": tokens.source})
+    report = sparsecc.sparsify_(model, {"default": config, "lm_head": None}, batches)
+    compiled = torch.compile(model, backend="sparsecc")
+    pruned = perplexity(compiled, tokens.test, seqlen, max_windows=windows)
+
+    print("\nper-layer report")
+    print(report.table())
+    print(f"\n{'model':<28} {'test perplexity':>16}")
+    print(f"{'dense':<28} {dense:>16.2f}")
+    label = f"{args.method} {args.pattern or format(args.sparsity, '.0%')} (compiled)"
+    print(f"{label:<28} {pruned:>16.2f}")
+    n = tokens.test.numel() // seqlen if windows is None else min(windows, tokens.test.numel() // seqlen)
+    print(f"\nevaluated on {corpus} test, {n} windows of {seqlen} tokens; total {time.time() - t0:.0f} s")
+    if args.json:
+        result = {"dense_ppl": dense, "pruned_ppl": pruned, "report": report.to_dict(), "model": info}
+        os.replace(_staged(args.json, json.dumps(result, indent=2, default=str)), args.json)
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line like every other error (argparse would print the usage first)
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+def _version() -> str:
+    """sparsecc's version, and torch's as installed (read from its metadata: importing it takes seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return f"sparsecc {__version__} (torch {version('torch')})"
+    except PackageNotFoundError:
+        return f"sparsecc {__version__}"
+
+
+def _positive(least: int):
+    """argparse type: an int of at least `least` (checked before any work)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be {'0 or more' if least == 0 else f'at least {least}'}, got {value}")
+        return value
+    return parse
+
+
+def _check_output(opt: str, path, makes_parents: bool = False) -> None:
+    """Refuse, before any work, an output path that cannot be written: a folder given for a file,
+    a parent that is a file, missing (unless the command makes it) or not writable."""
+    path = Path(path)
+    if opt == "--json" and path.is_dir():
+        raise IsADirectoryError(f"--json {str(path)!r} is a folder; give a file name, e.g. {str(path / 'report.json')!r}")
+    folder = path.absolute().parent
+    while makes_parents and not folder.exists():  # the nearest folder that exists must take the new ones
+        folder = folder.parent
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{opt} {str(path)!r}: {str(folder)!r} is a file, not a folder; choose another path")
+    if not folder.exists():
+        raise FileNotFoundError(f"{opt} {str(path)!r}: folder {str(folder)!r} does not exist; create it or choose another path")
+    # os.access, then a real probe: permission bits are not the whole story (ACLs, NFS root squash, quotas)
+    ok = os.access(folder, os.W_OK | os.X_OK)
+    if ok:
+        import tempfile
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".sparsecc-probe-", dir=folder))
+        except OSError:
+            ok = False
+    if not ok:
+        raise PermissionError(f"{opt} {str(path)!r}: folder {str(folder)!r} is not writable; choose another path")
+
+
+def _staged(path, text: str) -> Path:
+    """`text` written to a temporary file beside `path`; os.replace it onto `path` to publish it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _seqlen(args, model) -> int:
+    """--seqlen, or the model's context (at most 2048); refused beyond the model's context."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if args.seqlen is None:
+        return min(context or 2048, 2048)
+    if context and args.seqlen > context:
+        raise ValueError(f"--seqlen {args.seqlen} is longer than the model's context of {context} tokens "
+                         f"(config.max_position_embeddings); pass --seqlen {context} or less, or leave it out")
+    return args.seqlen
+
+
+def prune(args) -> int:
+    import sparsecc
+    from ..io.checkpoint import check_output_dir, save_pruned
+    from .local_models import load_local_model, read_text, tokenize
+
+    check_output_dir(args.out, args.overwrite)  # the outputs before any work
+    _check_output("--out", args.out, makes_parents=True)
+    out, model_dir = Path(args.out).resolve(), Path(args.model_dir).resolve()
+    if args.json and out in (j := Path(args.json).resolve(), *j.parents):
+        raise ValueError(f"--json {args.json!r} lies in --out {args.out!r}, which is written whole; "
+                         "put the report beside it, e.g. --json report.json")
+    if out in (model_dir, *model_dir.parents):
+        raise ValueError(f"--out {args.out!r} would replace the model being pruned ({args.model_dir!r}); "
+                         "choose another folder")
+    recipe = sparsecc.load_recipe(args.recipe)
+    model, tok = load_local_model(args.model_dir, args.tokenizer)
+    seqlen = _seqlen(args, model)
+    ids = tokenize(tok, read_text(args.calib), what=f"calibration text {args.calib!r}")
+    batches = sparsecc.sample_batches(ids, nsamples=args.nsamples, seqlen=seqlen, seed=args.seed,
+                                      batch_size=args.batch_size, source={"calib": str(args.calib)})
+    plan = None
+    if args.save_plan:  # calibrate to a Plan (kept in the checkpoint), then apply it
+        plan = sparsecc.calibrate(model, batches, recipe, progress=not args.quiet)
+        report = sparsecc.sparsify_(model, plan)
+    else:
+        report = sparsecc.sparsify_(model, recipe, batches, progress=not args.quiet)
+    # The JSON is written first, beside its place, and published only once the checkpoint is
+    # complete: whichever write fails, neither is left behind.
+    staged = _staged(args.json, report.to_json()) if args.json else None
+    try:
+        out = save_pruned(model, args.out, report, recipe=recipe, tokenizer=tok, plan=plan, compress=args.compress,
+                          overwrite=args.overwrite)
+        if staged:
+            os.replace(staged, args.json)
+    finally:
+        if staged:
+            staged.unlink(missing_ok=True)
+    print(report.table())
+    print(f"\nwrote {out} ({report.sparsity:.1%} of the pruned weights are zero)")
+    return 0
+
+
+def evaluate(args) -> int:
+    from .evaluate import perplexity
+    from .local_models import load_local_model, read_text, tokenize
+
+    model, tok = load_local_model(args.model_dir, args.tokenizer)
+    seqlen = _seqlen(args, model)
+    ids = tokenize(tok, read_text(args.text), what=f"text {args.text!r}")
+    n = ids.numel()
+    if n < seqlen:
+        raise ValueError(f"text {str(args.text)!r} has {n} tokens, fewer than one window of {seqlen}; give a longer "
+                         f"text{f' or pass --seqlen {n}' if n >= 2 else ''}")
+    windows = min(n // seqlen, args.max_windows or n)
+    ppl = perplexity(model, ids, seqlen, batch_size=args.batch_size, max_windows=windows, progress=not args.quiet)
+    result = {"model": str(args.model_dir), "text": str(args.text), "perplexity": ppl, "seqlen": seqlen,
+              "windows": windows, "tokens": n}
+    print(f"perplexity {ppl:.3f} ({windows} windows of {seqlen} tokens)")
+    if args.json:
+        os.replace(_staged(args.json, json.dumps(result, indent=2)), args.json)
+    return 0
+
+
+KERNEL_BENCHMARKS = ("nm_linear", "cats_mlp", "window_attention", "moe_ffn", "sparse_linear")
+
+
+def _benchmarks(quick: bool) -> dict:
+    """benchmarks/<name>.py -> its arguments, in the order `sparsecc bench` runs them."""
+    q = (lambda *a: list(a)) if quick else (lambda *a: [])
+    return {"train_reference": ["--variant", "tiny" if quick else "ref"],
+            "prune_time": q("--size", "1024", "--tokens", "16384"),
+            "prune_quality": q("--model", "tiny", "--eval-windows", "64", "--nsamples", "32"),
+            "cats_quality": q("--model", "tiny", "--nsamples", "32"),
+            "moe_quality": q("--model", "tiny", "--nsamples", "32"),
+            "streaming": q("--model", "tiny", "--factor", "4", "--streams", "1"),
+            **{name: q("--quick") for name in KERNEL_BENCHMARKS}}  # these five: on the GPU if there is one
+
+
+def bench(args) -> int:
+    import difflib
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2] / "benchmarks"
+    if not root.is_dir():
+        raise FileNotFoundError("sparsecc bench runs the scripts in benchmarks/ of a source checkout; "
+                                "clone the repository and install it with pip install -e .")
+    runs = _benchmarks(args.quick)
+    if args.only:
+        names = [n for part in args.only.split(",") if part.strip()
+                 for n in (KERNEL_BENCHMARKS if part.strip() == "kernels" else [part.strip().removesuffix(".py")])]
+        for n in names:
+            if n not in runs:
+                near = difflib.get_close_matches(n, list(runs), n=1)
+                raise ValueError(f"--only: no benchmark {n!r}{f'; did you mean {near[0]!r}?' if near else ''} "
+                                 f"(names: {', '.join(runs)}, or kernels for the last five)")
+        runs = {n: runs[n] for n in dict.fromkeys(names)}
+    missing = [f"{n}.py" for n in runs if not (root / f"{n}.py").is_file()]
+    if missing:
+        raise FileNotFoundError(f"{', '.join(missing)} missing from {root}; restore them (git checkout benchmarks/)")
+    failed = []
+    for name, rest in runs.items():
+        cmd = [sys.executable, str(root / f"{name}.py"), *rest, *(["--write-results"] if args.write_results else [])]
+        print(f"$ python {' '.join(cmd[1:])}", flush=True)
+        if not args.dry_run:
+            code = subprocess.run(cmd).returncode
+            if code:  # the rest still run; the failures are reported at the end
+                failed.append(f"{name}.py (exit status {code})")
+    if failed:
+        print(f"sparsecc bench: error: {len(failed)} of {len(runs)} benchmarks failed: {', '.join(failed)}; "
+              "their output is above", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv=None) -> int:
+    p = _Parser(prog="sparsecc", description="sparsecc: a sparsifying compiler for PyTorch models")
+    p.add_argument("--version", action="version", version=_version())
+    p.add_argument("--traceback", action="store_true", help="on an unexpected error, show where it came from")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    count, natural = _positive(1), _positive(0)
+    pr = sub.add_parser("prune", help="prune a local transformers model folder with a recipe; write a checkpoint")
+    pr.add_argument("model_dir", help="a folder saved by save_pretrained (nothing is fetched from a hub)")
+    pr.add_argument("--recipe", required=True, help="recipe file (.yaml, .json or .toml)")
+    pr.add_argument("--calib", required=True, help="calibration text: a file, or a folder of .txt files")
+    pr.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    pr.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once the new one is complete)")
+    pr.add_argument("--compress", action="store_true", help="store N:M weights compressed (values + 2-bit positions for 2:4)")
+    pr.add_argument("--save-plan", action="store_true", help="also keep the Plan (decisions and activation "
+                    "statistics) in OUT/plan, to re-apply to the dense model without data")
+    pr.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
+    pr.add_argument("--nsamples", type=count, default=128, help="calibration windows (default 128)")
+    pr.add_argument("--seqlen", type=_positive(2), default=None, help="window length (default: the model's context, at most 2048)")
+    pr.add_argument("--batch-size", type=count, default=1)
+    pr.add_argument("--seed", type=natural, default=0)
+    pr.add_argument("--json", default=None, help="also write the per-layer report as JSON here")
+    pr.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev = sub.add_parser("eval", help="perplexity of a local model folder (or sparsecc checkpoint) on a text file")
+    ev.add_argument("model_dir")
+    ev.add_argument("--text", required=True, help="a text file, or a folder of .txt files")
+    ev.add_argument("--tokenizer", default=None)
+    ev.add_argument("--seqlen", type=_positive(2), default=None, help="window length (default: the model's context, at most 2048)")
+    ev.add_argument("--batch-size", type=count, default=8)
+    ev.add_argument("--max-windows", type=natural, default=0, help="evaluate at most this many windows (0: all)")
+    ev.add_argument("--json", default=None)
+    ev.add_argument("--quiet", action="store_true")
+    be = sub.add_parser("bench", help="run the benchmarks that apply on this machine (from a source checkout)")
+    be.add_argument("--quick", action="store_true", help="small sizes and the tiny model (minutes, not an hour)")
+    be.add_argument("--write-results", action="store_true", help="update benchmarks/RESULTS.md")
+    be.add_argument("--only", default=None, metavar="NAMES", help="comma-separated scripts to run, e.g. nm_linear,cats_mlp "
+                    f"(kernels: {','.join(KERNEL_BENCHMARKS)}); default: all")
+    be.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    d = sub.add_parser("demo", help="prune the shipped reference model, compile it, compare perplexity (offline)")
+    d.add_argument("--model", default="tiny", choices=["tiny", "ref"], help="shipped zoo model (default: tiny)")
+    d.add_argument("--method", default="sparsegpt", choices=sorted(METHODS))
+    d.add_argument("--sparsity", type=float, default=0.5)
+    d.add_argument("--pattern", default=None, help="N:M pattern such as 2:4 (overrides --sparsity)")
+    d.add_argument("--nsamples", type=count, default=32, help="calibration windows (default 32)")
+    d.add_argument("--seed", type=natural, default=0)
+    d.add_argument("--eval-windows", type=natural, default=256, help="test windows (default 256; 0: the whole test split)")
+    d.add_argument("--json", default=None, help="also write the results as JSON here")
+    args = p.parse_args(argv)
+    from ..errors import SparseccError
+
+    def error(message) -> int:  # one line, whatever the message holds
+        print(f"sparsecc {args.cmd}: error: " + "; ".join(filter(None, map(str.strip, str(message).splitlines()))),
+              file=sys.stderr)
+        return 2
+
+    try:
+        if getattr(args, "json", None):
+            _check_output("--json", args.json)  # before any work, for every command
+        if getattr(args, "quiet", False):
+            from transformers.utils import logging as hf_logging
+            hf_logging.disable_progress_bar()
+        return {"demo": demo, "prune": prune, "eval": evaluate, "bench": bench}[args.cmd](args)
+    except KeyboardInterrupt:
+        print(f"sparsecc {args.cmd}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except (SparseccError, OSError, ValueError) as e:  # bad input, files, disk: the message names the fix
+        if args.traceback:
+            raise
+        return error(e)
+    except Exception as e:  # a bug: still one line, and a way to see more
+        if args.traceback:
+            raise
+        return error(f"{type(e).__name__}: {e} (unexpected; rerun as `sparsecc --traceback {args.cmd} ...` "
+                     "to see where, and report it)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -24,8 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -42,6 +40,7 @@ from ..codegen.nm_format import compress as nm_compress
 from ..codegen.nm_format import decompress as nm_decompress
 from ..techniques.rewrites import REWRITTEN, is_rewrite_row, restore_rewrites
 from ..prune.masks import parse_pattern
+from .folders import check_output_dir, writing_folder
 from .recipes import dump_recipe
 
 FORMAT = 1
@@ -135,37 +134,6 @@ def _check_row(row: dict, params: dict[str, nn.Parameter]) -> None:
             raise PlanError(f"report row {module!r} records {n}:{m} sparsity, but {name} is not {n}:{m}; {fix}")
 
 
-@contextmanager
-def writing_folder(path: Path):
-    """Yield a temporary sibling folder of `path` to write into. When the block completes it is
-    renamed to `path` (an existing `path`, checked by the caller, is swapped out and removed only
-    then); on any failure, Ctrl-C included, it is removed and `path` is left as it was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    umask = os.umask(0o022)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp's folder is private (0700); the result gets the usual permissions
-    try:
-        yield tmp
-        if not path.exists():
-            os.replace(tmp, path)
-            return
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))  # a unique, empty name
-        try:
-            os.replace(path, old)
-        except BaseException:
-            old.rmdir()
-            raise
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            os.replace(old, path)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone on success (renamed); removed on any failure
-
-
 def _tensor_hashes(file: Path) -> dict[str, str]:
     """sha256 of each tensor's bytes in a safetensors file, read from the file itself (its header
     gives every tensor's byte range), so the record holds exactly what was written."""
@@ -210,16 +178,6 @@ def _verify_hashes(path: Path, meta: dict) -> None:
             if found[name] != expected[name]:
                 raise PlanError(f"checkpoint tensor {name!r} changed since it was saved (sha256 mismatch); "
                                 f"re-save it ({fname})")
-
-
-def check_output_dir(path, overwrite: bool) -> None:
-    """Refuse an existing output (unless overwrite) before any work is done."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{str(path)!r} is a file, not a folder; choose another output folder")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{str(path)!r} already exists; choose another output folder or pass overwrite=True "
-                              "(--overwrite on the command line)")
 
 
 def read_meta(path) -> dict:

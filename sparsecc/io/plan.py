@@ -4,7 +4,7 @@ A plan holds, per targeted module, the config and the decision its technique com
 and updated weights of linears; CATS thresholds, MoE splits and routers of rewritten modules;
 nothing for data-free forms), the linear's site or the rewritten module's spec, and a
 fingerprint of its weights; per analysis artefact kept, the statistics; and the calibration
-setup. `sparsify_(model, plan)` replays the decisions in the order they were made, without data.
+setup. `sparsify_(model, plan)` replays the decisions without data (Pipeline.from_plan).
 """
 from __future__ import annotations
 
@@ -24,15 +24,11 @@ from ..techniques.configs import SparsityConfig, config_from_dict, technique_for
 from ..techniques.rewrites import ModuleRewrite
 from ..errors import PlanError, RecipeError
 from ..passes.analysis import STAT_TYPES
+from ..passes.build import fingerprint, module_weights
+from .folders import check_output_dir, writing_folder
 
 FORMAT = 1
 JSON_NAME, TENSORS_NAME = "plan.json", "tensors.safetensors"
-
-
-def fingerprint(w: torch.Tensor) -> list[float]:
-    """Cheap identity check of a weight: (sum, sum of squares) in fp64."""
-    w = w.detach().double()
-    return [float(w.sum()), float((w * w).sum())]
 
 
 @dataclass
@@ -59,8 +55,6 @@ class Plan:
         """Write `path/plan.json` and `path/tensors.safetensors`. An existing `path` is refused unless
         `overwrite=True`; the plan is written to a temporary sibling folder and renamed into place, so
         a failed save leaves no stray folder and whatever was at `path` as it was."""
-        from .checkpoint import check_output_dir, writing_folder  # late: checkpoint imports the package
-
         path = Path(path)
         check_output_dir(path, overwrite)
         tensors: dict[str, torch.Tensor] = {}
@@ -135,6 +129,11 @@ class Plan:
         if missing:
             raise PlanError(f"plan at {path} is missing decisions for {sorted(missing)[:3]}")
         decisions |= {n: {} for n in configs if n not in decisions}  # data-free rewrites decide nothing
+        for name in modules:
+            tech = technique_for(configs[name])
+            problem = tech.check_decision(configs[name], tech.spec_from_dict(modules[name]), decisions[name])
+            if problem:
+                raise bad(f"the decision of {name!r} ({type(configs[name]).__name__}) {problem}")
         decisions = {n: decisions[n] for n in order if n in decisions} | decisions  # the order they were made
         configs = {n: configs[n] for n in decisions}
         return cls(sites, configs, decisions, stats, doc.get("setup", {}), doc.get("rows", []), doc.get("meta", {}),
@@ -211,12 +210,6 @@ def _check_decision(key: str, k: str, t: torch.Tensor, site: LinearSite, bad: _C
         return
     if not ok:
         raise bad(f"tensor {key!r} is {t.dtype} {list(t.shape)}; expected {want}")
-
-
-def module_weights(module: torch.nn.Module) -> torch.Tensor:
-    """All parameters of a module as one flat tensor (for its fingerprint)."""
-    params = [p.detach().flatten().double() for p in module.parameters()]
-    return torch.cat(params) if params else torch.zeros(0, dtype=torch.float64)
 
 
 def plan_meta(model: torch.nn.Module, sites: dict[str, LinearSite], targets) -> dict:

@@ -1,5 +1,4 @@
 """Analysis and transformation passes, and the Pipeline that orders and runs them (see README.md)."""
-from ..prune.sparsegpt import dampen
 from .analysis import (CollectGateActivations, CollectHessians, CollectInputStats, CollectOutlierRatios,
                        CollectRouterStats, HessianStats, InputStats)
 from .base import AnalysisPass, Pass, TransformPass
@@ -8,4 +7,4 @@ from .transform import ApplyRecipe, RewriteModules
 
 __all__ = ["AnalysisPass", "ApplyRecipe", "CollectGateActivations", "CollectHessians", "CollectInputStats",
            "CollectOutlierRatios", "CollectRouterStats", "HessianStats", "InputStats", "Pass", "PassContext",
-           "Pipeline", "PipelineResult", "RewriteModules", "TransformPass", "dampen"]
+           "Pipeline", "PipelineResult", "RewriteModules", "TransformPass"]

@@ -3,7 +3,7 @@
 A pass declares the artefacts it `requires` and `produces` (strings such as "input_stats",
 "hessian", "weights"), and those it should run `after` when some pass produces them (an ordering
 hint that is no requirement); the Pipeline orders passes by them. Passes run scope by scope (one
-decoder block at a time, see scopes.py):
+decoder block at a time, see blockwise.py):
   - an AnalysisPass observes the inputs X ([tokens, in], padding removed) of the linear sites it
     wants while the scope runs on calibration data, and stores results by module name in
     `ctx.stats[artefact]`; `whole_model = True` marks one whose results are only complete after
@@ -36,7 +36,7 @@ class AnalysisPass(Pass):
 
     def __init__(self, modules=None):
         self.modules = modules
-        self._wanted: set[str] | None = None
+        self.observed: set[str] | None = None  # the linear sites it observes, once set up
 
     @classmethod
     def from_targets(cls, targets: dict) -> "AnalysisPass":
@@ -50,10 +50,10 @@ class AnalysisPass(Pass):
         return sorted(select(list(self.modules), list(ctx.captured.sites)))
 
     def setup(self, ctx) -> None:
-        self._wanted = set(self.linears(ctx))
+        self.observed = set(self.linears(ctx))
 
     def wants(self, site: str) -> bool:
-        return self._wanted is None or site in self._wanted
+        return self.observed is None or site in self.observed
 
     def observe(self, ctx, site, x: torch.Tensor) -> None:
         """Called with the input x [tokens, in] of each wanted linear site."""
@@ -70,6 +70,10 @@ class AnalysisPass(Pass):
 
 
 class TransformPass(Pass):
+    #: {module: config} of what the pass changes, when it says so (the pipeline then skips scopes
+    #: nothing needs); None: it may change any module
+    targets: dict | None = None
+
     def run(self, ctx, sites) -> bool:
         """Transform what the scope holds: `sites` lists its linear sites, `sites.holds(name)` says
         whether a module lies in it; returns whether anything changed."""

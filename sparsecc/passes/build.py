@@ -1,25 +1,31 @@
-"""From a recipe to passes: resolve its keys on the captured model, check everything that can be
-checked before any work, and list the passes its configs need, in the order they run per block:
+"""From a recipe, or a Plan, to passes.
+
+A recipe: resolve its keys on the captured model, check everything that can be checked before any
+work, and list the passes its configs need, in the order they run per block:
 
     rewrite_module_forms (attention forms) -> input statistics, Hessians -> apply_recipe (pruning)
     -> gate activations, router statistics -> rewrite_modules (CATS, MoE)
 
 plus OWL's whole-model outlier pass, which runs over every block before any is pruned.
+
+A Plan: the same transform passes, given the plan's decisions; the model is checked against the
+plan (sites, shapes, fingerprints of the weights it was calibrated on) before anything changes.
 """
 from __future__ import annotations
 
+import math
 import re
 
 import torch
 from torch import nn
 
-from ..errors import CalibrationError, RecipeError
+from ..errors import CalibrationError, PlanError, RecipeError
 from ..graph.calibration import token_mask
-from ..graph.capture import capture
+from ..graph.capture import Captured, capture
 from ..techniques.configs import technique_for
 from ..techniques.packing import compressed_linears
 from ..techniques.pruning import check_finite
-from ..techniques.rewrites import ModuleRewrite, hidden_linears, rewrite_candidates
+from ..techniques.rewrites import REWRITTEN, ModuleRewrite, hidden_linears, rewrite_candidates
 from ..techniques.targeting import key_matches, normalize_recipe, resolve
 from .analysis import PRODUCERS
 from .memory import check_hessian_memory
@@ -82,20 +88,78 @@ def recipe_passes(model: nn.Module, recipe, batches: list, data: bool = True):
     for name, (cfg, target) in targets.items():
         for art in technique_for(cfg).needs(cfg):
             needs.setdefault(art, {})[name] = (cfg, target)
-    first = {n: c for n, c in modules.items() if technique_for(c).first}
-    passes = []
-    if first:
-        passes.append(RewriteModules(first, {n: specs[n] for n in first}, first=True))
-    passes += [PRODUCERS[art].from_targets(needs[art]) for art in PRODUCERS if art in needs]
     unknown = sorted(set(needs) - set(PRODUCERS))
     if unknown:
         raise RecipeError(f"no analysis pass produces {unknown[0]!r}, which "
                           f"{type(next(iter(needs[unknown[0]].values()))[0]).__name__} needs")
-    passes.append(ApplyRecipe(linears))
+    analysis = [PRODUCERS[art].from_targets(needs[art]) for art in PRODUCERS if art in needs]
+    return captured, _transforms(linears, modules, specs, analysis)
+
+
+def _transforms(linears: dict, modules: dict, specs: dict, analysis: list, decisions: dict | None = None) -> list:
+    """The pass list: the block's attention forms, the analysis passes, pruning, the other rewrites."""
+    first = {n: c for n, c in modules.items() if technique_for(c).first}
     late = {n: c for n, c in modules.items() if n not in first}
+    passes = [RewriteModules(first, {n: specs[n] for n in first}, first=True, decisions=decisions)] if first else []
+    passes += [*analysis, ApplyRecipe(linears, decisions=decisions)]
     if late:
-        passes.append(RewriteModules(late, {n: specs[n] for n in late}))
-    return captured, passes
+        passes.append(RewriteModules(late, {n: specs[n] for n in late}, decisions=decisions))
+    return passes
+
+
+def plan_passes(model: nn.Module, plan, strict: bool = True):
+    """(captured, passes) replaying `plan` (an io.Plan) on `model`, the model checked first."""
+    linears = {n: c for n, c in plan.configs.items() if n in plan.sites}
+    modules = {n: c for n, c in plan.configs.items() if n not in plan.sites}
+    specs = {n: technique_for(c).spec_from_dict(plan.modules[n]) for n, c in modules.items()}
+    prints = plan.meta.get("fingerprints", {})
+    for name, config in linears.items():
+        site = plan.sites[name]
+        try:
+            weight = site.weight(model)
+        except AttributeError:
+            packed = compressed_linears(model).get(name)
+            raise PlanError(f"plan targets {site.param}, which this model does not have"
+                            + (f" ({name} is compressed, {packed}: apply the plan before compressing)"
+                               if packed else "")) from None
+        if tuple(weight.shape) != (site.out_features, site.in_features):
+            raise PlanError(f"{name}: plan expects [{site.out_features}, {site.in_features}], "
+                            f"model has {list(weight.shape)}")
+        check_finite(name, weight)
+        _check_fingerprint(name, weight, prints, strict)
+    for name, config in modules.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise PlanError(f"plan rewrites {name} ({type(config).__name__}), which this model does not have") \
+                from None
+        done = module.__dict__.get(REWRITTEN)
+        if done is not None:
+            raise PlanError(f"{name} is already rewritten by {type(done).__name__}; apply the plan to the model "
+                            "it was calibrated on, loaded again")
+        technique_for(config).check(config, model, name, specs[name])
+        _check_fingerprint(name, module_weights(module), prints, strict)
+    return Captured(model, [], dict(plan.sites)), _transforms(linears, modules, specs, [], plan.decisions)
+
+
+def fingerprint(w: torch.Tensor) -> list[float]:
+    """Cheap identity check of a weight: (sum, sum of squares) in fp64."""
+    w = w.detach().double()
+    return [float(w.sum()), float((w * w).sum())]
+
+
+def module_weights(module: nn.Module) -> torch.Tensor:
+    """All parameters of a module as one flat tensor (for its fingerprint)."""
+    params = [p.detach().flatten().double() for p in module.parameters()]
+    return torch.cat(params) if params else torch.zeros(0, dtype=torch.float64)
+
+
+def _check_fingerprint(name: str, weight: torch.Tensor, prints: dict, strict: bool) -> None:
+    expected = prints.get(name)
+    if strict and expected and not all(math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6)
+                                       for a, b in zip(fingerprint(weight), expected)):
+        raise PlanError(f"{name}: weights differ from those the plan was calibrated on (already "
+                        "sparsified, or another checkpoint?); pass strict=False to apply anyway")
 
 
 def _check_padding(modules: dict, batches: list, data: bool) -> None:

@@ -26,10 +26,10 @@ from ..graph.calibration import describe, validate_batches
 from ..graph.capture import Captured, capture
 from ..techniques.transaction import Transaction
 from .analysis import PRODUCERS
-from .base import AnalysisPass, Pass
+from .base import AnalysisPass, Pass, TransformPass
 from .blockwise import BlockRunner
+from .build import plan_passes, recipe_passes
 from .checks import verify
-from .transform import ApplyRecipe, RewriteModules
 
 
 @dataclass
@@ -43,6 +43,7 @@ class PassContext:
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)       # artefact -> module -> stat
     decisions: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     configs: dict = field(default_factory=dict)                            # module -> the config applied
+    specs: dict = field(default_factory=dict)                              # rewritten module -> its spec
     rows: list[dict] = field(default_factory=list)                         # per-module report rows
     batch_index: int = 0
     token_mask: torch.Tensor | None = None
@@ -101,25 +102,38 @@ class Pipeline:
         self.debug = debug
         self.progress = progress
         self.order = self._order()
-        self.captured: Captured | None = None  # set by from_recipe
+        self.captured: Captured | None = None  # set by from_recipe / from_plan
 
     @classmethod
     def from_recipe(cls, model: torch.nn.Module, recipe, batches, *, data: bool = True, debug: bool = False,
                     progress: bool = True) -> "Pipeline":
         """The pipeline carrying out `recipe` on `model`: every analysis pass its configs need, the
-        pruning and the module rewrites (build.py). `batches` are validated calibration batches (a
-        dummy batch with `data=False`, for data-free recipes)."""
-        from .build import recipe_passes
-
-        captured, passes = recipe_passes(model, recipe, batches, data)
+        pruning and the module rewrites (build.py). With `data=False` (a data-free recipe) `batches`
+        is one example input, only used to capture the model."""
+        batches = validate_batches(model, batches)
+        was_training = model.training
+        model.eval()
+        try:
+            captured, passes = recipe_passes(model, recipe, batches, data)
+        finally:
+            model.train(was_training)
         pipe = cls(passes, debug=debug, progress=progress)
+        pipe.captured = captured
+        return pipe
+
+    @classmethod
+    def from_plan(cls, model: torch.nn.Module, plan, *, strict: bool = True, debug: bool = False) -> "Pipeline":
+        """The transform passes replaying a Plan's decisions on `model`, without data; everything the
+        plan needs of the model is checked first (build.py)."""
+        captured, passes = plan_passes(model, plan, strict)
+        pipe = cls(passes, debug=debug, progress=False)
         pipe.captured = captured
         return pipe
 
     @property
     def targets(self) -> dict:
-        """{module: config} of every linear and module the transforms change (in pass order)."""
-        return {n: c for p in self.order if isinstance(p, (ApplyRecipe, RewriteModules)) for n, c in p.assignments.items()}
+        """{module: config} of every linear and module the transforms say they change (in pass order)."""
+        return {n: c for p in self.order if isinstance(p, TransformPass) for n, c in (p.targets or {}).items()}
 
     def _order(self) -> list[Pass]:
         producer: dict[str, Pass] = {}
@@ -149,12 +163,13 @@ class Pipeline:
             a, b = self.passes[cycle[0][0]].name, self.passes[cycle[0][1]].name
             raise PipelineError(f"passes {a!r} and {b!r} depend on each other (cycle: "
                                 f"{' -> '.join(self.passes[u].name for u, _ in cycle)} -> {a})")
-        whole = {a for p in order if getattr(p, "whole_model", False) for a in p.produces}
-        for p in order:
-            late = [a for a in p.requires if a not in whole and a in producer]
-            if getattr(p, "whole_model", False) and late:
+        whole = [p for p in order if getattr(p, "whole_model", False)]
+        made = {a for p in whole for a in p.produces}
+        for p in whole:
+            late = [a for a in p.requires if a not in made and a in producer]
+            if late:
                 raise PipelineError(f"whole-model pass {p.name!r} cannot need {late[0]!r}, produced block by block")
-        return order
+        return whole + [p for p in order if p not in whole]  # the order they run: the whole-model sweep first
 
     def run(self, model: torch.nn.Module, batches, captured: Captured | None = None,
             keep_changes: bool = True) -> PipelineResult:
@@ -169,10 +184,9 @@ class Pipeline:
             captured = captured or self.captured or capture(model, batches_list[0])
             ctx = PassContext(model, captured, batches_list, self.debug)
             timings = self._run(ctx)
-            specs = {n: s for p in self.order if isinstance(p, RewriteModules) for n, s in p.specs.items()}
             result = PipelineResult([p.name for p in self.order], ctx.stats, ctx.decisions, ctx.rows, timings,
                                     describe(batches_list, getattr(batches, "setup", None)) if batches_list else {},
-                                    self._scopes, dict(captured.sites), dict(ctx.configs), specs)
+                                    self._scopes, dict(captured.sites), dict(ctx.configs), dict(ctx.specs))
             if keep_changes:
                 ctx.tx.commit()
             else:
@@ -216,11 +230,11 @@ class Pipeline:
         relevant: set[str] | None = set()
         for p in passes:
             if isinstance(p, AnalysisPass):
-                relevant |= p._wanted | set(p.hooked_modules(ctx))
-            elif isinstance(p, (ApplyRecipe, RewriteModules)):
-                relevant |= set(p.assignments)
+                relevant |= p.observed | set(p.hooked_modules(ctx))
+            elif p.targets is not None:
+                relevant |= set(p.targets)
             else:
-                relevant = None  # a custom transform may touch any site
+                relevant = None  # a transform that does not say may change any module
                 break
         runner = BlockRunner(ctx, needs_data=any(isinstance(p, AnalysisPass) for p in passes), relevant=relevant)
         scopes: list[str] = []
@@ -247,7 +261,7 @@ class Pipeline:
                 except Exception as e:
                     names = ", ".join(p.name for p in stage)
                     e.add_note(f"sparsecc: pass {names} failed on {scope.name} (passes run before it: "
-                               f"{', '.join(done_here + done[-3:]) or 'none'}); the model was restored")
+                               f"{', '.join(done[-3:] + done_here) or 'none'}); the model was restored")
                     raise
                 done_here += [p.name for p in stage]
                 if ctx.debug:

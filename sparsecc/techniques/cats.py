@@ -60,10 +60,17 @@ class CATSTechnique(ModuleRewrite):
         """{threshold}: the `sparsity`-quantile of the sampled |act(x W_gate)|."""
         return {"threshold": torch.tensor(stats["gate_activations"].quantile(config.sparsity), dtype=torch.float64)}
 
+    def check_decision(self, config, spec, decision):
+        t = decision.get("threshold")
+        if t is None or t.numel() != 1 or not t.is_floating_point() or not 0 <= float(t) < float("inf"):
+            return f"needs a threshold, one finite number >= 0, got {t!r}"
+        return None
+
     def apply(self, config, model, name, spec, decision, tx):
+        problem = self.check_decision(config, spec, decision)
+        if problem:
+            raise PlanError(f"{name}: the CATS decision {problem}")
         t = float(decision["threshold"])
-        if not t >= 0 or t == float("inf"):
-            raise PlanError(f"{name}: a CATS threshold must be a finite number >= 0, got {t}")
         mlp = CATSMLP(model.get_submodule(name), spec, t)
         tx.swap(name, mlp)
         column_major_down(mlp, tx)

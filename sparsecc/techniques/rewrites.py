@@ -58,6 +58,10 @@ class ModuleRewrite(Technique):
         """The decision for module `name` (data-free rewrites decide nothing: {})."""
         return {}
 
+    def check_decision(self, config: SparsityConfig, spec, decision: dict) -> str | None:
+        """What is wrong with a decision read from a plan file (None: nothing)."""
+        return None
+
     def apply(self, config: SparsityConfig, model: nn.Module, name: str, spec, decision: dict, tx) -> dict:
         """Rewrite module `name` as decided, each change recorded in `tx` first; returns its report row."""
         raise NotImplementedError

@@ -42,11 +42,22 @@ class Transaction:
 
     @torch.no_grad()
     def rollback(self) -> None:
+        """Undo everything; an undo that fails does not stop the others (the first error is raised
+        after all of them ran)."""
+        errors = []
         for undo in reversed(self._undo):  # module swaps first, then the weights inside them
-            undo()
+            try:
+                undo()
+            except Exception as e:  # noqa: PERF203  (keep undoing)
+                errors.append(e)
         for name, value in self._params.items():
-            self.model.get_parameter(name).copy_(value)
+            try:
+                self.model.get_parameter(name).copy_(value)
+            except Exception as e:  # noqa: PERF203
+                errors.append(e)
         self.commit()
+        if errors:
+            raise errors[0]
 
     def commit(self) -> None:
         self._params.clear()

@@ -149,7 +149,8 @@ def _seqlen(args, model) -> int:
 
 def prune(args) -> int:
     import sparsecc
-    from ..io.checkpoint import check_output_dir, save_pruned
+    from ..io.checkpoint import save_pruned
+    from ..io.folders import check_output_dir
     from .local_models import load_local_model, read_text, tokenize
 
     check_output_dir(args.out, args.overwrite)  # the outputs before any work
@@ -221,6 +222,7 @@ def _benchmarks(quick: bool) -> dict:
             "prune_quality": q("--model", "tiny", "--eval-windows", "64", "--nsamples", "32"),
             "cats_quality": q("--model", "tiny", "--nsamples", "32"),
             "moe_quality": q("--model", "tiny", "--nsamples", "32"),
+            "plan_replay": q("--model", "tiny", "--nsamples", "16"),
             "streaming": q("--model", "tiny", "--factor", "4", "--streams", "1"),
             **{name: q("--quick") for name in KERNEL_BENCHMARKS}}  # these five: on the GPU if there is one
 

@@ -139,8 +139,8 @@ def test_failed_rewrite_restores_row_major_layout(make_model, batches, monkeypat
     real = cats.column_major_down
     calls = []
 
-    def fail_second(mlp, on_restore=None):
-        real(mlp, on_restore)
+    def fail_second(mlp, tx=None):
+        real(mlp, tx)
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("boom")

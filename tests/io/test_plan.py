@@ -156,3 +156,31 @@ def test_plan_for_a_model_of_other_shapes_changes_nothing(make_model, batches, t
     with pytest.raises(sparsecc.PlanError, match=r"plan expects \[128, 64\], model has \[96, 64\]"):
         sparsecc.sparsify_(narrow, plan, strict=False)
     assert same(narrow, snap)
+
+
+def test_plans_of_module_rewrites_round_trip_and_refuse_a_second_application(make_model, batches, tmp_path):
+    from safetensors.torch import load_file, save_file
+    recipe = {"model.layers.0.mlp": sparsecc.CATSConfig(0.5), "model.layers.1.mlp": sparsecc.MoEConfig(4, 2, router="centroid"),
+              "re:.*self_attn": sparsecc.SlidingWindowConfig(window=4)}
+    path = sparsecc.calibrate(make_model("llama"), batches, recipe, progress=False).save(tmp_path / "p")
+    plan = sparsecc.Plan.load(path)  # a centroid router has no fit statistics (no R²): still a valid plan
+    assert "router_r2" not in plan.decisions["model.layers.1.mlp"]
+    m = make_model("llama")
+    report = sparsecc.sparsify_(m, plan)
+    assert [r["module"] for r in report.rows] == list(plan.decisions)  # in the order calibration made them
+    for strict in (True, False):
+        with pytest.raises(sparsecc.PlanError, match="already rewritten by"):
+            sparsecc.sparsify_(m, plan, strict=strict)
+    tensors = load_file(str(path / "tensors.safetensors"))
+    del tensors["decision/model.layers.0.mlp/threshold"]
+    save_file(tensors, str(path / "tensors.safetensors"))
+    with pytest.raises(sparsecc.PlanError, match="decision of 'model.layers.0.mlp' .*needs a threshold"):
+        sparsecc.Plan.load(path)
+
+
+def test_the_reported_pass_order_is_the_order_they_run(make_model, batches):
+    recipe = {"re:.*self_attn": sparsecc.SlidingWindowConfig(window=4),
+              "re:.*mlp\\..*": sparsecc.WandaConfig(0.5, layerwise="owl")}
+    pipe = sparsecc.Pipeline.from_recipe(make_model("llama"), recipe, batches)
+    assert [p.name for p in pipe.order] == ["collect_outlier_ratios", "rewrite_module_forms", "collect_input_stats",
+                                            "apply_recipe"]

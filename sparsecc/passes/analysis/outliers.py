@@ -21,6 +21,7 @@ class CollectOutlierRatios(AnalysisPass):
     name = "collect_outlier_ratios"
     produces = ("layer_sparsity",)
     whole_model = True
+    after = ()  # a first sweep over the dense model, before any block is transformed
 
     def __init__(self, configs: dict):
         super().__init__(modules=list(configs))

@@ -21,16 +21,16 @@ class ApplyRecipe(TransformPass):
     after = ("module_forms",)
 
     def __init__(self, assignments: dict, sparsity: dict | None = None, decisions: dict | None = None):
-        self.assignments = dict(assignments)
+        self.targets = dict(assignments)
         self.sparsity = dict(sparsity or {})  # per-module overrides of the configs' sparsity
         self.decisions = decisions
         self.requires = () if decisions is not None else tuple(sorted(
-            {r for c in self.assignments.values() for r in technique_for(c).needs(c)}))
+            {r for c in self.targets.values() for r in technique_for(c).needs(c)}))
 
     def run(self, ctx, sites):
         changed = False
         for site in sites:
-            config = self.assignments.get(site.name)
+            config = self.targets.get(site.name)
             if config is None:
                 continue
             tech = technique_for(config)

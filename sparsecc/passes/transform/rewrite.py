@@ -16,18 +16,18 @@ from ..base import TransformPass
 
 class RewriteModules(TransformPass):
     def __init__(self, assignments: dict, specs: dict, first: bool = False, decisions: dict | None = None):
-        self.assignments, self.specs, self.decisions = dict(assignments), dict(specs), decisions
+        self.targets, self.specs, self.decisions = dict(assignments), dict(specs), decisions
         self.name = "rewrite_module_forms" if first else "rewrite_modules"
         self.produces = ("module_forms",) if first else ("modules",)
         self.after = () if first else ("module_forms", "weights")
         self.requires = () if decisions is not None else tuple(sorted(
-            {a for c in self.assignments.values() for a in technique_for(c).needs(c)}))
+            {a for c in self.targets.values() for a in technique_for(c).needs(c)}))
 
     def run(self, ctx, sites):
-        todo = [n for n in self.assignments if sites.holds(n)]
-        todo.sort(key=lambda n: technique_for(self.assignments[n]).order)  # stable: recipe order within one
+        todo = [n for n in self.targets if sites.holds(n)]
+        todo.sort(key=lambda n: technique_for(self.targets[n]).order)  # stable: recipe order within one
         for name in todo:
-            config, spec = self.assignments[name], self.specs[name]
+            config, spec = self.targets[name], self.specs[name]
             tech = technique_for(config)
             t0 = time.perf_counter()
             if self.decisions is not None:
@@ -42,6 +42,6 @@ class RewriteModules(TransformPass):
                 decision = tech.plan(config, ctx.model, name, spec, stats)
             row = tech.apply(config, ctx.model, name, spec, decision, ctx.tx)
             mark(ctx.model, name, config, ctx.tx)
-            ctx.decisions[name], ctx.configs[name] = decision, config
+            ctx.decisions[name], ctx.configs[name], ctx.specs[name] = decision, config, spec
             ctx.rows.append({**row, "seconds": time.perf_counter() - t0})
         return bool(todo)

@@ -100,15 +100,26 @@ class MoETechnique(ModuleRewrite):
         """{neurons [E, I/E], router_weight [E, H], router_bias [E], router_r2}: the split of the
         MLP's current weights and its router (fitted on `stats["router_stats"]`, or centroid)."""
         mlp = _check(model, name, spec, config)
-        if config.router == "fitted":
-            fit = stats["router_stats"]
-            neurons, (weight, bias, r2) = fit.neurons, fit.solve()
-        else:
+        if config.router == "centroid":
             gate = getattr(mlp, spec.gate).weight
             neurons = split_experts(gate, getattr(mlp, spec.up).weight, config.num_experts)
-            (weight, bias), r2 = centroid_router(gate, neurons), float("nan")
-        return {"neurons": neurons.cpu(), "router_weight": weight.float().cpu(), "router_bias": bias.float().cpu(),
-                "router_r2": torch.tensor(r2, dtype=torch.float64)}
+            weight, bias = centroid_router(gate, neurons)
+            return {"neurons": neurons.cpu(), "router_weight": weight.float().cpu(), "router_bias": bias.float().cpu()}
+        fit = stats["router_stats"]
+        weight, bias, r2 = fit.solve()
+        return {"neurons": fit.neurons.cpu(), "router_weight": weight.float().cpu(), "router_bias": bias.float().cpu(),
+                "router_r2": torch.tensor(r2, dtype=torch.float64)}  # fit on the calibration tokens
+
+    def check_decision(self, config, spec, decision):
+        e = config.num_experts
+        neurons, weight, bias = (decision.get(k) for k in ("neurons", "router_weight", "router_bias"))
+        if neurons is None or weight is None or bias is None:
+            return "needs neurons, router_weight and router_bias"
+        if neurons.dim() != 2 or neurons.shape[0] != e or neurons.dtype not in (torch.int32, torch.int64):
+            return f"neurons must be an integer [{e}, I/{e}] tensor, got {neurons.dtype} {list(neurons.shape)}"
+        if weight.dim() != 2 or weight.shape[0] != e or list(bias.shape) != [e]:
+            return f"the router must be [{e}, hidden] and [{e}], got {list(weight.shape)} and {list(bias.shape)}"
+        return None
 
     def apply(self, config, model, name, spec, decision, tx):
         mlp = _check(model, name, spec, config)
@@ -120,8 +131,8 @@ class MoETechnique(ModuleRewrite):
                             f"partition of the {inter} neurons, got {list(neurons.shape)}")
         moe = moe_from_dense(mlp, spec, neurons, (decision["router_weight"], decision["router_bias"]), config)
         tx.swap(name, moe)
-        r2 = float(decision["router_r2"])
-        return moe_row(name, config, moe, router=config.router, router_r2=None if r2 != r2 else r2,
+        r2 = decision.get("router_r2")
+        return moe_row(name, config, moe, router=config.router, router_r2=None if r2 is None else float(r2),
                        gated=spec.to_dict())
 
     def restore(self, model: nn.Module, rows: list[dict]) -> list[str]:

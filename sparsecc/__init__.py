@@ -23,7 +23,7 @@ _SOURCES = {
                      "PipelineResult", "TransformPass"], ".passes"),
     **dict.fromkeys(["MoEConfig", "MoEMLP", "SparseMoEConfig", "moe_load_balance", "AttentionSinkConfig",
                      "SlidingWindowConfig", "CATSConfig", "CATSMLP", "MagnitudeConfig", "OBSConfig",
-                     "PruningConfig", "SparseGPTConfig", "WandaConfig"], ".techniques"),
+                     "PruningConfig", "SparseGPTConfig", "StructuredConfig", "WandaConfig"], ".techniques"),
 }
 
 
@@ -54,7 +54,7 @@ def __dir__():
 __all__ = [
     "AnalysisPass", "ApplyRecipe", "AttentionSinkConfig", "SlidingWindowConfig", "CATSConfig", "CATSMLP", "CalibrationError", "CalibrationSet", "CaptureError", "Captured",
     "CSRLinear", "CollectHessians", "CollectInputStats", "LinearSite", "MagnitudeConfig", "MoEConfig", "MoEMLP", "SparseMoEConfig", "NMLinear", "OBSConfig", "Pass",
-    "PruningConfig", "SparseGPTConfig", "WandaConfig", "Pipeline",
+    "PruningConfig", "SparseGPTConfig", "StructuredConfig", "WandaConfig", "Pipeline",
     "PipelineError", "PipelineResult", "Plan", "PlanError", "RecipeError", "Report", "SparseccError",
     "SparsityConfig", "Technique", "TransformPass", "calibrate", "activation_sparsity", "capture", "compress_csr_", "compress_nm_", "config_from_dict", "dump_recipe", "kv_cache_lengths",
     "load_pruned", "load_recipe", "moe_load_balance", "pack_", "prune", "register_technique", "sample_batches", "save_pruned", "sparsecc_backend",

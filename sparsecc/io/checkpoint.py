@@ -261,8 +261,9 @@ def load_pruned(path, model: nn.Module | None = None):
     state = {name: _expand(path, name, info, nm) for name, info in compressed.items()}
     file = path / "model.safetensors"
     saved = None  # model.safetensors as read here (with model=), for the modules restore_rewrites rebuilds
+    rebuilt = [r["module"] for r in meta.get("rows", []) if is_rewrite_row(r)]  # their shapes may differ (shrunk)
     if model is None:
-        model = _from_pretrained(path, compressed=set(compressed))
+        model = _from_pretrained(path, compressed=set(compressed), rebuilt=rebuilt)
         own = model.state_dict()
     else:  # nothing changes in `model` until every check below has passed
         own, saved = model.state_dict(), _load_tensors(file)
@@ -270,7 +271,7 @@ def load_pruned(path, model: nn.Module | None = None):
         if missing:
             raise PlanError(f"{str(file)!r} lacks {sorted(missing)[:3]}: not a checkpoint of this model")
         for k in own:
-            if k in saved and k not in compressed and saved[k].shape != own[k].shape:
+            if k in saved and k not in compressed and saved[k].shape != own[k].shape and not _under(k, rebuilt):
                 raise PlanError(f"{str(file)!r}: {k} is {list(saved[k].shape)}; the model has {list(own[k].shape)}: "
                                 "not a checkpoint of this model")
         state = {k: v for k, v in saved.items() if k in own and k not in compressed} | state
@@ -342,9 +343,14 @@ def quiet_loading(quiet: bool = True):
             hf_logging.enable_progress_bar()
 
 
-def _from_pretrained(path: Path, compressed: set[str] = frozenset()):
+def _under(key: str, modules) -> bool:
+    return any(key.startswith(m + ".") for m in modules)
+
+
+def _from_pretrained(path: Path, compressed: set[str] = frozenset(), rebuilt=()):
     """The transformers model of a folder; `compressed` names weights stored elsewhere (N:M), whose
-    placeholders (or absence, in older folders) load_pruned fills in afterwards."""
+    placeholders (or absence, in older folders) load_pruned fills in afterwards; the weights of the
+    `rebuilt` modules (module rewrites, shrunk ones included) are loaded after their rebuild."""
     import transformers
     try:
         config = json.loads((path / "config.json").read_text())
@@ -361,13 +367,14 @@ def _from_pretrained(path: Path, compressed: set[str] = frozenset()):
     if not (path / "model.safetensors").is_file():
         raise PlanError(f"checkpoint file {str(path / 'model.safetensors')!r} is missing")
     try:
-        with quiet_loading(bool(compressed)):  # the placeholders' expected "MISMATCH" report would alarm
+        with quiet_loading(bool(compressed) or bool(rebuilt)):  # the placeholders' expected "MISMATCH" report would alarm
             model, info = cls.from_pretrained(path, local_files_only=True, use_safetensors=True,
                                               trust_remote_code=False, dtype="auto",
-                                              ignore_mismatched_sizes=bool(compressed), output_loading_info=True)
+                                              ignore_mismatched_sizes=bool(compressed) or bool(rebuilt),
+                                              output_loading_info=True)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise PlanError(f"cannot load the model weights in {str(path)!r}: {e}") from None
-    wrong = sorted(k[0] for k in info.get("mismatched_keys", ()) if k[0] not in compressed)
+    wrong = sorted(k[0] for k in info.get("mismatched_keys", ()) if k[0] not in compressed and not _under(k[0], rebuilt))
     if wrong:  # only possible with ignore_mismatched_sizes, which only placeholders should need
         raise PlanError(f"cannot load the model weights in {str(path)!r}: {wrong[:3]} do not fit {arch}")
     return model

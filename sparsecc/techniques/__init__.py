@@ -3,5 +3,6 @@ from .attention import AttentionSinkConfig, SlidingWindowConfig
 from .cats import CATSConfig, CATSMLP
 from .moe import MoEConfig, MoEMLP, SparseMoEConfig, moe_load_balance
 from .pruning import MagnitudeConfig, OBSConfig, PruningConfig, SparseGPTConfig, WandaConfig
+from .structured import StructuredConfig
 
-__all__ = ["AttentionSinkConfig", "SlidingWindowConfig", "CATSConfig", "CATSMLP", "MagnitudeConfig", "MoEConfig", "MoEMLP", "OBSConfig", "PruningConfig", "SparseGPTConfig", "SparseMoEConfig", "WandaConfig", "moe_load_balance"]
+__all__ = ["AttentionSinkConfig", "SlidingWindowConfig", "CATSConfig", "CATSMLP", "MagnitudeConfig", "MoEConfig", "MoEMLP", "OBSConfig", "PruningConfig", "SparseGPTConfig", "SparseMoEConfig", "StructuredConfig", "WandaConfig", "moe_load_balance"]

@@ -223,6 +223,7 @@ def _benchmarks(quick: bool) -> dict:
             "cats_quality": q("--model", "tiny", "--nsamples", "32"),
             "moe_quality": q("--model", "tiny", "--nsamples", "32"),
             "plan_replay": q("--model", "tiny", "--nsamples", "16"),
+            "structured_quality": q("--model", "tiny", "--nsamples", "16"),
             "streaming": q("--model", "tiny", "--factor", "4", "--streams", "1"),
             **{name: q("--quick") for name in KERNEL_BENCHMARKS}}  # these five: on the GPU if there is one
 

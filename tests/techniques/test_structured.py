@@ -1,0 +1,106 @@
+"""Structured pruning of gated-MLP channels: the linears really shrink, the scores and the refit do
+what they say, plans and checkpoints carry it."""
+import copy
+
+import pytest
+import torch
+
+import sparsecc
+
+MLPS = "re:.*mlp"
+
+
+def _mlp_io(model, batches, k=0):
+    """(input, output) of block k's MLP on the batches (hooked)."""
+    seen = []
+    h = model.model.layers[k].mlp.register_forward_hook(lambda m, a, out: seen.append((a[0], out)))
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    h.remove()
+    return torch.cat([x.reshape(-1, x.shape[-1]) for x, _ in seen]), torch.cat([y.reshape(-1, y.shape[-1])
+                                                                               for _, y in seen])
+
+
+def test_magnitude_shrinks_every_mlp_without_data(make_model):
+    model = make_model("llama")
+    params = sum(p.numel() for p in model.parameters())
+    report = sparsecc.sparsify_(model, {MLPS: sparsecc.StructuredConfig(0.25, score="magnitude")}, progress=False)
+    for layer in model.model.layers:
+        assert (layer.mlp.gate_proj.weight.shape, layer.mlp.up_proj.weight.shape,
+                layer.mlp.down_proj.weight.shape) == ((96, 64), (96, 64), (64, 96))
+    assert sum(p.numel() for p in model.parameters()) == params - 2 * 3 * 32 * 64
+    assert [(r["kept"], r["channels"]) for r in report.rows] == [(96, 128)] * 2
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(0, 128, (1, 9))).logits).all()
+
+
+@pytest.mark.parametrize("score", ["wanda-sp", "flap"])
+def test_refit_reconstructs_the_mlp_better_than_dropping_the_channels(score, make_model, batches):
+    dense = make_model("llama")
+    x, want = _mlp_io(dense, batches)
+    errors = {}
+    for update in (None, "refit"):
+        m = copy.deepcopy(dense)
+        sparsecc.sparsify_(m, {"model.layers.0.mlp": sparsecc.StructuredConfig(0.5, score=score, update=update)},
+                           batches, progress=False)
+        with torch.no_grad():
+            errors[update] = float(((m.model.layers[0].mlp(x) - want) ** 2).sum() / (want ** 2).sum())
+    assert errors["refit"] < errors[None] < 1
+
+
+def test_flap_keeps_the_mean_of_the_mlp_output(make_model, batches):
+    model = make_model("llama")
+    x, want = _mlp_io(model, batches)
+    sparsecc.sparsify_(model, {"model.layers.0.mlp": sparsecc.StructuredConfig(0.5, score="flap")}, batches,
+                       progress=False)
+    with torch.no_grad():
+        got = model.model.layers[0].mlp(x)
+    assert model.model.layers[0].mlp.down_proj.bias is not None
+    torch.testing.assert_close(got.mean(0), want.mean(0), atol=1e-5, rtol=1e-4)
+
+
+def test_wanda_sp_keeps_the_channels_with_the_largest_scores(make_model, batches):
+    model = make_model("llama")
+    mlp = model.model.layers[0].mlp
+    x, _ = _mlp_io(model, batches)
+    with torch.no_grad():
+        h = torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x)
+    score = mlp.down_proj.weight.abs().sum(0) * h.norm(dim=0)
+    keep = torch.sort(torch.topk(score, 32).indices).values
+    plan = sparsecc.calibrate(model, batches, {"model.layers.0.mlp": sparsecc.StructuredConfig(0.75)}, progress=False)
+    assert torch.equal(plan.decisions["model.layers.0.mlp"]["keep"], keep)
+
+
+def test_plans_and_checkpoints_carry_the_shrunk_model(make_model, batches, tmp_path):
+    model = make_model("llama")
+    recipe = {MLPS: sparsecc.StructuredConfig(0.5, score="flap", update="refit"),
+              "re:.*self_attn\\..*": sparsecc.WandaConfig(0.5)}
+    plan = sparsecc.Plan.load(sparsecc.calibrate(model, batches, recipe, progress=False).save(tmp_path / "plan"))
+    direct, replayed = copy.deepcopy(model), copy.deepcopy(model)
+    report = sparsecc.sparsify_(direct, recipe, batches, progress=False)
+    sparsecc.sparsify_(replayed, plan)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = direct(ids).logits
+        torch.testing.assert_close(replayed(ids).logits, want, rtol=0, atol=0)
+    sparsecc.save_pruned(direct, tmp_path / "ckpt", report)
+    loaded, _ = sparsecc.load_pruned(tmp_path / "ckpt")
+    assert loaded.model.layers[1].mlp.down_proj.weight.shape == (64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, want)
+
+
+def test_bad_input_leaves_the_model_as_it_was(make_model, batches, state_tools):
+    snapshot, same = state_tools
+    model = make_model("llama")
+    snap = snapshot(model)
+    with pytest.raises(sparsecc.RecipeError, match="would leave no channel"):
+        sparsecc.sparsify_(model, {MLPS: sparsecc.StructuredConfig(0.999, score="magnitude")}, progress=False)
+    with pytest.raises(sparsecc.RecipeError, match="score must be one of"):
+        sparsecc.StructuredConfig(0.5, score="bonsai")
+    with pytest.raises(sparsecc.CalibrationError, match="needs calibration data"):
+        sparsecc.sparsify_(model, {MLPS: sparsecc.StructuredConfig(0.5, score="flap")}, progress=False)
+    assert same(model, snap) and model.model.layers[0].mlp.gate_proj.weight.shape == (128, 64)
+    assert sparsecc.load_recipe({MLPS: {"method": "structured", "sparsity": 0.3, "score": "flap"}}) == {
+        MLPS: sparsecc.StructuredConfig(0.3, score="flap")}

@@ -100,10 +100,13 @@ def test_sparsity_zero_is_identity(seed, rows, cols, dtype):
 @given(seed=st.integers(0, 2**16), rows=st.integers(8, 24), cols=st.sampled_from([32, 48, 64]),
        s=st.floats(0.3, 0.7), pattern=st.sampled_from([None, None, "2:4", "4:8"]))
 def test_reconstruction_no_worse_than_wanda(seed, rows, cols, s, pattern):
+    """With the default block (the whole row here) SparseGPT's error is below Wanda's. Not a theorem
+    for small mask blocks: with blocksize=8, seed=44773, 10 x 32, s=0.625 (cond(H) = 3e7) it is
+    1.6x Wanda's, as each 8 columns must take their share of the sparsity."""
     w, h, _ = correlated(rows, cols, seed)
-    new_w, keep = sparsegpt(w, h, s, pattern, blocksize=8)
+    new_w, keep = sparsegpt(w, h, s, pattern)
     wanda_w = w * wanda(w, h.diagonal().sqrt(), s, pattern)
-    assert reconstruction_error(w, new_w, h) <= reconstruction_error(w, wanda_w, h) * 1.05
+    assert reconstruction_error(w, new_w, h) <= reconstruction_error(w, wanda_w, h)
 
 
 def test_reconstruction_error_is_output_mse():

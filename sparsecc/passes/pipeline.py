@@ -176,6 +176,9 @@ class Pipeline:
         """Run on `model` with calibration `batches` (None: passes that need no data, on a given
         `captured`). keep_changes=False undoes every change afterwards (what `calibrate` does); on
         any error they are always undone."""
+        if batches is None and (captured or self.captured) is None:
+            raise PipelineError("Pipeline.run needs calibration batches (or a captured model, for passes that "
+                                "need no data)")
         batches_list = validate_batches(model, batches) if batches is not None else []
         was_training = model.training
         model.eval()

@@ -1,9 +1,12 @@
-"""Structured pruning of MLP channels on the reference model: perplexity by score and update.
+"""Structured pruning on the reference model: perplexity by score and update, for MLP channels,
+attention heads, and both.
 
     python benchmarks/structured_quality.py [--model ref|tiny] [--nsamples 128] [--write-results]
 
-Every gated MLP loses the same share of its intermediate channels (the linears shrink); scores
-and updates as in `sparsecc/techniques/structured.py`. FLAP's paper (An et al. 2024) reports its
+Every targeted module loses the same share of its units (the linears shrink); scores, updates and
+units as in `sparsecc/techniques/structured.py`. The ref model has 8 query heads in 4 key/value
+groups (2 per group): 25% of its heads are one whole group per layer (unit="kv_group"), 50% one
+head of each group or two whole groups. FLAP's paper (An et al. 2024) reports its
 fluctuation metric with bias compensation well ahead of Wanda-SP on LLaMA; the issue's goal is
 FLAP + refit >= 3% better than Wanda-SP without update at 50%.
 """
@@ -20,40 +23,70 @@ try:
 except ImportError:  # run as a module
     from benchmarks.results import add_quality_args, quality_setup, report
 
-SETTINGS = [("magnitude", None), ("wanda-sp", None), ("wanda-sp", "refit"), ("flap", None), ("flap", "refit")]
+SETTINGS = ["magnitude", "wanda-sp", "wanda-sp+refit", "flap", "flap+refit", "flap+refit+global", "bonsai",
+            "bonsai+refit"]
+MLP, ATTN = "re:.*mlp", "re:.*self_attn"
+#: (column title, recipe given a score and an update)
+TARGETS = {
+    "MLP channels": [(f"{s:.0%}", (lambda s: lambda kw: {
+        MLP: sparsecc.StructuredConfig(s, **kw)})(s)) for s in (0.25, 0.5)],
+    "attention heads": [
+        ("25% (whole groups)", lambda kw: {
+            ATTN: sparsecc.StructuredConfig(0.25, **kw, unit="kv_group")}),
+        ("50% (per group)", lambda kw: {
+            ATTN: sparsecc.StructuredConfig(0.5, **kw)}),
+        ("50% (whole groups)", lambda kw: {
+            ATTN: sparsecc.StructuredConfig(0.5, **kw, unit="kv_group")})],
+    "both": [("50% MLP + 25% heads", lambda kw: {
+        MLP: sparsecc.StructuredConfig(0.5, **kw),
+        ATTN: sparsecc.StructuredConfig(0.25, **kw, unit="kv_group")})],
+}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_quality_args(p)
-    p.add_argument("--sparsity", type=float, nargs="+", default=[0.25, 0.5])
+    p.add_argument("--targets", nargs="+", choices=list(TARGETS), default=list(TARGETS))
+    p.add_argument("--scores", nargs="+", default=SETTINGS,
+                   help="score[+refit][+global], e.g. flap+refit (global: layerwise='global' widths)")
     args = p.parse_args(argv)
 
     model, _, seqlen, batches, test_ids = quality_setup(args.model, args.data_dir, args.nsamples, args.seed)
     dense = perplexity(model, test_ids, seqlen)
     params = sum(q.numel() for q in model.parameters())
-    head = "| score | update | " + " | ".join(f"{s:.0%} of MLP channels" for s in args.sparsity) + " |"
-    lines = [head, "| --- | --- | " + " | ".join("---:" for _ in args.sparsity) + " |",
-             "| dense | - | " + " | ".join(f"{dense:.2f}" for _ in args.sparsity) + " |"]
-    print("\n" + "\n".join(lines), flush=True)
-    sizes = {}
-    for score, update in SETTINGS:
-        cells = []
-        for s in args.sparsity:
-            m = copy.deepcopy(model)
-            sparsecc.sparsify_(m, {"re:.*mlp": sparsecc.StructuredConfig(s, score=score, update=update)}, batches,
-                               progress=False)
-            sizes[s] = sum(q.numel() for q in m.parameters()) / params
-            cells.append(f"{perplexity(m, test_ids, seqlen):.2f}")
-        lines.append(f"| {score} | {update or 'none'} | " + " | ".join(cells) + " |")
+    tables = []
+    for target in args.targets:
+        columns = TARGETS[target]
+        lines = [f"| {target}: score | update | " + " | ".join(c for c, _ in columns) + " |",
+                 "| --- | --- | " + " | ".join("---:" for _ in columns) + " |",
+                 "| dense | - | " + " | ".join(f"{dense:.2f}" for _ in columns) + " |"]
+        print("\n" + "\n".join(lines), flush=True)
+        sizes = {}
+        for setting in args.scores:
+            score, *extra = setting.split("+")
+            kw = {"score": score, "update": "refit" if "refit" in extra else None,
+                  "layerwise": "global" if "global" in extra else None}
+            cells = []
+            for title, recipe in columns:
+                m = copy.deepcopy(model)
+                sparsecc.sparsify_(m, recipe(kw), batches, progress=False)
+                if not kw["layerwise"]:  # global widths remove about as many parameters, not exactly
+                    sizes[title] = sum(q.numel() for q in m.parameters()) / params
+                cells.append(f"{perplexity(m, test_ids, seqlen):.2f}")
+            lines.append(f"| {score}{' (global widths)' if kw['layerwise'] else ''} | {kw['update'] or 'none'} | "
+                         + " | ".join(cells) + " |")
+            print(lines[-1], flush=True)
+        lines.append("| parameters vs dense (uniform widths) | | " + " | ".join(f"{sizes[c]:.2f}x" for c, _ in columns) + " |")
         print(lines[-1], flush=True)
-    lines.append("| parameters vs dense | | " + " | ".join(f"{sizes[s]:.2f}x" for s in args.sparsity) + " |")
-    intro = (f"The `{args.model}` zoo model; every gated MLP loses the given share of its intermediate channels "
-             f"(gate/up rows and down columns removed: the linears shrink); statistics from {args.nsamples} "
-             f"random training windows of {seqlen} tokens (seed {args.seed}); perplexity on the whole test split.")
-    report("structured-quality", "Structured pruning of MLP channels (WikiText-2 test perplexity)", intro,
-           "\n".join(lines), f"python benchmarks/structured_quality.py --model {args.model} --write-results",
-           args.write_results, shown=len(lines) - 1)
+        tables.append("\n".join(lines))
+    intro = (f"The `{args.model}` zoo model; every MLP (or attention module) loses the given share of its "
+             f"intermediate channels (heads): the linears shrink. Statistics from {args.nsamples} random training "
+             f"windows of {seqlen} tokens (seed {args.seed}); perplexity on the whole test split. Bonsai: "
+             f"{sparsecc.StructuredConfig().samples} masked sub-models per run.")
+    text = "\n\n".join(tables)
+    report("structured-quality", "Structured pruning (WikiText-2 test perplexity)", intro, text,
+           f"python benchmarks/structured_quality.py --model {args.model} --write-results",
+           args.write_results, shown=len(text.splitlines()))
     return 0
 
 

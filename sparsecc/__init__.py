@@ -22,7 +22,7 @@ _SOURCES = {
     **dict.fromkeys(["AnalysisPass", "ApplyRecipe", "CollectHessians", "CollectInputStats", "Pass", "Pipeline",
                      "PipelineResult", "TransformPass"], ".passes"),
     **dict.fromkeys(["MoEConfig", "MoEMLP", "SparseMoEConfig", "moe_load_balance", "AttentionSinkConfig",
-                     "SlidingWindowConfig", "CATSConfig", "CATSMLP", "MagnitudeConfig", "OBSConfig",
+                     "SlidingWindowConfig", "CATSConfig", "CATSMLP", "LayerDropConfig", "MagnitudeConfig", "OBSConfig",
                      "PruningConfig", "SparseGPTConfig", "StructuredConfig", "WandaConfig"], ".techniques"),
 }
 
@@ -53,7 +53,7 @@ def __dir__():
 
 __all__ = [
     "AnalysisPass", "ApplyRecipe", "AttentionSinkConfig", "SlidingWindowConfig", "CATSConfig", "CATSMLP", "CalibrationError", "CalibrationSet", "CaptureError", "Captured",
-    "CSRLinear", "CollectHessians", "CollectInputStats", "LinearSite", "MagnitudeConfig", "MoEConfig", "MoEMLP", "SparseMoEConfig", "NMLinear", "OBSConfig", "Pass",
+    "CSRLinear", "CollectHessians", "CollectInputStats", "LayerDropConfig", "LinearSite", "MagnitudeConfig", "MoEConfig", "MoEMLP", "SparseMoEConfig", "NMLinear", "OBSConfig", "Pass",
     "PruningConfig", "SparseGPTConfig", "StructuredConfig", "WandaConfig", "Pipeline",
     "PipelineError", "PipelineResult", "Plan", "PlanError", "RecipeError", "Report", "SparseccError",
     "SparsityConfig", "Technique", "TransformPass", "calibrate", "activation_sparsity", "capture", "compress_csr_", "compress_nm_", "config_from_dict", "dump_recipe", "kv_cache_lengths",

@@ -131,3 +131,30 @@ def describe(batches: list, setup: dict | None = None) -> dict:
            "batches_sha256": h.hexdigest()}
     rec.update(setup or getattr(batches, "setup", {}) or {})
     return rec
+
+
+def batch_loss(model: nn.Module, batch, needed_by: str) -> tuple[float, int]:
+    """(sum, count) of the next-token cross-entropy over the batch's real tokens (a target counts
+    when it and the token before it are not padding); `needed_by` names the caller in errors."""
+    import torch.nn.functional as F
+
+    from .capture import forward_model
+
+    out = forward_model(model, batch)
+    logits = getattr(out, "logits", out[0] if isinstance(out, (tuple, list)) else out)
+    ids = batch if torch.is_tensor(batch) else batch.get("input_ids")
+    if not torch.is_tensor(logits) or ids is None or logits.dim() != 3 or logits.shape[:2] != ids.shape:
+        raise CalibrationError(f"{needed_by} needs a causal LM returning logits [batch, seq, vocab] on batches of "
+                               "token ids ([batch, seq], or a dict with input_ids)")
+    mask = token_mask(batch)
+    keep = torch.ones_like(ids[:, 1:], dtype=torch.bool) if mask is None else mask[:, 1:] & mask[:, :-1]
+    ce = F.cross_entropy(logits[:, :-1][keep].float(), ids[:, 1:][keep], reduction="sum")
+    return float(ce), int(keep.sum())
+
+
+def mean_loss(parts: list[tuple[float, int]], needed_by: str) -> float:
+    """The mean of `batch_loss` results."""
+    total, count = map(sum, zip(*parts)) if parts else (0.0, 0)
+    if count == 0:
+        raise CalibrationError(f"{needed_by} needs sequences of 2 real tokens at least (a next-token loss)")
+    return total / count

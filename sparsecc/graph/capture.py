@@ -24,7 +24,8 @@ import torch.fx as fx
 from torch import nn
 
 from .channels import feeding_linears
-from .gated import GatedMLP, find_gated, gated_mlp
+from .gated import GatedMLP, PlainMLP, find_gated, gated_mlp, plain_mlp
+from .heads import AttentionHeads, attention_heads, find_heads
 from ..errors import CaptureError
 
 # call target -> (index of the input operand, index of the weight operand, weight stored as [in, out])
@@ -127,6 +128,7 @@ def _recorder(gm: fx.GraphModule, example_inputs):
         fed[gl.node] = [by_node[p].module for p in producers or ()]
 
     gated = find_gated([gl for gl in linears if gl.module])
+    heads = find_heads(gm, [gl for gl in linears if gl.module])
     attention = [module_path(n) for n in gm.graph.nodes
                  if n.op == "call_function" and n.target is torch.nn.functional.scaled_dot_product_attention]
 
@@ -134,7 +136,7 @@ def _recorder(gm: fx.GraphModule, example_inputs):
         seen = getattr(_session, "seen", None)
         if seen is not None:
             seen.append((gm, [(gl.module, args[gl.input_index], gl.transposed, fed[gl.node]) for gl in linears],
-                         gated, attention))
+                         gated, attention, heads))
         return gm.forward(*args)
 
     return run
@@ -151,6 +153,8 @@ class Captured:
     skipped: dict[str, str] = field(default_factory=dict)  # module -> why it is not a site
     gated: dict[str, GatedMLP] = field(default_factory=dict)  # gated MLP modules (gated.py), by name
     attention: list[str] = field(default_factory=list)  # modules calling scaled_dot_product_attention
+    heads: dict[str, AttentionHeads] = field(default_factory=dict)  # attention modules with separate q/k/v/o (heads.py)
+    plain: dict[str, PlainMLP] = field(default_factory=dict)  # down(act(up(x))) MLPs, by name
 
     def block_of(self, site: str) -> int | None:
         for i, b in enumerate(self.blocks):
@@ -254,10 +258,12 @@ def capture(model: nn.Module, batch) -> Captured:
     graphs = []
     gated: dict[str, GatedMLP] = {}
     attention: list[str] = []
-    for gm, calls, found, attn in seen:
+    found_heads: list[tuple] = []
+    for gm, calls, found, attn, hs in seen:
         if gm not in graphs:
             graphs.append(gm)
         attention += [a for a in attn if a and a not in attention]
+        found_heads += [h for h in hs if h not in found_heads]
         for g in filter(None, (gated_mlp(*f) for f in found)):
             gated.setdefault(g.name, g)
         for mod, tensor, transposed, producers in calls:
@@ -281,7 +287,11 @@ def capture(model: nn.Module, batch) -> Captured:
         if producers and all(p in sites for p in producers):
             sites[name] = dataclasses.replace(sites[name], feeders=_feeder_params(model, sites, producers))
     gated = {n: g for n, g in gated.items() if all(f"{n}.{c}" in sites for c in (g.gate, g.up, g.down))}
-    return Captured(model, graphs, sites, find_blocks(model, sites), skipped, gated, attention)
+    heads = {h.name: h for h in (attention_heads(*f, sites) for f in found_heads) if h is not None}
+    gated_downs = {f"{n}.{g.down}" for n, g in gated.items()}
+    plain = {p.name: p for p in (plain_mlp(ps[0], c) for c, ps in feeds.items()
+                                 if len(ps) == 1 and c not in gated_downs and ps[0] in sites) if p is not None}
+    return Captured(model, graphs, sites, find_blocks(model, sites), skipped, gated, attention, heads, plain)
 
 
 def _feeder_params(model: nn.Module, sites: dict[str, LinearSite], producers: list[str]) -> tuple:

@@ -1,4 +1,4 @@
-"""Gated MLPs found on the dynamo graph: y = down(act(gate(x)) * up(x)).
+"""Gated MLPs found on the dynamo graph: y = down(act(gate(x)) * up(x)); and plain ones, y = down(act(up(x))).
 
 Llama, Mistral, Qwen, Gemma and the experts of Mixtral compute their MLP this way (SwiGLU when
 act is SiLU; seed 000, "Dynamic Sparsification"). The pattern is matched on the graph — a linear
@@ -28,6 +28,27 @@ class GatedMLP:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "gate": self.gate, "up": self.up, "down": self.down, "act": self.act}
+
+
+@dataclass(frozen=True)
+class PlainMLP:
+    """down(act(up(x))) (OPT's fc1/fc2): `down`'s input channels are `up`'s outputs, elementwise
+    (channels.py found the path), with no other use."""
+
+    name: str
+    up: str
+    down: str
+
+    def to_dict(self) -> dict:
+        return {"kind": "mlp", "name": self.name, "up": self.up, "down": self.down}
+
+
+def plain_mlp(up: str, down: str) -> PlainMLP | None:
+    """The PlainMLP if the two linears are direct children of one (non-root) module, else None."""
+    parents = {n.rpartition(".")[0] for n in (up, down)}
+    if len(parents) != 1 or parents == {""}:
+        return None
+    return PlainMLP(parents.pop(), up.rpartition(".")[2], down.rpartition(".")[2])
 
 
 def _act_name(node: fx.Node) -> str | None:

@@ -10,8 +10,9 @@
       plan/                         with plan=...: the Plan (decisions + statistics) to reproduce it
 
 `load_pruned` is the way to load a folder. Plain transformers `from_pretrained` also loads one
-saved without compress=True; a compressed one it refuses (the placeholders do not fit the model)
-rather than initialising those weights randomly. Folders saved before tensors were hashed (no
+saved without compress=True, if its config describes the model (a structurally pruned model whose
+MLPs, or heads, all keep one width: `structured.shrunk_config`); a compressed one it refuses (the
+placeholders do not fit the model) rather than initialising those weights randomly. Folders saved before tensors were hashed (no
 "sha256" in sparsecc.json) still load, unchecked by hash.
 
 The folder is written to a temporary sibling and renamed into place, so an interrupted save
@@ -39,6 +40,7 @@ from ..errors import PlanError, SparseccError
 from ..codegen.nm_format import compress as nm_compress
 from ..codegen.nm_format import decompress as nm_decompress
 from ..techniques.rewrites import REWRITTEN, is_rewrite_row, restore_rewrites
+from ..techniques.structured import shrunk_config
 from ..prune.masks import parse_pattern
 from .folders import check_output_dir, writing_folder
 from .recipes import dump_recipe
@@ -87,6 +89,9 @@ def save_pruned(model: nn.Module, path, report, *, recipe=None, tokenizer=None, 
     with writing_folder(path) as tmp:
         if hasattr(model, "save_pretrained"):
             model.save_pretrained(tmp, state_dict=state)
+            config = shrunk_config(model, report.rows)
+            if config is not None:  # uniformly shrunk: plain from_pretrained builds the right shapes
+                config.save_pretrained(tmp)
         else:
             save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
         if tokenizer is not None:
@@ -267,7 +272,7 @@ def load_pruned(path, model: nn.Module | None = None):
         own = model.state_dict()
     else:  # nothing changes in `model` until every check below has passed
         own, saved = model.state_dict(), _load_tensors(file)
-        missing = set(own) - set(saved) - set(compressed)
+        missing = {k for k in set(own) - set(saved) - set(compressed) if not _under(k, rebuilt)}
         if missing:
             raise PlanError(f"{str(file)!r} lacks {sorted(missing)[:3]}: not a checkpoint of this model")
         for k in own:

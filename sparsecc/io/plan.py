@@ -1,8 +1,9 @@
 """Plan: what calibration found, keyed by module name, saved as JSON + safetensors (never pickle).
 
 A plan holds, per targeted module, the config and the decision its technique computed (masks
-and updated weights of linears; CATS thresholds, MoE splits and routers of rewritten modules;
-nothing for data-free forms), the linear's site or the rewritten module's spec, and a
+and updated weights of linears; CATS thresholds, MoE splits and routers of rewritten modules; the
+blocks a layer drop removes, its earlier stage replayed first: `stages()`; nothing for data-free
+forms), the linear's site or the rewritten module's spec, and a
 fingerprint of its weights; per analysis artefact kept, the statistics; and the calibration
 setup. `sparsify_(model, plan)` replays the decisions without data (Pipeline.from_plan).
 """
@@ -24,7 +25,7 @@ from ..techniques.configs import SparsityConfig, config_from_dict, technique_for
 from ..techniques.rewrites import ModuleRewrite
 from ..errors import PlanError, RecipeError
 from ..passes.analysis import STAT_TYPES
-from ..passes.build import fingerprint, module_weights
+from ..passes.build import fingerprint, module_fingerprint
 from .folders import check_output_dir, writing_folder
 
 FORMAT = 1
@@ -50,6 +51,48 @@ class Plan:
                    if n in result.configs}
         return cls(sites, dict(result.configs), dict(result.decisions), result.stats if stats is None else stats,
                    result.setup if setup is None else setup, list(result.rows), meta, modules)
+
+    @classmethod
+    def combine(cls, plans: list["Plan"]) -> "Plan":
+        """One plan of a recipe calibrated in stages (passes.build.recipe_stages: layer drop first), each
+        stage's entries named as on the model it ran on; `stages()` splits it again to replay them in order."""
+        if len(plans) == 1:
+            return plans[0]
+        out = cls({}, {}, {}, {}, plans[0].setup, [], dict(plans[0].meta), {})
+        out.meta["fingerprints"], out.meta["timings"] = {}, {}
+        for plan in plans:
+            again = set(out.configs) & set(plan.configs)
+            if again:
+                raise PlanError(f"{sorted(again)[0]} is targeted in two stages of one recipe")
+            out.sites |= plan.sites
+            out.configs |= plan.configs
+            out.decisions |= plan.decisions
+            out.modules |= plan.modules
+            out.rows += plan.rows
+            for art, table in plan.stats.items():
+                out.stats.setdefault(art, {}).update(table)
+            out.meta["fingerprints"] |= plan.meta.get("fingerprints", {})
+            for name, secs in plan.meta.get("timings", {}).items():
+                out.meta["timings"][name] = out.meta["timings"].get(name, 0.0) + secs
+        return out
+
+    def stages(self) -> list["Plan"]:
+        """The plan split by technique stage, in the order the stages replay (one plan: itself)."""
+        by_stage: dict[int, set[str]] = {}
+        for name, config in self.configs.items():
+            by_stage.setdefault(technique_for(config).stage, set()).add(name)
+        if len(by_stage) < 2:
+            return [self]
+        return [self._only(by_stage[s]) for s in sorted(by_stage)]
+
+    def _only(self, names: set[str]) -> "Plan":
+        def pick(table: dict) -> dict:
+            return {n: v for n, v in table.items() if n in names}
+
+        meta = {**self.meta, "fingerprints": pick(self.meta.get("fingerprints", {}))}
+        return Plan(pick(self.sites), pick(self.configs), pick(self.decisions),
+                    {art: pick(table) for art, table in self.stats.items()}, self.setup,
+                    [r for r in self.rows if r.get("module") in names], meta, pick(self.modules))
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write `path/plan.json` and `path/tensors.safetensors`. An existing `path` is refused unless
@@ -217,7 +260,7 @@ def plan_meta(model: torch.nn.Module, sites: dict[str, LinearSite], targets) -> 
     a rewritten module's), taken before anything changes."""
     import sparsecc
 
-    prints = {n: fingerprint(sites[n].weight(model) if n in sites else module_weights(model.get_submodule(n)))
+    prints = {n: fingerprint(sites[n].weight(model)) if n in sites else module_fingerprint(model.get_submodule(n))
               for n in targets}
     return {"sparsecc": sparsecc.__version__, "torch": torch.__version__, "model_class": type(model).__name__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "fingerprints": prints}

@@ -27,7 +27,8 @@ class _Stop(Exception):
     pass
 
 
-def _hidden_slot(args, kwargs):
+def hidden_slot(args, kwargs):
+    """Where a block's call holds its hidden states: ("arg", 0) or ("kw", "hidden_states"); None."""
     if args and isinstance(args[0], torch.Tensor):
         return ("arg", 0)
     if isinstance(kwargs.get("hidden_states"), torch.Tensor):
@@ -35,7 +36,8 @@ def _hidden_slot(args, kwargs):
     return None
 
 
-def _get(slot, args, kwargs):
+def slot_value(slot, args, kwargs):
+    """The value at a `hidden_slot`."""
     return args[slot[1]] if slot[0] == "arg" else kwargs[slot[1]]
 
 
@@ -51,7 +53,8 @@ def _same(a, b) -> bool:
     return a is not None and b is not None and (a is b or (a.shape == b.shape and torch.equal(a, b)))
 
 
-def _hidden_of(out):
+def hidden_of(out):
+    """A block's output hidden states (blocks return a tensor, or a tuple starting with it)."""
     if isinstance(out, torch.Tensor):
         return out
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
@@ -106,10 +109,10 @@ class BlockRunner:
 
         def pre(k):
             def hook(mod, args, kwargs):
-                slot = _hidden_slot(args, kwargs)
+                slot = hidden_slot(args, kwargs)
                 if slot is None:
                     raise _Stop("no hidden-state argument")
-                h = _get(slot, args, kwargs)
+                h = slot_value(slot, args, kwargs)
                 if state["b"] == 0:
                     first_in[k] = h
                 if k == 0:
@@ -121,7 +124,7 @@ class BlockRunner:
         def post(k):
             def hook(mod, args, kwargs, out):
                 if state["b"] == 0:
-                    first_out[k] = _hidden_of(out)
+                    first_out[k] = hidden_of(out)
                 if k == n - 1:
                     raise _Stop()
             return hook
@@ -179,7 +182,7 @@ class BlockRunner:
             slot, args, kwargs = call
             args, kwargs = _with_hidden(slot, args, kwargs, self.hidden[b])
             self.ctx.set_batch(b, token_mask(self.ctx.batches[b]))
-            outs.append(_hidden_of(self.blocks[k](*args, **kwargs)))
+            outs.append(hidden_of(self.blocks[k](*args, **kwargs)))
         return outs
 
     @torch.no_grad()

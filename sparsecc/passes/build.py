@@ -40,10 +40,25 @@ def covering_key(names: list[str]) -> str:
     return key if all(key_matches(key, n) for n in names) else names[0]
 
 
+def recipe_stages(recipe) -> list[dict]:
+    """The recipe split by technique `stage`, in the order the stages run: a stage is resolved on the
+    model the stages before it left (LayerDropConfig, stage -1, renumbers the blocks, so the rest of
+    the recipe names modules after the drop). Skips (None) go with the last stage."""
+    recipe = normalize_recipe(recipe)
+    stages = sorted({technique_for(c).stage for c in recipe.values() if c is not None}) or [0]
+    return [{k: c for k, c in recipe.items()
+             if (technique_for(c).stage == s if c is not None else s == stages[-1])} for s in stages]
+
+
 def recipe_passes(model: nn.Module, recipe, batches: list, data: bool = True):
     """(captured model, passes) carrying out `recipe`; raises before any work on a bad recipe."""
-    captured = capture(model, batches[0])
     recipe = normalize_recipe(recipe)
+    if len(recipe_stages(recipe)) > 1:
+        first = next(c for c in recipe.values() if c is not None and technique_for(c).stage < 0)
+        raise RecipeError(f"{type(first).__name__} runs before the rest of a recipe, which is resolved on the model "
+                          f"it leaves: sparsify_ and calibrate split the recipe; build one Pipeline per stage "
+                          f"(passes.build.recipe_stages)")
+    captured = capture(model, batches[0])
     kinds = {"linear": list(captured.sites), **rewrite_candidates(recipe, captured, type(model).__name__)}
     # linears capture cannot prune (compressed; run inside a rewritten module's op): resolve them
     # too, so that a recipe reaching them fails instead of skipping them
@@ -126,7 +141,7 @@ def plan_passes(model: nn.Module, plan, strict: bool = True):
             raise PlanError(f"{name}: plan expects [{site.out_features}, {site.in_features}], "
                             f"model has {list(weight.shape)}")
         check_finite(name, weight)
-        _check_fingerprint(name, weight, prints, strict)
+        _check_fingerprint(name, fingerprint(weight), prints, strict)
     for name, config in modules.items():
         try:
             module = model.get_submodule(name)
@@ -138,7 +153,7 @@ def plan_passes(model: nn.Module, plan, strict: bool = True):
             raise PlanError(f"{name} is already rewritten by {type(done).__name__}; apply the plan to the model "
                             "it was calibrated on, loaded again")
         technique_for(config).check(config, model, name, specs[name])
-        _check_fingerprint(name, module_weights(module), prints, strict)
+        _check_fingerprint(name, module_fingerprint(module), prints, strict)
     return Captured(model, [], dict(plan.sites)), _transforms(linears, modules, specs, [], plan.decisions)
 
 
@@ -148,16 +163,17 @@ def fingerprint(w: torch.Tensor) -> list[float]:
     return [float(w.sum()), float((w * w).sum())]
 
 
-def module_weights(module: nn.Module) -> torch.Tensor:
-    """All parameters of a module as one flat tensor (for its fingerprint)."""
-    params = [p.detach().flatten().double() for p in module.parameters()]
-    return torch.cat(params) if params else torch.zeros(0, dtype=torch.float64)
+def module_fingerprint(module: nn.Module) -> list[float]:
+    """The fingerprint of all of a module's parameters together, one parameter in fp64 at a time (a
+    whole stack of decoder blocks is fingerprinted too, by LayerDropConfig)."""
+    prints = [fingerprint(p) for p in module.parameters()]
+    return [sum(f[0] for f in prints), sum(f[1] for f in prints)]
 
 
-def _check_fingerprint(name: str, weight: torch.Tensor, prints: dict, strict: bool) -> None:
+def _check_fingerprint(name: str, found: list[float], prints: dict, strict: bool) -> None:
     expected = prints.get(name)
     if strict and expected and not all(math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6)
-                                       for a, b in zip(fingerprint(weight), expected)):
+                                       for a, b in zip(found, expected)):
         raise PlanError(f"{name}: weights differ from those the plan was calibrated on (already "
                         "sparsified, or another checkpoint?); pass strict=False to apply anyway")
 

@@ -27,7 +27,7 @@ from ..graph.capture import Captured, capture
 from ..techniques.transaction import Transaction
 from .analysis import PRODUCERS
 from .base import AnalysisPass, Pass, TransformPass
-from .blockwise import BlockRunner
+from .blockwise import BlockRunner, slot_value, hidden_of, hidden_slot
 from .build import plan_passes, recipe_passes
 from .checks import verify
 
@@ -172,10 +172,12 @@ class Pipeline:
         return whole + [p for p in order if p not in whole]  # the order they run: the whole-model sweep first
 
     def run(self, model: torch.nn.Module, batches, captured: Captured | None = None,
-            keep_changes: bool = True) -> PipelineResult:
+            keep_changes: bool = True, tx: Transaction | None = None) -> PipelineResult:
         """Run on `model` with calibration `batches` (None: passes that need no data, on a given
         `captured`). keep_changes=False undoes every change afterwards (what `calibrate` does); on
-        any error they are always undone."""
+        any error they are always undone. With `tx`, an open Transaction of the caller's, the run's
+        changes are kept and left for `tx` to undo (its rollback undoes this run's changes first,
+        then what it recorded before): how a recipe run in stages is undone as a whole."""
         if batches is None and (captured or self.captured) is None:
             raise PipelineError("Pipeline.run needs calibration batches (or a captured model, for passes that "
                                 "need no data)")
@@ -186,13 +188,15 @@ class Pipeline:
         try:
             captured = captured or self.captured or capture(model, batches_list[0])
             ctx = PassContext(model, captured, batches_list, self.debug)
+            if tx is not None:  # the run keeps its own log: its parameters are saved by this stage's names
+                tx.on_undo(ctx.tx.rollback)
             timings = self._run(ctx)
             result = PipelineResult([p.name for p in self.order], ctx.stats, ctx.decisions, ctx.rows, timings,
                                     describe(batches_list, getattr(batches, "setup", None)) if batches_list else {},
                                     self._scopes, dict(captured.sites), dict(ctx.configs), dict(ctx.specs))
-            if keep_changes:
+            if tx is None and keep_changes:
                 ctx.tx.commit()
-            else:
+            elif tx is None:
                 ctx.tx.rollback()
             return result
         except BaseException:
@@ -307,14 +311,17 @@ def _observe(ctx: PassContext, scope, stage: list[AnalysisPass]) -> dict[str, fl
             if not scope.holds(name):
                 continue
 
-            def module_hook(mod, args, out, name=name, p=p):
-                x, y = args[0], out
+            def module_hook(mod, args, kwargs, out, name=name, p=p):
+                # the hidden state: the first argument or hidden_states=; the output, or its first
+                # element (decoder blocks return a tuple or a tensor, by transformers version)
+                slot = hidden_slot(args, kwargs)
+                x, y = (slot_value(slot, args, kwargs) if slot else args[0]), hidden_of(out)
                 if ctx.token_mask is not None and x.dim() >= 3 and x.shape[:2] == ctx.token_mask.shape:
                     x, y = x[ctx.token_mask], y[ctx.token_mask]
                 t = time.perf_counter()
                 p.observe_module(ctx, name, x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]))
                 spent[p.name] += time.perf_counter() - t
-            handles.append(ctx.model.get_submodule(name).register_forward_hook(module_hook))
+            handles.append(ctx.model.get_submodule(name).register_forward_hook(module_hook, with_kwargs=True))
     try:
         scope.run()
     finally:

@@ -52,6 +52,10 @@ class Technique:
 
     #: analysis results needed, by artefact name (e.g. "input_stats", "hessian")
     requires: tuple[str, ...] = ()
+    #: a recipe runs stage by stage, lowest first, each stage resolved on the model the ones before
+    #: it left: a technique that renames modules (LayerDropConfig renumbers the blocks) runs before
+    #: the rest (`stage = -1`)
+    stage: int = 0
 
     def needs(self, config: SparsityConfig) -> tuple[str, ...]:
         """The analysis artefacts this config needs (`requires`, unless the config changes them)."""

@@ -30,7 +30,7 @@ def test_magnitude_shrinks_every_mlp_without_data(make_model):
         assert (layer.mlp.gate_proj.weight.shape, layer.mlp.up_proj.weight.shape,
                 layer.mlp.down_proj.weight.shape) == ((96, 64), (96, 64), (64, 96))
     assert sum(p.numel() for p in model.parameters()) == params - 2 * 3 * 32 * 64
-    assert [(r["kept"], r["channels"]) for r in report.rows] == [(96, 128)] * 2
+    assert [(r["kept"], r["units"]) for r in report.rows] == [(96, 128)] * 2
     with torch.no_grad():
         assert torch.isfinite(model(torch.randint(0, 128, (1, 9))).logits).all()
 
@@ -98,7 +98,7 @@ def test_bad_input_leaves_the_model_as_it_was(make_model, batches, state_tools):
     with pytest.raises(sparsecc.RecipeError, match="would leave no channel"):
         sparsecc.sparsify_(model, {MLPS: sparsecc.StructuredConfig(0.999, score="magnitude")}, progress=False)
     with pytest.raises(sparsecc.RecipeError, match="score must be one of"):
-        sparsecc.StructuredConfig(0.5, score="bonsai")
+        sparsecc.StructuredConfig(0.5, score="taylor")
     with pytest.raises(sparsecc.CalibrationError, match="needs calibration data"):
         sparsecc.sparsify_(model, {MLPS: sparsecc.StructuredConfig(0.5, score="flap")}, progress=False)
     assert same(model, snap) and model.model.layers[0].mlp.gate_proj.weight.shape == (128, 64)

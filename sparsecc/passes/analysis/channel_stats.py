@@ -1,5 +1,6 @@
-"""Statistics of a gated MLP's intermediate channels h = act(x W_gateᵀ) * (x W_upᵀ), the input of
-its down projection, for structured pruning of those channels (techniques/structured.py):
+"""Statistics of the input h of the linear consuming a module's prunable units, for structured
+pruning (techniques/structured.py): an MLP's intermediate channels h = act(x W_gateᵀ) * (x W_upᵀ)
+(the input of down), or an attention module's heads side by side (the input of o):
 Σh and Σh² per channel (fp64; mean, variance and ‖h_i‖₂ for the FLAP and Wanda-SP scores) and,
 for `update="refit"`, H = Σ h hᵀ (the least-squares refit of W_down on the kept channels)."""
 from __future__ import annotations
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ...errors import CalibrationError
+from ...techniques.shrink import consumer
 from ..base import AnalysisPass
 
 
@@ -49,7 +51,7 @@ class CollectChannelStats(AnalysisPass):
 
     def __init__(self, mlps: dict):
         super().__init__(modules=[])
-        self.mlps = dict(mlps)  # {mlp name: (GatedMLP, whether H is wanted)}
+        self.mlps = dict(mlps)  # {module name: (its spec, whether H is wanted)}
         self._downs: dict[str, str] = {}
 
     @classmethod
@@ -57,13 +59,13 @@ class CollectChannelStats(AnalysisPass):
         return cls({name: (spec, cfg.update == "refit") for name, (cfg, spec) in targets.items()})
 
     def hooked_modules(self, ctx):
-        self._downs = {f"{name}.{spec.down}": name for name, (spec, _) in self.mlps.items()}
+        self._downs = {f"{name}.{consumer(spec)}": name for name, (spec, _) in self.mlps.items()}
         return list(self._downs)
 
     def observe_module(self, ctx, name, x, y):
         mlp = self._downs[name]
         if not torch.isfinite(x).all():
-            raise CalibrationError(f"NaN/Inf in the intermediate activations of {mlp}: check the calibration "
+            raise CalibrationError(f"NaN/Inf in the input of {name}: check the calibration "
                                    "batches and the model's dtype")
         table = ctx.stats.setdefault("channel_stats", {})
         if mlp not in table:

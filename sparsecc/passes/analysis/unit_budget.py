@@ -1,0 +1,83 @@
+"""Per-module widths for structured pruning with layerwise="global" (FLAP's adaptive structure
+search, An et al. 2024 §3.3), decided on the dense model before any block is pruned.
+
+The units of all modules sharing one StructuredConfig are ranked together: each module's unit
+scores (techniques/structured.py `unit_scores`, from the dense model's statistics) are
+standardised, z = (s - mean) / std, and the `sparsity` share of all units with the lowest z is
+removed, each module keeping at least one unit (one query head per key/value group, or one whole
+group). ctx.stats["unit_sparsity"][module] = the share this module loses; the block-sequential
+pass then picks which units on the pruned blocks' statistics, as with a uniform share.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+
+from ...techniques.shrink import consumer
+from ...techniques.structured import module_linears, unit_scores, whole_groups
+from ..base import AnalysisPass
+from .channel_stats import ChannelStats
+
+
+class CollectUnitBudget(AnalysisPass):
+    name = "collect_unit_budget"
+    produces = ("unit_sparsity",)
+    whole_model = True
+    after = ()  # a first sweep over the dense model
+
+    def __init__(self, targets: dict):
+        super().__init__(modules=[])
+        self.targets = dict(targets)  # {module: (StructuredConfig, spec)}
+        self.requires = ("unit_relevance",) if any(c.score == "bonsai" for c, _ in self.targets.values()) else ()
+        self._stats: dict[str, ChannelStats] = {}
+        self._consumers: dict[str, str] = {}
+
+    @classmethod
+    def from_targets(cls, targets):
+        return cls(targets)
+
+    def hooked_modules(self, ctx):
+        self._consumers = {f"{n}.{consumer(spec)}": n for n, (cfg, spec) in self.targets.items()
+                           if cfg.score in ("wanda-sp", "flap")}
+        return list(self._consumers)
+
+    def observe_module(self, ctx, name, x, y):
+        module = self._consumers[name]
+        if module not in self._stats:
+            kw = dict(dtype=torch.float64, device=x.device)
+            self._stats[module] = ChannelStats(torch.zeros(x.shape[1], **kw), torch.zeros(x.shape[1], **kw))
+        self._stats[module].update(x)
+
+    def finish(self, ctx):
+        groups = defaultdict(list)
+        for name, (cfg, spec) in self.targets.items():
+            groups[cfg].append((name, spec))
+        table = ctx.stats.setdefault("unit_sparsity", {})
+        for cfg, members in groups.items():
+            z, owner, cap = [], [], {}
+            for i, (name, spec) in enumerate(members):
+                stats = {"channel_stats": self._stats.get(name),
+                         "unit_relevance": ctx.stats.get("unit_relevance", {}).get(name)}
+                score = unit_scores(cfg, spec, module_linears(ctx.model, spec), stats).double()
+                if whole_groups(cfg, spec):  # the units are whole groups
+                    score = score.reshape(spec.kv_heads, -1).sum(1)
+                    cap[i] = score.numel() - 1
+                else:  # heads per group keep one each; channels keep one
+                    cap[i] = score.numel() - (spec.kv_heads if hasattr(spec, "kv_heads") else 1)
+                z.append((score - score.mean()) / score.std().clamp_min(1e-12))
+                owner.append(torch.full_like(score, i, dtype=torch.long))
+            z, owner = torch.cat(z), torch.cat(owner)
+            budget = math.floor(z.numel() * cfg.sparsity + 0.5)
+            removed = [0] * len(members)
+            for i in owner[torch.argsort(z, stable=True)].tolist():  # lowest standardised score first
+                if budget == 0:
+                    break
+                if removed[i] < cap[i]:
+                    removed[i] += 1
+                    budget -= 1
+            for i, (name, spec) in enumerate(members):
+                units = int((owner == i).sum())
+                table[name] = removed[i] / units
+        self._stats.clear()

@@ -152,6 +152,9 @@ class StructuredTechnique(ModuleRewrite):
         if kept < 1:
             raise RecipeError(f"{name}: sparsity {config.sparsity} would leave {none} (of {total}); use a sparsity "
                               f"below {1 - 0.5 / total:.4f}{fix}")
+        if fix and abs(total - kept - total * config.sparsity) > 1e-6:  # heads per group: too coarse to round
+            raise RecipeError(f"{name}: sparsity {config.sparsity} of {total} {what} is no whole number of heads; "
+                              f"use a multiple of {1 / total:.4f}{fix}")
 
     def plan(self, config, model, name, spec, stats):
         """{keep: the kept units, ascending; keep_kv: the kept key/value heads where whole groups go}

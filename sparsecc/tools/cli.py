@@ -224,6 +224,8 @@ def _benchmarks(quick: bool) -> dict:
             "moe_quality": q("--model", "tiny", "--nsamples", "32"),
             "plan_replay": q("--model", "tiny", "--nsamples", "16"),
             "structured_quality": q("--model", "tiny", "--nsamples", "16"),
+            "layer_drop_quality": q("--model", "tiny", "--nsamples", "8", "--drop", "1"),
+            "e2e": q("--quick", "--models", "ref", "--threads", "1"),  # the compiled row is most of its minute
             "streaming": q("--model", "tiny", "--factor", "4", "--streams", "1"),
             **{name: q("--quick") for name in KERNEL_BENCHMARKS}}  # these five: on the GPU if there is one
 

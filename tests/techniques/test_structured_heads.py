@@ -141,6 +141,8 @@ def test_bad_head_input_leaves_the_model_as_it_was(make_model, batches, state_to
     snap = snapshot(model)
     with pytest.raises(sparsecc.RecipeError, match="would leave no query head in a key/value group"):
         sparsecc.sparsify_(model, {ATTN: sparsecc.StructuredConfig(0.8, score="magnitude")}, progress=False)
+    with pytest.raises(sparsecc.RecipeError, match="no whole number of heads; use a multiple of 0.5000; or unit="):
+        sparsecc.sparsify_(model, {ATTN: sparsecc.StructuredConfig(0.25, score="magnitude")}, progress=False)
     with pytest.raises(sparsecc.RecipeError, match="unit must be one of"):
         sparsecc.StructuredConfig(0.5, unit="layer")
     gpt2 = make_model("gpt2")  # fused c_attn: its heads cannot be located

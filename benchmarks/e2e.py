@@ -31,6 +31,7 @@ import torch
 
 import sparsecc
 from sparsecc.tools.evaluate import perplexity
+from sparsecc.tools.cli import at_least
 
 try:
     from results import RESULTS, add_device_args, device_dtype, device_name, report
@@ -376,18 +377,6 @@ def _names(allowed):
     return parse
 
 
-def _at_least(least):
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < least:
-            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
-        return value
-    return parse
-
-
 def main(argv=None) -> int:
     p = _Parser(prog="e2e.py", description=__doc__.split("\n\n")[0])
     add_device_args(p)
@@ -398,14 +387,14 @@ def main(argv=None) -> int:
     p.add_argument("--models", type=_names(MODELS), default=list(MODELS), help="ref,random (default both)")
     p.add_argument("--compile", default="dense", choices=["dense", "all"],
                    help="compile only the dense-compiled row (default) or every sparsified row too")
-    p.add_argument("--layers", type=_at_least(1), default=2, help="layers of the random Llama (default 2)")
-    p.add_argument("--prefill", type=_at_least(2), default=None, help="prefill tokens (default 512; ref: its context)")
-    p.add_argument("--prompt", type=_at_least(1), default=16, help="prompt tokens for generate (default 16)")
-    p.add_argument("--new-tokens", type=_at_least(2), default=None, help="tokens generate makes (default 16)")
-    p.add_argument("--nsamples", type=_at_least(1), default=None, help="calibration windows of the ref model (default 16; quick 8; the random one: 8)")
-    p.add_argument("--eval-windows", type=_at_least(1), default=None, help="test windows for perplexity (default 256)")
-    p.add_argument("--threads", type=_at_least(1), default=None, help="torch threads (default: torch's own choice)")
-    p.add_argument("--seed", type=_at_least(0), default=0)
+    p.add_argument("--layers", type=at_least(1), default=2, help="layers of the random Llama (default 2)")
+    p.add_argument("--prefill", type=at_least(2), default=None, help="prefill tokens (default 512; ref: its context)")
+    p.add_argument("--prompt", type=at_least(1), default=16, help="prompt tokens for generate (default 16)")
+    p.add_argument("--new-tokens", type=at_least(2), default=None, help="tokens generate makes (default 16)")
+    p.add_argument("--nsamples", type=at_least(1), default=None, help="calibration windows of the ref model (default 16; quick 8; the random one: 8)")
+    p.add_argument("--eval-windows", type=at_least(1), default=None, help="test windows for perplexity (default 256)")
+    p.add_argument("--threads", type=at_least(1), default=None, help="torch threads (default: torch's own choice)")
+    p.add_argument("--seed", type=at_least(0), default=0)
     p.add_argument("--write-results", action="store_true")
     args = p.parse_args(argv)
     if args.reps is not None and args.reps < 1:

@@ -86,7 +86,7 @@ def _version() -> str:
         return f"sparsecc {__version__}"
 
 
-def _positive(least: int):
+def at_least(least: int):
     """argparse type: an int of at least `least` (checked before any work)."""
     def parse(text: str) -> int:
         try:
@@ -271,7 +271,7 @@ def main(argv=None) -> int:
     p.add_argument("--version", action="version", version=_version())
     p.add_argument("--traceback", action="store_true", help="on an unexpected error, show where it came from")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-    count, natural = _positive(1), _positive(0)
+    count, natural = at_least(1), at_least(0)
     pr = sub.add_parser("prune", help="prune a local transformers model folder with a recipe; write a checkpoint")
     pr.add_argument("model_dir", help="a folder saved by save_pretrained (nothing is fetched from a hub)")
     pr.add_argument("--recipe", required=True, help="recipe file (.yaml, .json or .toml)")
@@ -283,7 +283,7 @@ def main(argv=None) -> int:
                     "statistics) in OUT/plan, to re-apply to the dense model without data")
     pr.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
     pr.add_argument("--nsamples", type=count, default=128, help="calibration windows (default 128)")
-    pr.add_argument("--seqlen", type=_positive(2), default=None, help="window length (default: the model's context, at most 2048)")
+    pr.add_argument("--seqlen", type=at_least(2), default=None, help="window length (default: the model's context, at most 2048)")
     pr.add_argument("--batch-size", type=count, default=1)
     pr.add_argument("--seed", type=natural, default=0)
     pr.add_argument("--json", default=None, help="also write the per-layer report as JSON here")
@@ -292,7 +292,7 @@ def main(argv=None) -> int:
     ev.add_argument("model_dir")
     ev.add_argument("--text", required=True, help="a text file, or a folder of .txt files")
     ev.add_argument("--tokenizer", default=None)
-    ev.add_argument("--seqlen", type=_positive(2), default=None, help="window length (default: the model's context, at most 2048)")
+    ev.add_argument("--seqlen", type=at_least(2), default=None, help="window length (default: the model's context, at most 2048)")
     ev.add_argument("--batch-size", type=count, default=8)
     ev.add_argument("--max-windows", type=natural, default=0, help="evaluate at most this many windows (0: all)")
     ev.add_argument("--json", default=None)

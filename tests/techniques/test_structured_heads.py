@@ -59,27 +59,26 @@ def test_heads_go_evenly_per_group_by_score(make_model, batches):
     assert "keep_kv" not in plan.decisions["model.layers.0.self_attn"]
 
 
-def test_refit_of_o_proj_reconstructs_attention_better(make_model, batches):
-    dense = make_model("llama")
+def _attention_out(model, batches):
+    """Block 0's attention output on the batches (hooked)."""
     seen = []
-    hook = dense.model.layers[0].self_attn.register_forward_hook(lambda m, a, out: seen.append(out[0]))
+    hook = model.model.layers[0].self_attn.register_forward_hook(lambda m, a, out: seen.append(out[0]))
     with torch.no_grad():
         for b in batches:
-            dense(b)
+            model(b)
     hook.remove()
-    want = torch.cat(seen)
+    return torch.cat(seen)
+
+
+def test_refit_of_o_proj_reconstructs_attention_better(make_model, batches):
+    dense = make_model("llama")
+    want = _attention_out(dense, batches)
     errors = {}
     for update in (None, "refit"):
         m = copy.deepcopy(dense)
         recipe = {"model.layers.0.self_attn": sparsecc.StructuredConfig(0.5, score="flap", update=update)}
         sparsecc.sparsify_(m, recipe, batches, progress=False)
-        got = []
-        hook = m.model.layers[0].self_attn.register_forward_hook(lambda mod, a, out: got.append(out[0]))
-        with torch.no_grad():
-            for b in batches:
-                m(b)
-        hook.remove()
-        errors[update] = float(((torch.cat(got) - want) ** 2).sum() / (want ** 2).sum())
+        errors[update] = float(((_attention_out(m, batches) - want) ** 2).sum() / (want ** 2).sum())
     assert errors["refit"] < errors[None] < 1
 
 

@@ -199,9 +199,7 @@ def drop_blocks(model: nn.Module, name: str, drop: list[int], tx=None) -> None:
         for mod in block.modules():
             old = getattr(mod, "layer_idx", None)
             if isinstance(old, int) and old != j:
-                if tx is not None:
-                    tx.on_undo(lambda mod=mod, old=old: setattr(mod, "layer_idx", old))
-                mod.layer_idx = j
+                (tx.set_attr if tx is not None else setattr)(mod, "layer_idx", j)
     for cfg in _configs(model, len(before)):
         updates = {"num_hidden_layers": len(kept)}
         for field in PER_LAYER_FIELDS:
@@ -209,6 +207,4 @@ def drop_blocks(model: nn.Module, name: str, drop: list[int], tx=None) -> None:
             if isinstance(values, (list, tuple)) and len(values) == len(before):
                 updates[field] = type(values)(v for i, v in enumerate(values) if i not in dropped)
         for field, value in updates.items():
-            if tx is not None:
-                tx.on_undo(lambda cfg=cfg, field=field, old=getattr(cfg, field): setattr(cfg, field, old))
-            setattr(cfg, field, value)
+            (tx.set_attr if tx is not None else setattr)(cfg, field, value)

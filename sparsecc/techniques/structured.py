@@ -118,7 +118,6 @@ def _count(config: StructuredConfig, spec, units: int) -> tuple[int, int, str, s
 
 @register_technique(StructuredConfig)
 class StructuredTechnique(ModuleRewrite):
-    requires = ("channel_stats",)
     what = "MLP (gated or plain) or attention module with separate q/k/v/o projections"
     order = 10  # before the other MLP rewrites
 
@@ -216,7 +215,7 @@ class StructuredTechnique(ModuleRewrite):
                "bias": bias is not None, "spec": self.spec_to_dict(spec), "error": None, "error_kind": None}
         if isinstance(spec, AttentionHeads):
             kv = spec.kv_heads if keep_kv is None else keep_kv.numel()
-            shrink.head_counts(model.get_submodule(name), spec, keep.numel(), kv, _attr_setter(tx))
+            shrink.head_counts(model.get_submodule(name), spec, keep.numel(), kv, tx.set_attr)
             return row | {"kv_kept": kv, "label": f"{keep.numel()}/{units} heads, {kv}/{spec.kv_heads} kv"}
         return row | {"label": f"{keep.numel()}/{units} channels"}
 
@@ -309,14 +308,6 @@ def _units(spec, linears: dict) -> int:
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent), child, module)
-
-
-def _attr_setter(tx):
-    def set_attr(obj, attr, value):
-        old = getattr(obj, attr)
-        tx.on_undo(lambda: setattr(obj, attr, old))
-        setattr(obj, attr, value)
-    return set_attr
 
 
 #: config fields holding an MLP's intermediate width (Llama/Mistral/Qwen, OPT)

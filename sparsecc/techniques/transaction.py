@@ -31,6 +31,12 @@ class Transaction:
     def on_undo(self, fn: Callable[[], None]) -> None:
         self._undo.append(fn)
 
+    def set_attr(self, obj, name: str, value) -> None:
+        """Set attribute `name` of `obj` (a module's head count, a config field), the undo recorded first."""
+        old = getattr(obj, name)
+        self.on_undo(lambda: setattr(obj, name, old))
+        setattr(obj, name, value)
+
     def swap(self, name: str, module: nn.Module) -> None:
         """Put `module` in place of submodule `name` (the undo recorded first)."""
         parent_name, _, child = name.rpartition(".")

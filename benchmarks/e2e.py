@@ -38,15 +38,15 @@ try:
 except ImportError:  # run as a module
     from benchmarks.results import RESULTS, add_device_args, device_dtype, device_name, report
 
-ROWS = ("dense", "dense-compiled", "dense-inductor", "wanda50", "wanda24", "csr90", "cats50", "cats70", "mlp25",
-        "mlp50", "heads25", "both", "layerdrop")
+ROWS = ("dense", "dense-compiled", "dense-inductor", "wanda50", "wanda24", "csr90", "gptq4", "rtn8", "sgpt50q4",
+        "cats50", "cats70", "mlp25", "mlp50", "heads25", "both", "layerdrop")
 DEFAULT_ROWS = [r for r in ROWS if r != "dense-inductor"]  # that one only on request (--rows)
 MODELS = ("ref", "random")
 SPEED = ("prefill", "decode1", "decode8")  # the three timed calls of every row
 
 
 def row_specs(model, drop: int) -> dict:
-    """{row: (label, recipe or None, after)}; `after` is None, "nm" or "csr" (pack_ after saving).
+    """{row: (label, recipe or None, after)}; `after` is None, "nm", "csr" or "quant" (pack_ after saving).
     A row's recipe is built here, so a config that does not exist yet fails only its own row."""
     S = sparsecc.StructuredConfig
     per_group = model.config.num_attention_heads // model.config.num_key_value_heads
@@ -60,6 +60,11 @@ def row_specs(model, drop: int) -> dict:
         "wanda50": ("Wanda 50%", lambda: {"default": sparsecc.WandaConfig(0.5), "lm_head": None}, None),
         "wanda24": ("Wanda 2:4, packed N:M", lambda: {"default": sparsecc.WandaConfig(pattern="2:4"), "lm_head": None}, "nm"),
         "csr90": ("magnitude 90%, packed CSR", lambda: {"default": sparsecc.MagnitudeConfig(0.9), "lm_head": None}, "csr"),
+        "gptq4": ("GPTQ int4 g128, packed", lambda: {"default": sparsecc.GPTQConfig(bits=4), "lm_head": None}, "quant"),
+        "rtn8": ("RTN int8 per row (sym), packed",
+                 lambda: {"default": sparsecc.RTNConfig(bits=8, group_size=None, sym=True), "lm_head": None}, "quant"),
+        "sgpt50q4": ("SparseGPT 50% + int4 g128, packed",
+                     lambda: {"default": sparsecc.SparseGPTConfig(0.5, bits=4), "lm_head": None}, "quant"),
         "cats50": ("CATS 50%", lambda: {"re:.*mlp": sparsecc.CATSConfig(0.5)}, None),
         "cats70": ("CATS 70%", lambda: {"re:.*mlp": sparsecc.CATSConfig(0.7)}, None),
         "mlp25": ("structured 25% MLP (FLAP+refit)", lambda: mlp(0.25), None),
@@ -93,8 +98,8 @@ def tensor_bytes(model) -> int:
 
 
 def checkpoint_bytes(model, report, compress: bool) -> int:
-    """Sum of the file sizes of the saved folder: save_pruned for a sparsified model (compress=True for
-    N:M), save_pretrained (safetensors) for the dense one."""
+    """Sum of the file sizes of the saved folder: save_pruned for a sparsified model (compress=True: pruned
+    and quantized weights stored compressed), save_pretrained (safetensors) for the dense one."""
     with tempfile.TemporaryDirectory(prefix="e2e-ckpt-") as d:
         out = Path(d) / "model"
         if report is None:
@@ -166,7 +171,7 @@ def prepare(base, name, spec, args, setup, device) -> tuple[Row, object]:
             row.sparsify_s = time.perf_counter() - t0
         # the dense checkpoint (and perplexity) are the same for the compiled rows: measured once
         if not name.startswith("dense-"):
-            row.ckpt = checkpoint_bytes(model, report_, compress=pack == "nm")
+            row.ckpt = checkpoint_bytes(model, report_, compress=True)
             if setup["test_ids"] is not None:
                 row.ppl = perplexity(model, setup["test_ids"], setup["seqlen"], max_windows=args.eval_windows)
         if pack:  # after saving: checkpoints hold nn.Linear weights
@@ -438,8 +443,9 @@ def main(argv=None) -> int:
     compiled = "every row" if args.compile == "all" else "the dense rows only (on CPU the sparsecc ops run the " \
         "same code eager or compiled, and each compile costs minutes here; `--compile all` compiles every row)"
     intro = (
-        "Per row: `sparsify_` with the recipe (data rows: calibration batches of 8 windows), `save_pruned` (N:M rows "
-        "with `compress=True`; the dense model: `save_pretrained`), perplexity, then `pack_` where named (CSR with "
+        "Per row: `sparsify_` with the recipe (data rows: calibration batches of 8 windows), `save_pruned` with "
+        "`compress=True` (pruned weights as kept values + bitmask or N:M positions, quantized ones as packed codes + "
+        "scales; the dense model: `save_pretrained`), perplexity, then `pack_` where named (CSR with "
         "`min_sparsity=0.89`: magnitude 90% leaves floor(0.9 n) zeros, just under pack_'s default 0.9), then "
         f"`model.compile(backend=\"sparsecc\")` for {compiled}; in place, so that `generate` runs the compiled "
         "module. The dense compiled row has nothing sparse: sparsecc's backend lowers it through Inductor. Heads: 25% "

@@ -10,8 +10,8 @@ __version__ = "0.1.0"
 # `import sparsecc` and `sparsecc --help` do not import torch.
 _SOURCES = {
     "calibrate": ".api", "sparsify_": ".api", "sparsecc_backend": ".backend",
-    "CalibrationSet": ".graph.calibration", "sample_batches": ".graph.calibration", "load_pruned": ".io.checkpoint",
-    "save_pruned": ".io.checkpoint", "CSRLinear": ".techniques.packing", "NMLinear": ".techniques.packing",
+    "CalibrationSet": ".graph.calibration", "sample_batches": ".graph.calibration", "load_pruned": ".io.checkpoint", "checkpoint_size": ".io.checkpoint",
+    "save_pruned": ".io.checkpoint", "CSRLinear": ".techniques.packing", "NMLinear": ".techniques.packing", "QuantLinear": ".techniques.packing",
     "compress_csr_": ".techniques.packing", "compress_nm_": ".techniques.packing", "pack_": ".techniques.packing", "Captured": ".graph.capture",
     "LinearSite": ".graph.capture", "capture": ".graph.capture", "SparsityConfig": ".techniques.configs", "Technique": ".techniques.configs",
     "config_from_dict": ".techniques.configs", "register_technique": ".techniques.configs", "Plan": ".io.plan",
@@ -23,7 +23,8 @@ _SOURCES = {
                      "PipelineResult", "TransformPass"], ".passes"),
     **dict.fromkeys(["MoEConfig", "MoEMLP", "SparseMoEConfig", "moe_load_balance", "AttentionSinkConfig",
                      "SlidingWindowConfig", "CATSConfig", "CATSMLP", "LayerDropConfig", "MagnitudeConfig", "OBSConfig",
-                     "PruningConfig", "SparseGPTConfig", "StructuredConfig", "WandaConfig"], ".techniques"),
+                     "PruningConfig", "SparseGPTConfig", "StructuredConfig", "WandaConfig", "GPTQConfig",
+                     "RTNConfig"], ".techniques"),
 }
 
 
@@ -53,10 +54,10 @@ def __dir__():
 
 __all__ = [
     "AnalysisPass", "ApplyRecipe", "AttentionSinkConfig", "SlidingWindowConfig", "CATSConfig", "CATSMLP", "CalibrationError", "CalibrationSet", "CaptureError", "Captured",
-    "CSRLinear", "CollectHessians", "CollectInputStats", "LayerDropConfig", "LinearSite", "MagnitudeConfig", "MoEConfig", "MoEMLP", "SparseMoEConfig", "NMLinear", "OBSConfig", "Pass",
+    "CSRLinear", "CollectHessians", "GPTQConfig", "RTNConfig", "CollectInputStats", "LayerDropConfig", "LinearSite", "MagnitudeConfig", "MoEConfig", "MoEMLP", "SparseMoEConfig", "NMLinear", "OBSConfig", "Pass", "QuantLinear",
     "PruningConfig", "SparseGPTConfig", "StructuredConfig", "WandaConfig", "Pipeline",
     "PipelineError", "PipelineResult", "Plan", "PlanError", "RecipeError", "Report", "SparseccError",
-    "SparsityConfig", "Technique", "TransformPass", "calibrate", "activation_sparsity", "capture", "compress_csr_", "compress_nm_", "config_from_dict", "dump_recipe", "kv_cache_lengths",
+    "SparsityConfig", "Technique", "TransformPass", "calibrate", "activation_sparsity", "capture", "checkpoint_size", "compress_csr_", "compress_nm_", "config_from_dict", "dump_recipe", "kv_cache_lengths",
     "load_pruned", "load_recipe", "moe_load_balance", "pack_", "prune", "register_technique", "sample_batches", "save_pruned", "sparsecc_backend",
     "sparsify_",
 ]

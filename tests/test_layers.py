@@ -71,8 +71,9 @@ def test_no_module_imports_a_layer_above_its_own(graph):
 
 @pytest.mark.parametrize("layer, allowed", [
     ("sparsecc.prune", ("sparsecc.prune", "sparsecc.errors")),  # pure per-matrix math
-    ("sparsecc.codegen", ("sparsecc.codegen", "sparsecc.errors")),  # kernels beside their references
-    ("sparsecc.ops", ("sparsecc.ops", "sparsecc.codegen", "sparsecc.errors")),  # the custom ops choosing among them
+    # kernels beside their references; the integer weight layout is the quantization grids' (prune)
+    ("sparsecc.codegen", ("sparsecc.codegen", "sparsecc.errors", "sparsecc.prune.int_format")),
+    ("sparsecc.ops", ("sparsecc.ops", "sparsecc.codegen", "sparsecc.errors", "sparsecc.prune.int_format")),  # the ops
 ])
 def test_the_lowest_layers_import_only_what_they_need(graph, layer, allowed):
     wrong = sorted((m, t) for m, t in graph.edges if m.startswith(layer) and not t.startswith(allowed)

@@ -192,7 +192,7 @@ def sparse_ops(gm: fx.GraphModule) -> list[dict]:
 
 
 _PACKED = {"nm_linear": "it is compressed (NMLinear)", "csr_linear": "it is compressed (CSRLinear)",
-           "cats_mlp": "its linears run inside the CATS MLP op"}
+           "quant_linear": "it is quantized (QuantLinear)", "cats_mlp": "its linears run inside the CATS MLP op"}
 
 
 def packed_linears(gm: fx.GraphModule) -> dict[str, str]:

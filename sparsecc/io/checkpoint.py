@@ -3,27 +3,49 @@
     out/
       config.json, model.safetensors, tokenizer files   `save_pretrained`
       sparsecc.json                 format, versions, recipe, per-layer report, calibration setup,
-                                    sha256 of every tensor in the folder's safetensors files
-      sparsecc_masks.safetensors    bool keep-mask of every pruned parameter (its own layout)
-      sparsecc_nm.safetensors       with compress=True: N:M weights as kept values + packed positions
-                                    (model.safetensors then holds an empty placeholder for each)
+                                    sha256 of every tensor in the folder's safetensors files, and
+                                    "size": weight bytes vs the dense equivalent (`checkpoint_size`)
+      sparsecc_masks.safetensors    keep-mask of every pruned parameter not stored compressed, in the
+                                    parameter's own layout, as bits (`codegen/bitmask.py`: uint8
+                                    [rows, ceil(cols/8)], little-endian bit order); shapes in
+                                    sparsecc.json "masks" (format 1 folders: bool masks)
+      sparsecc_quant.safetensors    without compress: the quantization grid (codes, scales, zeros) of
+                                    every quantized weight, whose dequantized values model.safetensors holds
+      sparsecc_compressed.safetensors  with compress=True: every pruned/quantized weight, in the
+                                    smallest layout that fits (sparsecc.json "compressed"[param]["layout"]):
+          nm           kept values [out, in·N/M] + packed positions (`codegen/nm_format.py`)
+          bitmask      kept values (row-major, 1-D) + bitmask [out, ceil(in/8)]
+          int          packed codes + scales + zeros (`prune/int_format.py`)
+          int-bitmask  packed codes of the kept weights only + scales + zeros + bitmask
+          int-nm       packed codes of the N kept per group + scales + zeros + packed positions
+                                    (all in [out, in] orientation; model.safetensors then holds an
+                                    empty placeholder for each, and no separate mask is stored)
       plan/                         with plan=...: the Plan (decisions + statistics) to reproduce it
 
-`load_pruned` is the way to load a folder. Plain transformers `from_pretrained` also loads one
-saved without compress=True, if its config describes the model (a structurally pruned model whose
-MLPs, or heads, all keep one width: `structured.shrunk_config`); a compressed one it refuses (the
-placeholders do not fit the model) rather than initialising those weights randomly. Folders saved before tensors were hashed (no
-"sha256" in sparsecc.json) still load, unchecked by hash.
+`load_pruned` is the way to load a folder; it rebuilds compressed weights bit for bit (pruned
+zeros come back as +0.0) and puts quantization grids back on their modules (`grid_of`), so
+`pack_` can use them. Plain transformers `from_pretrained` also loads a folder saved without
+compress=True, if its config describes the model (a structurally pruned model whose MLPs, or heads,
+all keep one width: `structured.shrunk_config`); a compressed one it refuses (the placeholders do
+not fit the model) rather than initialising those weights randomly. For from_pretrained users,
+one line makes a plain folder of a compressed one:
+
+    model, _ = sparsecc.load_pruned(path); model.save_pretrained(dense_dir)
+
+Folders of format 1 (bool masks, N:M weights in sparsecc_nm.safetensors) and folders saved before
+tensors were hashed (no "sha256" in sparsecc.json, then unchecked by hash) still load.
 
 The folder is written to a temporary sibling and renamed into place, so an interrupted save
 (Ctrl-C included) leaves no half-written output; `save_pruned` first checks the report against
-the model. `load_pruned` checks the format, the metadata, every tensor's hash, dtypes, shapes and
-that every weight respects its mask before changing or returning the model.
+the model (and each quantized weight against its grid). `load_pruned` checks the format, the
+metadata, every tensor's hash, dtypes, shapes and that every weight respects its mask before
+changing or returning the model.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,26 +59,35 @@ from .. import techniques as _techniques  # noqa: F401  (registers the built-in 
 from .. import __version__
 from ..techniques.configs import config_from_dict
 from ..errors import PlanError, SparseccError
+from ..codegen.bitmask import pack_bits, packed_cols, unpack_bits
+from ..prune.int_format import BITS, pack_codes, packed_width, unpack_codes
 from ..codegen.nm_format import compress as nm_compress
 from ..codegen.nm_format import decompress as nm_decompress
+from ..prune.quantize import QUANTIZED, QuantGrid, grid_of
 from ..techniques.rewrites import REWRITTEN, is_rewrite_row, restore_rewrites
 from ..techniques.structured import shrunk_config
 from ..prune.masks import parse_pattern
 from .folders import check_output_dir, writing_folder
 from .recipes import dump_recipe
 
-FORMAT = 1
-META, MASKS, NM, PLAN = "sparsecc.json", "sparsecc_masks.safetensors", "sparsecc_nm.safetensors", "plan"
+FORMAT = 2
+READS = (1, 2)  # format 1: bool masks, N:M weights in NM
+META, MASKS, PLAN = "sparsecc.json", "sparsecc_masks.safetensors", "plan"
+PACKED, QUANT = "sparsecc_compressed.safetensors", "sparsecc_quant.safetensors"
+NM = "sparsecc_nm.safetensors"  # format 1's compressed N:M weights
+LAYOUTS = ("nm", "bitmask", "int", "int-bitmask", "int-nm")
 
 
 def save_pruned(model: nn.Module, path, report, *, recipe=None, tokenizer=None, plan=None,
                 compress: bool = False, overwrite: bool = False) -> Path:
     """Save `model` (pruned by `sparsify_`, whose `report` says what was pruned) to folder `path`.
 
-    `compress=True` stores N:M-pruned weights compressed (such a folder loads with `load_pruned`
-    only). The report must be this model's: each row's parameter, shape, sparsity and N:M pattern
-    are checked before anything is written. An existing `path` is refused unless `overwrite=True`,
-    and is only replaced once the new folder is complete."""
+    `compress=True` stores every pruned or quantized weight compressed (such a folder loads with
+    `load_pruned` only; see the module docstring for the layouts); sparsecc.json's "size" then says
+    the bytes against the dense model (also `checkpoint_size(path)`). The report must be this
+    model's: each row's parameter, shape, sparsity and N:M pattern are checked, and a quantized
+    module's weight must still equal its grid's values, before anything is written. An existing
+    `path` is refused unless `overwrite=True`, and is only replaced once the new folder is complete."""
     path = Path(path)
     check_output_dir(path, overwrite)
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -67,25 +98,26 @@ def save_pruned(model: nn.Module, path, report, *, recipe=None, tokenizer=None, 
             continue
         _check_row(row, params)
         pruned[row["param"]] = row
-    masks = {name: (params[name].detach() != 0).cpu().contiguous() for name in pruned}
-    nm_tensors, nm_meta = {}, {}
+    grids = {name: g for name, row in pruned.items() if (g := _checked_grid(model, row, params[name])) is not None}
+    packed, entries = {}, {}
     if compress:
         for name, row in pruned.items():
-            nm = parse_pattern(row["config"].get("pattern"))
-            if nm is None:
-                continue
-            w = params[name].detach().cpu()
-            w = w.t() if row.get("transposed") else w
-            values, index = nm_compress(w, *nm)
-            nm_tensors[f"{name}.values"], nm_tensors[f"{name}.index"] = values.contiguous(), index
-            nm_meta[name] = {"n": nm[0], "m": nm[1], "in_features": w.shape[1], "transposed": bool(row.get("transposed"))}
+            entries[name], tensors = _compress(params[name], row, grids.get(name))
+            packed |= {f"{name}.{k}": v.contiguous() for k, v in tensors.items()}
+    masks = {name: pack_bits((params[name].detach() != 0).cpu()) for name in pruned if name not in entries}
+    quant, quant_meta = {}, {}
+    for name, grid in grids.items():
+        if name not in entries:  # the grid beside the dequantized weight, so it survives the round trip
+            quant |= {f"{name}.{k}": getattr(grid, k).contiguous() for k in ("codes", "scales", "zeros")}
+            quant_meta[name] = _entry(params[name], pruned[name]) | _grid_fields(grid)
     meta = {"format": FORMAT, "sparsecc": __version__, "torch": torch.__version__,
             "model_class": type(model).__name__, "recipe": dump_recipe(recipe) if recipe is not None else None,
-            "rows": report.rows, "setup": report.setup, "compressed": nm_meta}
+            "rows": report.rows, "setup": report.setup, "compressed": entries, "quantized": quant_meta,
+            "masks": {name: list(params[name].shape) for name in masks}}
 
     # A compressed weight is an empty placeholder in model.safetensors: plain from_pretrained then
     # refuses the folder (size mismatch) instead of initialising the weight randomly.
-    state = {k: torch.empty(0, dtype=v.dtype) if k in nm_meta else v for k, v in model.state_dict().items()}
+    state = {k: torch.empty(0, dtype=v.dtype) if k in entries else v for k, v in model.state_dict().items()}
     with writing_folder(path) as tmp:
         if hasattr(model, "save_pretrained"):
             model.save_pretrained(tmp, state_dict=state)
@@ -96,14 +128,101 @@ def save_pruned(model: nn.Module, path, report, *, recipe=None, tokenizer=None, 
             save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        save_file(masks, str(tmp / MASKS))
-        if nm_tensors:
-            save_file(nm_tensors, str(tmp / NM))
+        for file, tensors in ((MASKS, masks), (PACKED, packed), (QUANT, quant)):
+            if tensors:
+                save_file(tensors, str(tmp / file))
         if plan is not None:
             plan.save(tmp / PLAN)
         meta["sha256"] = {f.name: _tensor_hashes(f) for f in sorted(tmp.glob("*.safetensors"))}
+        meta["size"] = _size(tmp, meta)
         (tmp / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
     return path
+
+
+def _entry(p: torch.Tensor, row: dict) -> dict:
+    """What every stored form records: the [out, in] shape, the dtype, whether the parameter is [in, out]."""
+    transposed = bool(row.get("transposed"))
+    return {"shape": list(p.shape[::-1] if transposed else p.shape), "dtype": _dtype_name(p.dtype),
+            "transposed": transposed}
+
+
+def _grid_fields(grid: QuantGrid) -> dict:
+    return {"bits": grid.bits, "group_size": grid.group_size, "sym": bool(grid.sym)}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _checked_grid(model: nn.Module, row: dict, p: torch.Tensor) -> QuantGrid | None:
+    """The quantization grid of the row's module (on the CPU), checked against its weight; None if
+    the module is not quantized."""
+    bits, fix = (row.get("config") or {}).get("bits"), "pass the report sparsify_ returned for this model"
+    try:
+        grid = grid_of(model.get_submodule(row["module"]))
+    except AttributeError:
+        grid = None
+    if grid is None:
+        if bits is not None:
+            raise PlanError(f"report row {row['module']!r} records {bits}-bit quantization, but the module holds no "
+                            f"quantization grid; {fix}")
+        return None
+    if bits is not None and bits != grid.bits:
+        raise PlanError(f"report row {row['module']!r} records {bits}-bit quantization, but the module's grid is "
+                        f"{grid.bits}-bit; {fix}")
+    grid = grid.to("cpu")
+    w = p.detach().cpu()
+    w = w.t() if row.get("transposed") else w
+    try:
+        values = grid.dequantize()
+    except PlanError as e:
+        raise PlanError(f"{row['module']}: its quantization grid is malformed ({e})") from None
+    if values.shape != w.shape or not torch.equal(values.to(w.dtype), w):
+        raise PlanError(f"{row['param']} no longer equals the values of its quantization grid: its weights changed "
+                        "after quantizing; quantize it again (or drop the grid: "
+                        f"del module.__dict__[{QUANTIZED!r}]) before saving")
+    return grid
+
+
+def _compress(p: torch.Tensor, row: dict, grid: QuantGrid | None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(sparsecc.json entry, tensors) of one weight stored compressed, in [out, in] orientation."""
+    entry = _entry(p, row)
+    nm = parse_pattern((row.get("config") or {}).get("pattern"))
+    if grid is None:
+        w = p.detach().cpu()
+        w = w.t() if entry["transposed"] else w
+        if nm is not None:  # _check_row made sure it is N:M
+            values, index = nm_compress(w, *nm)
+            return entry | {"layout": "nm", "n": nm[0], "m": nm[1]}, {"values": values, "index": index}
+        keep = w != 0
+        return entry | {"layout": "bitmask"}, {"values": w[keep], "bitmask": pack_bits(keep)}
+    entry |= _grid_fields(grid)
+    rows, cols = entry["shape"]
+    codes = grid.unpacked()
+    keep = codes != grid.zeros.repeat_interleave(grid.group_size, dim=1)  # code == zero point: exactly 0
+    base = {"scales": grid.scales, "zeros": grid.zeros}
+    if nm is not None and _fits_nm(keep, *nm):  # the N kept codes of each group + their positions
+        n, m = nm
+        _, index = nm_compress(keep.to(torch.uint8), n, m)
+        sel = _nm_selected(index, rows, cols, n, m)
+        kept = codes[sel].reshape(rows, cols * n // m)
+        return entry | {"layout": "int-nm", "n": n, "m": m}, base | {"codes": pack_codes(kept, grid.bits), "index": index}
+    nnz = int(keep.sum())
+    if packed_width(grid.bits, nnz) + rows * packed_cols(cols) < rows * packed_width(grid.bits, cols):
+        kept = pack_codes(codes[keep][None], grid.bits)  # one row: the kept codes in row-major order
+        return entry | {"layout": "int-bitmask"}, base | {"codes": kept, "bitmask": pack_bits(keep)}
+    return entry | {"layout": "int"}, base | {"codes": grid.codes}
+
+
+def _fits_nm(keep: torch.Tensor, n: int, m: int) -> bool:
+    rows, cols = keep.shape
+    return cols % m == 0 and (keep.numel() == 0 or int(keep.reshape(rows, -1, m).sum(-1).max()) <= n)
+
+
+def _nm_selected(index: torch.Tensor, rows: int, cols: int, n: int, m: int) -> torch.Tensor:
+    """bool [rows, cols]: the positions a packed N:M index selects (N per group, in row-major order)."""
+    ones = torch.ones(rows, cols * n // m, dtype=torch.uint8)
+    return nm_decompress(ones, index, n, m, cols).bool()
 
 
 def _check_rewrite_row(row: dict, model: nn.Module) -> None:
@@ -139,15 +258,25 @@ def _check_row(row: dict, params: dict[str, nn.Parameter]) -> None:
             raise PlanError(f"report row {module!r} records {n}:{m} sparsity, but {name} is not {n}:{m}; {fix}")
 
 
+def _read_header(f) -> tuple[int, dict]:
+    """(header length, header) of an open safetensors file."""
+    size = int.from_bytes(f.read(8), "little")
+    if size > os.fstat(f.fileno()).st_size:
+        raise ValueError("the header ends past the end of the file")
+    return size, json.loads(f.read(size))
+
+
+def _header(file: Path) -> dict:
+    with open(file, "rb") as f:
+        return _read_header(f)[1]
+
+
 def _tensor_hashes(file: Path) -> dict[str, str]:
     """sha256 of each tensor's bytes in a safetensors file, read from the file itself (its header
     gives every tensor's byte range), so the record holds exactly what was written."""
     hashes = {}
     with open(file, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        if size > os.fstat(f.fileno()).st_size:
-            raise ValueError("the header ends past the end of the file")
-        header = json.loads(f.read(size))
+        size, header = _read_header(f)
         for name, info in header.items():
             if name == "__metadata__":
                 continue
@@ -197,9 +326,9 @@ def read_meta(path) -> dict:
         meta = json.loads((path / META).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PlanError(f"{str(path / META)!r} is corrupt: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") not in READS or type(meta.get("format")) is not int:
         raise PlanError(f"{str(path / META)!r} has format {meta.get('format') if isinstance(meta, dict) else '?'}; "
-                        f"this sparsecc ({__version__}) reads format {FORMAT}")
+                        f"this sparsecc ({__version__}) reads formats {', '.join(map(str, READS))}")
     _check_meta(meta, path / META)
     return meta
 
@@ -210,6 +339,7 @@ def _check_meta(meta: dict, file: Path) -> None:
         return PlanError(f"{str(file)!r}: {what}; re-save the checkpoint with save_pruned")
 
     for key, kind, word in (("rows", list, "a list"), ("setup", dict, "a dict"), ("compressed", dict, "a dict"),
+                            ("quantized", dict, "a dict"), ("masks", dict, "a dict"), ("size", dict, "a dict"),
                             ("sha256", dict, "a dict"), ("recipe", (dict, type(None)), "a dict or null")):
         if key in meta and not isinstance(meta[key], kind):
             raise bad(f"{key!r} must be {word}, not {type(meta[key]).__name__}")
@@ -231,15 +361,56 @@ def _check_meta(meta: dict, file: Path) -> None:
         except (SparseccError, TypeError, ValueError, AttributeError) as e:
             raise bad(f"rows[{i}] has a bad 'config' ({e})") from None
     for name, info in meta.get("compressed", {}).items():
-        ints = [info.get(k) for k in ("n", "m", "in_features")] if isinstance(info, dict) else []
-        if not (len(ints) == 3 and all(type(v) is int and v > 0 for v in ints) and ints[0] <= ints[1]
-                and ints[2] % ints[1] == 0 and isinstance(info.get("transposed"), bool)):
-            raise bad(f"compressed[{name!r}] must be {{n, m, in_features, transposed}} of an N:M weight, not {info!r}")
+        if meta["format"] == 1:
+            ints = [info.get(k) for k in ("n", "m", "in_features")] if isinstance(info, dict) else []
+            if not (len(ints) == 3 and all(type(v) is int and v > 0 for v in ints) and ints[0] <= ints[1]
+                    and ints[2] % ints[1] == 0 and isinstance(info.get("transposed"), bool)):
+                raise bad(f"compressed[{name!r}] must be {{n, m, in_features, transposed}} of an N:M weight, "
+                          f"not {info!r}")
+        elif (why := _bad_entry(info, compressed=True)) is not None:
+            raise bad(f"compressed[{name!r}] {why}")
+    for name, info in meta.get("quantized", {}).items():
+        if (why := _bad_entry(info, compressed=False)) is not None:
+            raise bad(f"quantized[{name!r}] {why}")
+    for name, shape in meta.get("masks", {}).items():
+        if not _is_shape(shape):
+            raise bad(f"masks[{name!r}] must be the [rows, cols] of its parameter, not {shape!r}")
     for fname, table in meta.get("sha256", {}).items():
         if not (isinstance(fname, str) and fname.endswith(".safetensors") and Path(fname).name == fname
                 and fname not in (".", "..") and isinstance(table, dict)
                 and all(isinstance(v, str) and len(v) == 64 for v in table.values())):
             raise bad("'sha256' must map safetensors files of the folder to {tensor: sha256 hex digest}")
+
+
+def _bad_entry(info, compressed: bool) -> str | None:
+    """What is wrong with a format-2 "compressed" (or "quantized") entry, None if nothing."""
+    if not isinstance(info, dict):
+        return f"must be a dict, not {type(info).__name__}"
+    shape, layout = info.get("shape"), info.get("layout") if compressed else "int"
+    if layout not in LAYOUTS:
+        return f"has layout {layout!r}; expected one of {', '.join(LAYOUTS)}"
+    if not _is_shape(shape):
+        return f"has a bad 'shape' {shape!r} (expected [out, in])"
+    if not isinstance(info.get("transposed"), bool):
+        return f"has a bad 'transposed' {info.get('transposed')!r}"
+    if not isinstance(info.get("dtype"), str) or not _float_dtype(info["dtype"]):
+        return f"has dtype {info.get('dtype')!r}; expected a floating-point torch dtype such as 'float32'"
+    if layout.endswith("nm"):
+        n, m = info.get("n"), info.get("m")
+        if not (type(n) is int and type(m) is int and 0 < n <= m <= 256 and shape[1] % m == 0):
+            return f"must have N:M ints n <= m <= 256 with m dividing the width {shape[1]}, not n={n!r}, m={m!r}"
+    if layout.startswith("int"):
+        bits, g, sym = info.get("bits"), info.get("group_size"), info.get("sym")
+        if bits not in BITS or type(bits) is not int:
+            return f"has bits {bits!r}; expected one of {', '.join(map(str, BITS))}"
+        if not (type(g) is int and g > 0 and shape[1] % g == 0) or not isinstance(sym, bool):
+            return f"must have a group_size dividing the width {shape[1]} and a bool sym, not {g!r}, {sym!r}"
+    return None
+
+
+def _float_dtype(name: str) -> torch.dtype | None:
+    dtype = getattr(torch, name, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
 
 
 def _is_shape(shape) -> bool:
@@ -252,18 +423,30 @@ def load_pruned(path, model: nn.Module | None = None):
     Without `model`, the transformers class named in config.json is built from the folder
     (`from_pretrained`, safetensors only, no remote code); with `model`, its parameters are
     loaded into it, only once everything has been checked (a failure leaves it as it was).
-    Compressed N:M weights are expanded; every mask is checked."""
+    Compressed weights are rebuilt exactly, every mask is checked, and quantized modules get
+    their grids back (`sparsecc.prune.quantize.grid_of`)."""
     path = Path(path)
     meta = read_meta(path)
     _verify_hashes(path, meta)  # a changed bit in any recorded tensor is reported before anything is loaded
-    masks = _load_tensors(path / MASKS)
-    for name, mask in masks.items():
-        if mask.dtype != torch.bool:
-            raise PlanError(f"mask {name!r} is {mask.dtype}; expected torch.bool (keep-masks are bool); "
-                            "re-save the checkpoint with save_pruned")
+    masks = _read_masks(path, meta)
     compressed = meta.get("compressed", {})
-    nm = _load_tensors(path / NM) if compressed else {}
-    state = {name: _expand(path, name, info, nm) for name, info in compressed.items()}
+    packed_file = path / (NM if meta["format"] == 1 else PACKED)
+    packed = _load_tensors(packed_file) if compressed else {}
+    _no_strays(packed_file, packed, compressed)
+    state, grids = {}, {}
+    for name, info in compressed.items():
+        state[name], grid = _expand(packed_file, name, info, packed)
+        if grid is not None:
+            grids[name] = grid
+    quantized = meta.get("quantized", {})
+    quant = _load_tensors(path / QUANT) if quantized else {}
+    _no_strays(path / QUANT, quant, quantized)
+    kept = {}  # grids kept beside dense weights
+    for name, info in quantized.items():
+        try:
+            kept[name] = _grid(info, _getter(path / QUANT, name, quant))[0]
+        except PlanError as e:
+            raise PlanError(f"quantized {name!r}: {e}; re-save the checkpoint") from None
     file = path / "model.safetensors"
     saved = None  # model.safetensors as read here (with model=), for the modules restore_rewrites rebuilds
     rebuilt = [r["module"] for r in meta.get("rows", []) if is_rewrite_row(r)]  # their shapes may differ (shrunk)
@@ -292,6 +475,14 @@ def load_pruned(path, model: nn.Module | None = None):
         if bool((p.detach()[~mask.to(p.device)] != 0).any()):
             raise PlanError(f"{name!r} has nonzero weights where its mask prunes: the checkpoint was "
                             "modified after saving")
+    for name, grid in kept.items():  # a grid kept beside a dense weight must give exactly that weight
+        p, info = state.get(name, own.get(name)), quantized[name]
+        w = grid.dequantize().to(_float_dtype(info["dtype"]))
+        w = w.t() if info["transposed"] else w
+        if p is None or p.shape != w.shape or not torch.equal(p.detach().cpu(), w):
+            raise PlanError(f"{name!r} does not equal the values of its quantization grid in {QUANT}: the checkpoint "
+                            "was modified after saving")
+        grids[name] = grid
     # Module rewrites first: each technique checks its rows before swapping any module, so a bad
     # row fails before any weight is loaded; the weights then go into the rebuilt modules too.
     restored = restore_rewrites(model, meta.get("rows", []))
@@ -300,24 +491,156 @@ def load_pruned(path, model: nn.Module | None = None):
         saved = saved if saved is not None else _load_tensors(file)
         state |= {k: v for k, v in saved.items() if k in own and k not in compressed
                   and any(k.startswith(name + ".") for name in restored)}
+    holders = {name: model.get_submodule(name.rpartition(".")[0]) for name in grids}  # before any weight changes
     model.load_state_dict(state, strict=False)
+    for name, module in model.named_modules():  # a grid of weights just replaced would describe the old ones
+        if QUANTIZED in module.__dict__ and (f"{name}.weight" if name else "weight") in state:
+            del module.__dict__[QUANTIZED]
+    for name, grid in grids.items():
+        holders[name].__dict__[QUANTIZED] = grid.to(model.get_parameter(name).device)
     return model.eval(), meta
 
 
-def _expand(path: Path, name: str, info: dict, nm: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The dense weight of a compressed N:M parameter, as the model stores it."""
+def checkpoint_size(path) -> dict:
+    """Weight bytes of a checkpoint against its dense equivalent:
+    {"bytes", "dense_bytes", "ratio", "linear_bytes", "linear_dense_bytes", "linear_ratio"}.
+    "bytes" counts the tensors of every safetensors file of the folder (masks, grids and compressed
+    forms included; plan/ not); "dense_bytes" is the model's state at its dtypes, as a plain
+    model.safetensors holds it; the linear_ figures are the same for the parameters the report
+    pruned or quantized alone."""
+    path = Path(path)
+    meta = read_meta(path)
     try:
-        values, index = nm[f"{name}.values"], nm[f"{name}.index"]
-    except KeyError as e:
-        raise PlanError(f"{str(path / NM)!r} lacks {e}") from None
-    if values.dim() != 2 or not values.is_floating_point():
-        raise PlanError(f"compressed {name!r}: values are {values.dtype} {list(values.shape)}; expected a 2-D "
-                        "floating-point tensor; re-save the checkpoint")
+        return _size(path, meta)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise PlanError(f"cannot read the tensor sizes of {str(path)!r}: {e}") from None
+
+
+def _size(path: Path, meta: dict) -> dict:
+    headers = {f.name: _header(f) for f in sorted(path.glob("*.safetensors"))}
+    sizes = {f: {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in h.items() if k != "__metadata__"}
+             for f, h in headers.items()}
+    compressed = meta.get("compressed", {})
+
+    def dense(name: str) -> int:
+        info = compressed.get(name)
+        if info is None:
+            return sizes.get("model.safetensors", {}).get(name, 0)
+        if "shape" in info:
+            return math.prod(info["shape"]) * _float_dtype(info["dtype"]).itemsize
+        return sizes[NM][f"{name}.values"] * info["m"] // info["n"]  # format 1: the kept values are N/M of it
+
+    linears = {r["param"] for r in meta.get("rows", []) if r.get("param")}
+    stored = sum(n for table in sizes.values() for n in table.values())
+    linear = sum(n for table in sizes.values() for k, n in table.items()
+                 if k in linears or k.rpartition(".")[0] in linears)
+    total = sum(dense(k) for k in set(sizes.get("model.safetensors", {})) | set(compressed))
+    linear_dense = sum(dense(k) for k in linears)
+    return {"bytes": stored, "dense_bytes": total, "ratio": round(stored / total, 4) if total else None,
+            "linear_bytes": linear, "linear_dense_bytes": linear_dense,
+            "linear_ratio": round(linear / linear_dense, 4) if linear_dense else None}
+
+
+def _read_masks(path: Path, meta: dict) -> dict[str, torch.Tensor]:
+    """{param: bool keep-mask in the parameter's layout}: bit-packed (format 2) or bool (format 1)."""
+    if meta["format"] == 1:
+        masks = _load_tensors(path / MASKS)
+        for name, mask in masks.items():
+            if mask.dtype != torch.bool:
+                raise PlanError(f"mask {name!r} is {mask.dtype}; expected torch.bool (keep-masks are bool); "
+                                "re-save the checkpoint with save_pruned")
+        return masks
+    shapes = meta.get("masks", {})
+    packed = _load_tensors(path / MASKS) if shapes else {}
+    _no_strays(path / MASKS, packed, shapes)
+    masks = {}
+    for name, (rows, cols) in shapes.items():
+        bits = packed.get(name)
+        if bits is None:
+            raise PlanError(f"{str(path / MASKS)!r} lacks the mask of {name!r}; re-save the checkpoint")
+        if bits.dtype != torch.uint8 or bits.dim() != 2 or list(bits.shape) != [rows, packed_cols(cols)]:
+            raise PlanError(f"mask {name!r} is {bits.dtype} {list(bits.shape)}; expected torch.uint8 "
+                            f"{[rows, packed_cols(cols)]} (the bits of a [{rows}, {cols}] mask); re-save the checkpoint")
+        masks[name] = unpack_bits(bits, cols)
+    return masks
+
+
+def _no_strays(file: Path, tensors: dict, entries: dict) -> None:
+    """Every tensor of a sparsecc file belongs to a parameter sparsecc.json lists (unhashed folders)."""
+    for key in tensors:
+        if key not in entries and key.rpartition(".")[0] not in entries:
+            raise PlanError(f"{str(file)!r} holds {key!r}, which sparsecc.json does not list; re-save the checkpoint")
+
+
+def _getter(file: Path, name: str, tensors: dict[str, torch.Tensor]):
+    def get(key: str) -> torch.Tensor:
+        try:
+            return tensors[f"{name}.{key}"]
+        except KeyError:
+            raise PlanError(f"{str(file)!r} lacks {f'{name}.{key}'!r}") from None
+    return get
+
+
+def _expand(file: Path, name: str, info: dict, tensors: dict[str, torch.Tensor]):
+    """(dense weight as the model stores it, QuantGrid or None) of a compressed parameter."""
+    get = _getter(file, name, tensors)
+    layout = info.get("layout", "nm")  # format 1: N:M only, no shape or dtype recorded
+    rows, cols = info["shape"] if "shape" in info else (None, info["in_features"])
+    dtype = _float_dtype(info["dtype"]) if "dtype" in info else None
+    grid = None
     try:
-        w = nm_decompress(values, index, info["n"], info["m"], info["in_features"])
+        if layout.startswith("int"):
+            grid, w = _grid(info, get)
+        elif layout == "nm":
+            values = get("values")
+            if values.dim() != 2 or not values.is_floating_point() or dtype not in (None, values.dtype):
+                raise PlanError(f"values are {values.dtype} {list(values.shape)}; expected a 2-D "
+                                f"{dtype or 'floating-point'} tensor")
+            w = nm_decompress(values, get("index"), info["n"], info["m"], cols)
+        else:  # bitmask
+            values, keep = get("values"), unpack_bits(get("bitmask"), cols)
+            if values.dtype != dtype or values.dim() != 1 or values.numel() != int(keep.sum()):
+                raise PlanError(f"values are {values.dtype} {list(values.shape)}; expected {dtype} "
+                                f"[{int(keep.sum())}] (one per set bit of the bitmask)")
+            w = torch.zeros(keep.shape, dtype=dtype)
+            w[keep] = values
+        if rows is not None and list(w.shape) != [rows, cols]:
+            raise PlanError(f"it unpacks to {list(w.shape)}, not the recorded {[rows, cols]}")
     except PlanError as e:
         raise PlanError(f"compressed {name!r}: {e}; re-save the checkpoint") from None
-    return w.t() if info["transposed"] else w
+    return (w.t() if info["transposed"] else w), grid
+
+
+def _grid(info: dict, get) -> tuple[QuantGrid, torch.Tensor]:
+    """(QuantGrid, its dequantized weight [out, in] in the entry's dtype) of a quantized parameter
+    (layout "int" for a grid kept beside a dense weight)."""
+    layout, (rows, cols) = info.get("layout", "int"), info["shape"]
+    bits, g = info["bits"], info["group_size"]
+    scales, zeros = get("scales"), get("zeros")
+    want = [rows, cols // g]
+    if (scales.dtype, zeros.dtype) != (torch.float32, torch.uint8) or [list(scales.shape), list(zeros.shape)] != [want] * 2:
+        raise PlanError(f"scales {scales.dtype} {list(scales.shape)} and zeros {zeros.dtype} {list(zeros.shape)} "
+                        f"must be torch.float32 and torch.uint8 {want}")
+    if layout == "int":
+        codes = unpack_codes(get("codes"), bits, cols)
+        if codes.shape[0] != rows:
+            raise PlanError(f"codes have {codes.shape[0]} rows, not {rows}")
+    else:
+        codes = zeros.repeat_interleave(g, dim=1)  # the code of a pruned weight is its zero point
+        if layout == "int-bitmask":
+            keep = unpack_bits(get("bitmask"), cols)
+            if keep.shape[0] != rows:
+                raise PlanError(f"the bitmask has {keep.shape[0]} rows, not {rows}")
+            count = int(keep.sum())
+            codes[keep] = unpack_codes(get("codes"), bits, count).reshape(count)
+        else:  # int-nm
+            n, m = info["n"], info["m"]
+            sel = _nm_selected(get("index"), rows, cols, n, m)
+            codes[sel] = unpack_codes(get("codes"), bits, cols * n // m).reshape(-1)
+    if codes.numel() and max(int(codes.max()), int(zeros.max())) >= 2 ** bits:
+        raise PlanError(f"codes or zero points exceed {bits} bits")
+    grid = QuantGrid(bits, g, info["sym"], pack_codes(codes, bits), scales, zeros, cols)
+    return grid, grid.dequantize().to(_float_dtype(info["dtype"]))
 
 
 def _load_tensors(file: Path) -> dict[str, torch.Tensor]:

@@ -28,14 +28,14 @@ class Report:
 
     def table(self) -> str:
         width = max([len(r["module"]) for r in self.rows] + [6])
-        head = f"{'module':<{width}}  {'technique':<18} {'shape':>11}  {'sparsity':>8}  {'rel. error':>10}  {'time':>8}"
+        head = f"{'module':<{width}}  {'technique':<24} {'shape':>11}  {'sparsity':>8}  {'rel. error':>10}  {'time':>8}"
         lines = [head, "-" * len(head)]
         for r in self.rows:
-            pattern = r["config"].get("pattern") or r.get("label", "")
+            pattern = " ".join(filter(None, (r["config"].get("pattern") or r.get("label", ""), r.get("quant"))))
             shape = "x".join(map(str, r["shape"])) if r.get("shape") else "-"
-            lines.append(f"{r['module']:<{width}}  {(r['technique'].removesuffix('Config') + ' ' + pattern).strip():<18} "
+            lines.append(f"{r['module']:<{width}}  {(r['technique'].removesuffix('Config') + ' ' + pattern).strip():<24} "
                          f"{shape:>11}  {r['sparsity']:>8.1%}  {_error(r):>10}  {r['seconds']:>7.3f}s")
-        lines.append(f"{'total':<{width}}  {'':<18} {'':>11}  {self.sparsity:>8.1%}  {'':>10}  "
+        lines.append(f"{'total':<{width}}  {'':<24} {'':>11}  {self.sparsity:>8.1%}  {'':>10}  "
                      f"{sum(r['seconds'] for r in self.rows):>7.3f}s")
         if any("threshold" in r for r in self.rows):
             lines.append("CATS rows: the share of MLP neurons zeroed on average (calibration tokens), threshold t")

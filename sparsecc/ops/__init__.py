@@ -3,6 +3,8 @@
 
     torch.ops.sparsecc.nm_linear(x, values, index, bias, n, m, in_features, kernels=None)
     torch.ops.sparsecc.csr_linear(x, crow, col, values, bias, in_features, kernels=None)
+    torch.ops.sparsecc.quant_linear(x, codes, scales, zeros, bias, bits, group_size, in_features, cpu_weight=None,
+                                    cpu_scales=None, kernels=None)
     torch.ops.sparsecc.cats_mlp(x, w_gate, b_gate, w_up, b_up, w_down, b_down, threshold, act, kernels=None)
     torch.ops.sparsecc.window_attention(q, k, v, q_pos, k_pos, key_mask, window, dilation, sinks, scale, inv_freq,
                                         kernels=None)
@@ -11,7 +13,8 @@
 
 (csr_linear_grad and moe_ffn_backward are the gradient ops of csr_linear and moe_ffn.) Each op runs
 either its Triton kernel or its fallback (its pure-PyTorch reference; for window attention the
-blocked SDPA path; for CATS on CPU the path reading only active rows at decode; csr_linear has no
+blocked SDPA path; for CATS on CPU the path reading only active rows at decode; for quant_linear on
+CPU torch's weight-only int4/int8 kernels on the layout QuantLinear builds once; csr_linear has no
 kernel of its own: torch's sparse product), as registered in `dispatch.WAYS`. Which one is the
 kernel mode: "auto" (default) considers the kernel on CUDA tensors, where it runs unless
 autotuning timed the fallback faster for that shape (so a kernel never runs where its fallback,
@@ -22,7 +25,7 @@ An op's `kernels` argument forces the mode for that call; None (the default) tak
 one: `use_kernels(mode)`, else the environment variable SPARSECC_KERNELS. The compile backend
 sets `kernels` on every sparsecc op of a graph compiled with options={"kernels": mode}.
 """
-from . import cats_mlp, csr_linear, moe_ffn, nm_linear, window_attention  # noqa: F401  (register the ops)
+from . import cats_mlp, csr_linear, moe_ffn, nm_linear, quant_linear, window_attention  # noqa: F401  (register the ops)
 from .dispatch import MODES, check_mode, implementation, kernel_mode, last_way, use_kernels
 
 __all__ = ["MODES", "check_mode", "implementation", "kernel_mode", "last_way", "use_kernels"]

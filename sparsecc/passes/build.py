@@ -25,6 +25,7 @@ from ..graph.capture import Captured, capture
 from ..techniques.configs import technique_for
 from ..techniques.packing import compressed_linears
 from ..techniques.pruning import check_finite
+from ..techniques.quantization import check_no_grids, check_quantizable
 from ..techniques.rewrites import REWRITTEN, ModuleRewrite, hidden_linears, rewrite_candidates
 from ..techniques.targeting import key_matches, normalize_recipe, resolve
 from .analysis import PRODUCERS
@@ -80,6 +81,7 @@ def recipe_passes(model: nn.Module, recipe, batches: list, data: bool = True):
     modules = {n: c for n, c in assignments.items() if n not in linears}
     for name in linears:  # before any work (OWL, Hessians, the calibration forward)
         check_finite(name, captured.sites[name].weight(model))
+        check_quantizable(model, name, linears[name], captured.sites[name].in_features)
     if not data:
         needy = [f"{n} ({type(c).__name__})" for n, c in assignments.items() if technique_for(c).needs_data(c)]
         if needy:
@@ -97,6 +99,8 @@ def recipe_passes(model: nn.Module, recipe, batches: list, data: bool = True):
         if id(tech) not in candidates:
             candidates[id(tech)] = tech.candidates(captured)
         specs[name] = candidates[id(tech)][name]
+        if tech.rebuilds_linears:
+            check_no_grids(model, name, type(cfg).__name__)
         tech.check(cfg, model, name, specs[name])
     targets = {n: (c, captured.sites[n]) for n, c in linears.items()} | {n: (c, specs[n]) for n, c in modules.items()}
     needs: dict[str, dict] = {}
@@ -141,6 +145,7 @@ def plan_passes(model: nn.Module, plan, strict: bool = True):
             raise PlanError(f"{name}: plan expects [{site.out_features}, {site.in_features}], "
                             f"model has {list(weight.shape)}")
         check_finite(name, weight)
+        check_quantizable(model, name, config, site.in_features)
         _check_fingerprint(name, fingerprint(weight), prints, strict)
     for name, config in modules.items():
         try:

@@ -12,6 +12,13 @@ Seed 003 §2 proves why this is the OBS update (Lemma 1) with the Cholesky simpl
 (H_jj = 0) get H_jj = 1 and their weights are zeroed, then lambda*I with lambda = damp*mean(diag H)
 is added (`dampen`).
 
+Quantization (seed 001 "Joint Sparsification and Quantization"; seed 000's OBS for quantization,
+e_i^T dW + (W_i - Q(W_i)) = 0): with `bits`, each kept weight of column j is rounded to its group's
+grid (prune/quantize.py) in the same sweep and its error (W_j - Q(W_j)) / U_jj is fed forward
+like a pruning error: E[:, j-i] <- (W[:, j] - M[:, j] * Q(W[:, j])) / U_jj. A group's scale and
+zero point are taken when the sweep reaches its first column, from its kept weights as updated
+so far (GPTQ's grid, mask-aware). sparsity = 0 with `bits` is GPTQ.
+
 Mask-count rule (unstructured): each mask block of B_s consecutive columns (the last one may be
 narrower, width b) prunes exactly floor(sparsity * rows * b) entries, chosen over all rows of the
 block. N:M: at every column j with j mod M = 0, each row keeps the N largest w^2/U_cc^2 of
@@ -22,11 +29,13 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import CalibrationError, RecipeError
 from .masks import check_nm_width, check_sparsity, nm_mask, parse_pattern, unstructured_mask
+from .quantize import QuantGrid, check_quant, grid_params, make_grid, quantize_codes
 
 MAX_DAMP = 1.0  # the largest relative damping tried before giving up on Cholesky
 
@@ -146,10 +155,38 @@ def _check_blocks(blocksize: int, mask_blocksize: int | None, nm: tuple[int, int
     return blocksize, bs
 
 
+@dataclass
+class _Quant:
+    """The quantization state of one sweep: bits, group width, and per group (scale, zero) and codes."""
+
+    bits: int
+    group: int
+    sym: bool
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    codes: torch.Tensor
+
+
+def _pruned_ahead(W1: torch.Tensor, U1: torch.Tensor, d: torch.Tensor, keep: torch.Tensor, j0: int,
+                  nm: tuple[int, int] | None) -> torch.Tensor:
+    """A quantization group's weights after the pruning-only sweep of its columns (their OBS updates
+    applied, no rounding), so its grid covers where the kept weights move rather than where they
+    start (fewer clamped codes). N:M masks of the group are chosen here as the sweep will choose them."""
+    W1 = W1.clone()
+    zero = torch.zeros((), dtype=W1.dtype, device=W1.device)
+    for c in range(W1.shape[1]):
+        if nm is not None and (j0 + c) % nm[1] == 0:
+            keep[:, c:c + nm[1]] = nm_mask(W1[:, c:c + nm[1]] ** 2 / d[c:c + nm[1]] ** 2, *nm)
+        err = torch.where(keep[:, c], zero, W1[:, c] / U1[c, c])
+        W1[:, c:] -= err[:, None] * U1[c, c:][None, :]
+    return W1
+
+
 def _sweep_block(W: torch.Tensor, U: torch.Tensor, d: torch.Tensor, keep: torch.Tensor, i1: int, i2: int,
-                 sparsity: float, nm: tuple[int, int] | None, Bs: int) -> torch.Tensor:
-    """Columns i1..i2 of Algorithm 1: masks, pruning errors, in-block OBS updates. Writes W[:, i1:i2]
-    and keep in place; returns the block's errors E for the lazy update of the later columns."""
+                 sparsity: float, nm: tuple[int, int] | None, Bs: int, quant: _Quant | None = None) -> torch.Tensor:
+    """Columns i1..i2 of Algorithm 1: masks, pruning (and quantization) errors, in-block OBS updates.
+    Writes W[:, i1:i2] and keep in place; returns the block's errors E for the lazy update of the
+    later columns."""
     cols = W.shape[1]
     W1 = W[:, i1:i2].clone()
     E = torch.zeros_like(W1)
@@ -167,9 +204,26 @@ def _sweep_block(W: torch.Tensor, U: torch.Tensor, d: torch.Tensor, keep: torch.
             # previous blocks' lazy updates have been applied
             blk = W1[:, c:c + (jb - j)] if jb <= i2 else W[:, j:jb]
             keep[:, j:jb] = unstructured_mask(blk ** 2 / d[j:jb] ** 2, sparsity, per_row=False)
-        # pruning error of column j, frozen (zero) where the weight is kept
-        err = torch.where(keep[:, j], zero, W1[:, c] / U1[c, c])
+        w = W1[:, c]
+        if quant is None:
+            target = torch.where(keep[:, j], w, zero)  # pruned -> 0, kept frozen
+        else:
+            g = j // quant.group
+            if j % quant.group == 0:  # a new group: its grid from its kept weights
+                jg = j + quant.group
+                if jg <= i2:  # as they will be once this group's pruning errors are fed forward
+                    grp = _pruned_ahead(W1[:, c:jg - i1], U1[c:jg - i1, c:jg - i1], d[j:jg], keep[:, j:jg], j, nm)
+                else:  # a group wider than the block: as updated so far
+                    grp = torch.cat((W1[:, c:], W[:, i2:jg]), dim=1)
+                grp = torch.where(keep[:, j:jg], grp, zero)
+                quant.scales[:, g], quant.zeros[:, g] = grid_params(grp, quant.bits, quant.sym)
+            scale, zp = quant.scales[:, g], quant.zeros[:, g]
+            code = torch.where(keep[:, j], quantize_codes(w, scale, zp, quant.bits), zp)
+            quant.codes[:, j] = code
+            target = scale * (code - zp)  # Q(w) where kept, exactly 0 where pruned (code = zero point)
+        err = (w - target) / U1[c, c]  # pruning (and quantization) error of column j
         W1[:, c:] -= err[:, None] * U1[c, c:][None, :]
+        W1[:, c] = target  # exact (the update gives it up to rounding)
         E[:, c] = err
     W[:, i1:i2] = W1
     return E
@@ -177,12 +231,17 @@ def _sweep_block(W: torch.Tensor, U: torch.Tensor, d: torch.Tensor, keep: torch.
 
 def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float = 0.5, pattern: str | None = None,
               blocksize: int = 128, damp: float = 0.01, mask_blocksize: int | None = None,
-              name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
+              name: str = "weight", bits: int | None = None, group_size: int | None = 128, sym: bool = False):
     """Prune `weight` [out, in] with SparseGPT given its Hessian [in, in] (X^T X; any positive scale).
 
     Returns (new_weight, keep_mask): new_weight has the weight's dtype/device and is exactly zero
     wherever keep_mask (bool, [out, in]) is False. `sparsity` is ignored for an "N:M" pattern.
     `name` (the layer) only appears in warnings.
+
+    With `bits` (2, 3, 4 or 8) the kept weights are also quantized in the same sweep, per group of
+    `group_size` inputs (None: one group per row), asymmetric unless `sym`; returns (new_weight,
+    keep_mask, grid) where new_weight = grid.dequantize() (prune/quantize.QuantGrid). sparsity=0
+    with bits is GPTQ (`gptq`).
     """
     check_hessian(weight, hessian, "SparseGPT")
     nm = parse_pattern(pattern)
@@ -194,7 +253,13 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float = 0.5
     if not isinstance(damp, (int, float)) or not math.isfinite(damp) or damp < 0:
         raise RecipeError(f"SparseGPT damp must be a finite number >= 0, got {damp!r}")
     B, Bs = _check_blocks(blocksize, mask_blocksize, nm)
-    if nm is None and sparsity == 0:
+    quant = None
+    if bits is not None:
+        g = check_quant(bits, group_size, cols, name)
+        quant = _Quant(bits, g, sym, *(torch.zeros(rows, cols // g, dtype=torch.float32 if weight.dtype != torch.float64
+                                                    else torch.float64, device=weight.device) for _ in range(2)),
+                       torch.zeros(rows, cols, dtype=torch.uint8, device=weight.device))
+    elif nm is None and sparsity == 0:
         return weight.detach().clone(), torch.ones(rows, cols, dtype=torch.bool, device=weight.device)
 
     cdtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -207,9 +272,20 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float = 0.5
     for i1 in range(0, cols, B):
         i2 = min(i1 + B, cols)
         with single_thread():
-            E = _sweep_block(W, U, d, keep, i1, i2, sparsity, nm, Bs)
+            E = _sweep_block(W, U, d, keep, i1, i2, sparsity, nm, Bs, quant)
         if i2 < cols:
             W[:, i2:] -= E @ U[i1:i2, i2:]  # lazy batch update of all later columns
 
-    W[~keep] = 0
-    return W.to(weight.dtype), keep
+    if quant is None:
+        W[~keep] = 0
+        return W.to(weight.dtype), keep
+    grid = make_grid(quant.codes, quant.scales, quant.zeros, bits, quant.group, sym)
+    return grid.dequantize().to(weight.dtype), keep, grid
+
+
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size: int | None = 128, sym: bool = False,
+         blocksize: int = 128, damp: float = 0.01, name: str = "weight") -> tuple[torch.Tensor, QuantGrid]:
+    """GPTQ (seed 000's OBS for quantization, in SparseGPT's sweep with no pruning) -> (weight, grid)."""
+    new, _, grid = sparsegpt(weight, hessian, 0.0, None, blocksize=blocksize, damp=damp, name=name, bits=bits,
+                             group_size=group_size, sym=sym)
+    return new, grid

@@ -4,6 +4,7 @@ from .cats import CATSConfig, CATSMLP
 from .layer_drop import LayerDropConfig
 from .moe import MoEConfig, MoEMLP, SparseMoEConfig, moe_load_balance
 from .pruning import MagnitudeConfig, OBSConfig, PruningConfig, SparseGPTConfig, WandaConfig
+from .quantization import GPTQConfig, RTNConfig
 from .structured import StructuredConfig
 
-__all__ = ["AttentionSinkConfig", "SlidingWindowConfig", "CATSConfig", "CATSMLP", "LayerDropConfig", "MagnitudeConfig", "MoEConfig", "MoEMLP", "OBSConfig", "PruningConfig", "SparseGPTConfig", "SparseMoEConfig", "StructuredConfig", "WandaConfig", "moe_load_balance"]
+__all__ = ["AttentionSinkConfig", "GPTQConfig", "RTNConfig", "SlidingWindowConfig", "CATSConfig", "CATSMLP", "LayerDropConfig", "MagnitudeConfig", "MoEConfig", "MoEMLP", "OBSConfig", "PruningConfig", "SparseGPTConfig", "SparseMoEConfig", "StructuredConfig", "WandaConfig", "moe_load_balance"]

@@ -79,9 +79,10 @@ class Technique:
         """Names of the parameters `apply` changes (saved first, so a failure can be undone)."""
         return [site.param]
 
-    def apply(self, config: SparsityConfig, model, site, decision: dict[str, torch.Tensor]) -> None:
+    def apply(self, config: SparsityConfig, model, site, decision: dict[str, torch.Tensor], tx=None) -> None:
         """Default for weight techniques: copy an updated weight if given, then zero the pruned
-        entries of the site's weight (viewed as [out, in], modified in place)."""
+        entries of the site's weight (viewed as [out, in], modified in place). The caller saved the
+        `touches` parameters; other changes are recorded in `tx` (a Transaction) for their undo."""
         weight = site.weight(model)
         if "weight" in decision:
             weight.copy_(decision["weight"].to(weight.dtype))

@@ -17,6 +17,7 @@ from ..errors import RecipeError
 from ..prune import magnitude, obs, sparsegpt, wanda
 from ..prune.masks import check_nm_width, check_sparsity, parse_pattern
 from ..prune.permute import find_permutation, nm_retained
+from .quantization import QuantFields, attach_grid, grid_decision
 
 
 @dataclass(frozen=True)
@@ -63,14 +64,21 @@ class WandaConfig(PruningConfig):
 @dataclass(frozen=True)
 class SparseGPTConfig(PruningConfig):
     """SparseGPT Algorithm 1 (seed 000): OBS updates with lazy blocks of `blocksize` columns and
-    adaptive masks every `mask_blocksize` columns (default: blocksize); damping `damp`·mean(diag H)."""
+    adaptive masks every `mask_blocksize` columns (default: blocksize); damping `damp`·mean(diag H).
+    With `bits` (2, 3, 4, 8) the kept weights are quantized in the same sweep (seed 001's joint
+    sparsification and quantization), per `group_size` inputs (None: per row), `sym` grid or not."""
 
     blocksize: int = 128
     mask_blocksize: int | None = None
     damp: float = 0.01
+    bits: int | None = None
+    group_size: int | None = 128
+    sym: bool = False
 
     def validate(self) -> None:
         super().validate()
+        if self.bits is not None:
+            QuantFields.check_quant_fields(self)
         if self.blocksize < 1 or (self.mask_blocksize is not None and self.mask_blocksize < 1):
             raise RecipeError("blocksize and mask_blocksize must be positive")
         if not 0 <= self.damp < 1:
@@ -131,7 +139,7 @@ class _Pruning(Technique):
             return [site.param]
         return [site.param] + [name for name, _ in site.feeders]
 
-    def apply(self, config, model, site, decision):
+    def apply(self, config, model, site, decision, tx=None):
         if "perm" in decision:
             perm = decision["perm"].to(torch.long)
             for name, transposed in site.feeders:  # feeders' output channels follow the permutation
@@ -140,7 +148,7 @@ class _Pruning(Technique):
                 view.copy_(view[perm].clone())
             w = site.weight(model)
             w.copy_(w[:, perm].clone())
-        super().apply(config, model, site, decision)
+        super().apply(config, model, site, decision, tx)
 
 
 def permute_stats(stats: dict, perm: torch.Tensor) -> dict:
@@ -179,10 +187,15 @@ class _HessianPruning(_Pruning):
 @register_technique(SparseGPTConfig)
 class SparseGPT(_HessianPruning):
     def select(self, config, site, weight, stats):
-        new, mask = sparsegpt(weight, stats["hessian"].matrix().to(weight.device), config.sparsity, config.pattern,
-                              blocksize=config.blocksize, damp=config.damp, mask_blocksize=config.mask_blocksize,
-                              name=site.name)
-        return {"weight": new, "mask": mask}
+        out = sparsegpt(weight, stats["hessian"].matrix().to(weight.device), config.sparsity, config.pattern,
+                        blocksize=config.blocksize, damp=config.damp, mask_blocksize=config.mask_blocksize,
+                        name=site.name, bits=config.bits, group_size=config.group_size, sym=config.sym)
+        decision = {"weight": out[0], "mask": out[1]}
+        return decision if config.bits is None else decision | grid_decision(out[2])
+
+    def apply(self, config, model, site, decision, tx=None):
+        super().apply(config, model, site, decision, tx)
+        attach_grid(config, model, site, decision, tx)
 
 
 @register_technique(OBSConfig)

@@ -36,6 +36,9 @@ class ModuleRewrite(Technique):
     first: bool = False
     #: rewrites of one stage run in increasing order
     order: int = 0
+    #: replaces the module's linears by new ones (shrunk, split): refused on quantized linears,
+    #: whose grids the new ones would not carry
+    rebuilds_linears: bool = False
 
     def compile_error(self, config: SparsityConfig) -> str | None:
         return super().compile_error(config) or f"{type(config).__name__} replaces modules, which torch.compile cannot do"

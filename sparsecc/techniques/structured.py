@@ -120,6 +120,7 @@ def _count(config: StructuredConfig, spec, units: int) -> tuple[int, int, str, s
 class StructuredTechnique(ModuleRewrite):
     what = "MLP (gated or plain) or attention module with separate q/k/v/o projections"
     order = 10  # before the other MLP rewrites
+    rebuilds_linears = True
 
     def needs(self, config):
         needs = ("unit_relevance",) if config.score == "bonsai" else ()

@@ -153,6 +153,7 @@ def _float_masks(out):
 
 UP = "model.layers.0.mlp.up_proj.weight"
 IX = UP + ".index"
+Q = "model.layers.0.self_attn.q_proj.weight"  # 50% unstructured (Wanda): a bitmask when compressed
 
 
 def test_weights_edited_after_saving_are_detected(pruned, tmp_path):
@@ -176,12 +177,14 @@ def _flip_bit(file, name):
     file.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("file, name", [("model.safetensors", "model.norm.weight"), (checkpoint.MASKS, UP),
-                                        (checkpoint.NM, UP + ".values"), (checkpoint.NM, UP + ".index")])
-def test_a_flipped_bit_is_reported_naming_the_tensor(pruned, tmp_path, make_model, state_tools, file, name):
+@pytest.mark.parametrize("file, name, compressed", [
+    ("model.safetensors", "model.norm.weight", True), (checkpoint.MASKS, UP, False),
+    (checkpoint.PACKED, UP + ".values", True), (checkpoint.PACKED, UP + ".index", True),
+    (checkpoint.PACKED, Q + ".values", True), (checkpoint.PACKED, Q + ".bitmask", True)])
+def test_a_flipped_bit_is_reported_naming_the_tensor(pruned, tmp_path, make_model, state_tools, file, name, compressed):
     snapshot, same_state = state_tools
     m, report = pruned()
-    out = sparsecc.save_pruned(m, tmp_path / "c", report, compress=True)
+    out = sparsecc.save_pruned(m, tmp_path / "c", report, compress=compressed)
     _flip_bit(out / file, name)
     msg = f"checkpoint tensor '{name}' changed since it was saved"
     with pytest.raises(sparsecc.PlanError, match=msg):
@@ -212,7 +215,7 @@ def _llama(**widths):
     (lambda out: (_ones_up_proj(out), _strip_hashes(out)), {}, "nonzero weights where its mask prunes"),
     (_ones_up_proj, {}, "sha256 mismatch"),
     (lambda out: None, {"intermediate_size": 96}, r"gate_proj.weight.* is \[128, 64\]; the model has \[96, 64\]"),
-    (lambda out: (_float_masks(out), _strip_hashes(out)), {}, f"mask '{UP}' is torch.float32; expected torch.bool"),
+    (lambda out: (_float_masks(out), _strip_hashes(out)), {}, f"mask '{UP}' is torch.float32 .*expected torch.uint8"),
 ], ids=["tampered", "tampered-hashed", "other-width", "float-mask"])
 def test_failed_load_into_a_model_leaves_it_unchanged(pruned, tmp_path, state_tools, damage, model, match):
     snapshot, same_state = state_tools
@@ -243,17 +246,36 @@ def test_malformed_metadata_gets_clear_errors(pruned, tmp_path, fields, match):
         sparsecc.load_pruned(out)
 
 
-@pytest.mark.parametrize("damage, match", [
-    (_float_masks, f"mask '{UP}' is torch.float32; expected torch.bool"),
-    (lambda out: _edit_tensors(out / checkpoint.MASKS, lambda s: s.update({UP: s[UP][:3]})),
-     f"mask '{UP}' \\[3, 64\\] does not fit"),
-    (lambda out: _edit_tensors(out / checkpoint.NM, lambda s: s.update({IX: s[IX].long()})), "index.*uint8"),
-    (lambda out: _edit_tensors(out / checkpoint.NM, lambda s: s.update({IX: s[IX][:, :3].contiguous()})),
-     "index.*shape"),
-], ids=["float-mask", "short-mask", "index-dtype", "index-shape"])
-def test_malformed_tensors_get_clear_errors(pruned, tmp_path, damage, match):
+def _edit_mask_shape(out, shape):
+    meta = json.loads((out / checkpoint.META).read_text())
+    meta["masks"][UP] = shape
+    (out / checkpoint.META).write_text(json.dumps(meta))
+
+
+P = checkpoint.PACKED
+
+
+@pytest.mark.parametrize("compressed, damage, match", [
+    (False, _float_masks, f"mask '{UP}' is torch.float32 \\[128, 8\\]; expected torch.uint8 \\[128, 8\\]"),
+    (False, lambda out: _edit_tensors(out / checkpoint.MASKS, lambda s: s.update({UP: s[UP][:3]})),
+     f"mask '{UP}' is torch.uint8 \\[3, 8\\]; expected torch.uint8 \\[128, 8\\]"),
+    (False, lambda out: _edit_mask_shape(out, [128, 60]), f"mask '{UP}' \\[128, 60\\] does not fit the model"),
+    (False, lambda out: _edit_tensors(out / checkpoint.MASKS, lambda s: s.pop(UP)), f"lacks the mask of '{UP}'"),
+    (False, lambda out: _edit_tensors(out / checkpoint.MASKS, lambda s: s.update(x=s[UP].clone())), "holds 'x'.*does not list"),
+    (True, lambda out: _edit_tensors(out / P, lambda s: s.update({IX: s[IX].long()})), "index.*uint8"),
+    (True, lambda out: _edit_tensors(out / P, lambda s: s.update({IX: s[IX][:, :3].contiguous()})), "index.*shape"),
+    (True, lambda out: _edit_tensors(out / P, lambda s: s.pop(IX)), f"lacks '{IX}'"),
+    (True, lambda out: _edit_tensors(out / P, lambda s: s.update({Q + ".values": s[Q + ".values"][1:]})),
+     f"compressed '{Q}': values are torch.float32 \\[\\d+\\]; expected torch.float32 \\[\\d+\\] .one per set bit"),
+    (True, lambda out: _edit_tensors(out / P, lambda s: s.update({Q + ".values": s[Q + ".values"].double()})),
+     f"compressed '{Q}': values are torch.float64"),
+    (True, lambda out: _edit_tensors(out / P, lambda s: s.update({Q + ".bitmask": s[Q + ".bitmask"][:, 1:].contiguous()})),
+     "bit-packed mask of 64 columns must be uint8 \\[rows, 8\\]"),
+], ids=["float-mask", "short-mask", "mask-shape", "no-mask", "stray-mask", "index-dtype", "index-shape", "no-index",
+        "short-values", "values-dtype", "bitmask-shape"])
+def test_malformed_tensors_get_clear_errors(pruned, tmp_path, compressed, damage, match):
     m, report = pruned()
-    out = sparsecc.save_pruned(m, tmp_path / "c", report, compress=True)
+    out = sparsecc.save_pruned(m, tmp_path / "c", report, compress=compressed)
     damage(out)
     _strip_hashes(out)  # past the hashes, to the checks of what the tensors hold
     with pytest.raises(sparsecc.PlanError, match=match):

@@ -70,7 +70,7 @@ def test_the_report_names_what_the_ops_run(monkeypatch):
     """Every sparsecc op is registered, and the report names the very functions dispatch calls."""
     ops = {name.split("::")[1] for name in torch._C._dispatch_get_all_op_names() if name.startswith("sparsecc::")}
     assert ops == set(WAYS) == {"nm_linear", "csr_linear", "csr_linear_grad", "cats_mlp", "window_attention",
-                                "moe_ffn", "moe_ffn_backward"}
+                                "moe_ffn", "moe_ffn_backward", "quant_linear"}
     monkeypatch.setattr(dispatch, "tuning_enabled", lambda device: True)
     for op, ways in WAYS.items():
         for mode, gpu in (("triton", False), ("reference", True), ("auto", False)):

@@ -180,7 +180,7 @@ def test_pack_refuses_and_changes_nothing(make_model, state_tools):
     kinds = lambda: {n: type(mod) for n, mod in model.named_modules()}  # noqa: E731
     before = kinds()
     for fmt in ("int8", "NM", None, 2):
-        with pytest.raises(sparsecc.RecipeError, match="format must be one of 'auto', 'nm', 'csr', got"):
+        with pytest.raises(sparsecc.RecipeError, match="format must be one of 'auto', 'nm', 'csr', 'quant', got"):
             sparsecc.pack_(model, fmt)
     with pytest.raises(sparsecc.RecipeError, match="pattern='2:4' is for format='nm' or 'auto'"):
         sparsecc.pack_(model, "csr", pattern="2:4")

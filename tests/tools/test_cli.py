@@ -53,7 +53,9 @@ def test_prune_then_eval(model_dir, texts, tmp_path, capsys):
     report = json.loads((tmp_path / "r.json").read_text())
     assert len(report["rows"]) == 14 and report["setup"]["nsamples"] == 8
     loaded, meta = sparsecc.load_pruned(out)
-    assert set(meta["compressed"]) == {f"model.layers.{i}.mlp.down_proj.weight" for i in range(2)}
+    assert {k for k, e in meta["compressed"].items() if e["layout"] == "nm"} == \
+        {f"model.layers.{i}.mlp.down_proj.weight" for i in range(2)}
+    assert "pruned linears" in stdout
     w = loaded.get_parameter("model.layers.0.mlp.down_proj.weight")
     assert torch.equal((w.reshape(w.shape[0], -1, 4) != 0).sum(-1).clamp(max=2), (w.reshape(w.shape[0], -1, 4) != 0).sum(-1))
     assert (out / "tokenizer.json").is_file()

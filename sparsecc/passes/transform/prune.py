@@ -8,6 +8,7 @@ import warnings
 import torch
 
 from ...prune.hessian_error import relative_error
+from ...prune.quantize import grid_of
 from ...techniques.configs import technique_for
 from ..base import TransformPass
 
@@ -48,10 +49,13 @@ class ApplyRecipe(TransformPass):
             else:
                 decision = tech.plan(config, site, weight, {k: ctx.stats[k][site.name] for k in tech.needs(config)})
             ctx.tx.save(*tech.touches(config, site, decision))
-            tech.apply(config, ctx.model, site, decision)
+            tech.apply(config, ctx.model, site, decision, ctx.tx)
             ctx.decisions[site.name], ctx.configs[site.name] = decision, config
             seconds = time.perf_counter() - t0
             ctx.record(site, config, weight, seconds, error=self._error(ctx, site, before, decision))
+            grid = grid_of(ctx.model.get_submodule(site.name))
+            if grid is not None:
+                ctx.rows[-1]["quant"] = grid.describe()
             changed = True
         return changed
 

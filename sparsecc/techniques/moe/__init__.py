@@ -81,6 +81,7 @@ class MoEConfig(SparsityConfig):
 @register_technique(MoEConfig)
 class MoETechnique(ModuleRewrite):
     requires = ("router_stats",)  # router="fitted" only
+    rebuilds_linears = True
     what = "gated MLP (down(act(gate(x)) * up(x)), as in Llama or Mistral)"
     order = 25
 

@@ -60,14 +60,13 @@ from .. import __version__
 from ..techniques.configs import config_from_dict
 from ..errors import PlanError, SparseccError
 from ..codegen.bitmask import pack_bits, packed_cols, unpack_bits
-from ..prune.int_format import BITS, pack_codes, packed_width, unpack_codes
-from ..codegen.nm_format import compress as nm_compress
-from ..codegen.nm_format import decompress as nm_decompress
 from ..prune.quantize import QUANTIZED, QuantGrid, grid_of
 from ..techniques.rewrites import REWRITTEN, is_rewrite_row, restore_rewrites
 from ..techniques.structured import shrunk_config
 from ..prune.masks import parse_pattern
 from .folders import check_output_dir, writing_folder
+from .layouts import (compress_weight, entry_error, expand_weight, float_dtype, getter, grid_fields, is_shape,
+                      read_grid, weight_entry)
 from .recipes import dump_recipe
 
 FORMAT = 2
@@ -75,7 +74,6 @@ READS = (1, 2)  # format 1: bool masks, N:M weights in NM
 META, MASKS, PLAN = "sparsecc.json", "sparsecc_masks.safetensors", "plan"
 PACKED, QUANT = "sparsecc_compressed.safetensors", "sparsecc_quant.safetensors"
 NM = "sparsecc_nm.safetensors"  # format 1's compressed N:M weights
-LAYOUTS = ("nm", "bitmask", "int", "int-bitmask", "int-nm")
 
 
 def save_pruned(model: nn.Module, path, report, *, recipe=None, tokenizer=None, plan=None,
@@ -102,14 +100,14 @@ def save_pruned(model: nn.Module, path, report, *, recipe=None, tokenizer=None, 
     packed, entries = {}, {}
     if compress:
         for name, row in pruned.items():
-            entries[name], tensors = _compress(params[name], row, grids.get(name))
+            entries[name], tensors = compress_weight(params[name], row, grids.get(name))
             packed |= {f"{name}.{k}": v.contiguous() for k, v in tensors.items()}
     masks = {name: pack_bits((params[name].detach() != 0).cpu()) for name in pruned if name not in entries}
     quant, quant_meta = {}, {}
     for name, grid in grids.items():
         if name not in entries:  # the grid beside the dequantized weight, so it survives the round trip
             quant |= {f"{name}.{k}": getattr(grid, k).contiguous() for k in ("codes", "scales", "zeros")}
-            quant_meta[name] = _entry(params[name], pruned[name]) | _grid_fields(grid)
+            quant_meta[name] = weight_entry(params[name], pruned[name]) | grid_fields(grid)
     meta = {"format": FORMAT, "sparsecc": __version__, "torch": torch.__version__,
             "model_class": type(model).__name__, "recipe": dump_recipe(recipe) if recipe is not None else None,
             "rows": report.rows, "setup": report.setup, "compressed": entries, "quantized": quant_meta,
@@ -137,21 +135,6 @@ def save_pruned(model: nn.Module, path, report, *, recipe=None, tokenizer=None, 
         meta["size"] = _size(tmp, meta)
         (tmp / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
     return path
-
-
-def _entry(p: torch.Tensor, row: dict) -> dict:
-    """What every stored form records: the [out, in] shape, the dtype, whether the parameter is [in, out]."""
-    transposed = bool(row.get("transposed"))
-    return {"shape": list(p.shape[::-1] if transposed else p.shape), "dtype": _dtype_name(p.dtype),
-            "transposed": transposed}
-
-
-def _grid_fields(grid: QuantGrid) -> dict:
-    return {"bits": grid.bits, "group_size": grid.group_size, "sym": bool(grid.sym)}
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _checked_grid(model: nn.Module, row: dict, p: torch.Tensor) -> QuantGrid | None:
@@ -182,47 +165,6 @@ def _checked_grid(model: nn.Module, row: dict, p: torch.Tensor) -> QuantGrid | N
                         "after quantizing; quantize it again (or drop the grid: "
                         f"del module.__dict__[{QUANTIZED!r}]) before saving")
     return grid
-
-
-def _compress(p: torch.Tensor, row: dict, grid: QuantGrid | None) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(sparsecc.json entry, tensors) of one weight stored compressed, in [out, in] orientation."""
-    entry = _entry(p, row)
-    nm = parse_pattern((row.get("config") or {}).get("pattern"))
-    if grid is None:
-        w = p.detach().cpu()
-        w = w.t() if entry["transposed"] else w
-        if nm is not None:  # _check_row made sure it is N:M
-            values, index = nm_compress(w, *nm)
-            return entry | {"layout": "nm", "n": nm[0], "m": nm[1]}, {"values": values, "index": index}
-        keep = w != 0
-        return entry | {"layout": "bitmask"}, {"values": w[keep], "bitmask": pack_bits(keep)}
-    entry |= _grid_fields(grid)
-    rows, cols = entry["shape"]
-    codes = grid.unpacked()
-    keep = codes != grid.zeros.repeat_interleave(grid.group_size, dim=1)  # code == zero point: exactly 0
-    base = {"scales": grid.scales, "zeros": grid.zeros}
-    if nm is not None and _fits_nm(keep, *nm):  # the N kept codes of each group + their positions
-        n, m = nm
-        _, index = nm_compress(keep.to(torch.uint8), n, m)
-        sel = _nm_selected(index, rows, cols, n, m)
-        kept = codes[sel].reshape(rows, cols * n // m)
-        return entry | {"layout": "int-nm", "n": n, "m": m}, base | {"codes": pack_codes(kept, grid.bits), "index": index}
-    nnz = int(keep.sum())
-    if packed_width(grid.bits, nnz) + rows * packed_cols(cols) < rows * packed_width(grid.bits, cols):
-        kept = pack_codes(codes[keep][None], grid.bits)  # one row: the kept codes in row-major order
-        return entry | {"layout": "int-bitmask"}, base | {"codes": kept, "bitmask": pack_bits(keep)}
-    return entry | {"layout": "int"}, base | {"codes": grid.codes}
-
-
-def _fits_nm(keep: torch.Tensor, n: int, m: int) -> bool:
-    rows, cols = keep.shape
-    return cols % m == 0 and (keep.numel() == 0 or int(keep.reshape(rows, -1, m).sum(-1).max()) <= n)
-
-
-def _nm_selected(index: torch.Tensor, rows: int, cols: int, n: int, m: int) -> torch.Tensor:
-    """bool [rows, cols]: the positions a packed N:M index selects (N per group, in row-major order)."""
-    ones = torch.ones(rows, cols * n // m, dtype=torch.uint8)
-    return nm_decompress(ones, index, n, m, cols).bool()
 
 
 def _check_rewrite_row(row: dict, model: nn.Module) -> None:
@@ -351,7 +293,7 @@ def _check_meta(meta: dict, file: Path) -> None:
         for key, ok in (("module", isinstance(row.get("module"), str)),
                         ("param", row.get("param") is None or isinstance(row["param"], str)),
                         ("config", isinstance(row.get("config"), dict)),
-                        ("shape", row.get("shape") is None or _is_shape(row["shape"])),
+                        ("shape", row.get("shape") is None or is_shape(row["shape"])),
                         ("transposed", isinstance(row.get("transposed", False), bool)),
                         ("sparsity", type(row.get("sparsity", 0.0)) in (int, float))):
             if not ok:
@@ -367,54 +309,19 @@ def _check_meta(meta: dict, file: Path) -> None:
                     and ints[2] % ints[1] == 0 and isinstance(info.get("transposed"), bool)):
                 raise bad(f"compressed[{name!r}] must be {{n, m, in_features, transposed}} of an N:M weight, "
                           f"not {info!r}")
-        elif (why := _bad_entry(info, compressed=True)) is not None:
+        elif (why := entry_error(info, compressed=True)) is not None:
             raise bad(f"compressed[{name!r}] {why}")
     for name, info in meta.get("quantized", {}).items():
-        if (why := _bad_entry(info, compressed=False)) is not None:
+        if (why := entry_error(info, compressed=False)) is not None:
             raise bad(f"quantized[{name!r}] {why}")
     for name, shape in meta.get("masks", {}).items():
-        if not _is_shape(shape):
+        if not is_shape(shape):
             raise bad(f"masks[{name!r}] must be the [rows, cols] of its parameter, not {shape!r}")
     for fname, table in meta.get("sha256", {}).items():
         if not (isinstance(fname, str) and fname.endswith(".safetensors") and Path(fname).name == fname
                 and fname not in (".", "..") and isinstance(table, dict)
                 and all(isinstance(v, str) and len(v) == 64 for v in table.values())):
             raise bad("'sha256' must map safetensors files of the folder to {tensor: sha256 hex digest}")
-
-
-def _bad_entry(info, compressed: bool) -> str | None:
-    """What is wrong with a format-2 "compressed" (or "quantized") entry, None if nothing."""
-    if not isinstance(info, dict):
-        return f"must be a dict, not {type(info).__name__}"
-    shape, layout = info.get("shape"), info.get("layout") if compressed else "int"
-    if layout not in LAYOUTS:
-        return f"has layout {layout!r}; expected one of {', '.join(LAYOUTS)}"
-    if not _is_shape(shape):
-        return f"has a bad 'shape' {shape!r} (expected [out, in])"
-    if not isinstance(info.get("transposed"), bool):
-        return f"has a bad 'transposed' {info.get('transposed')!r}"
-    if not isinstance(info.get("dtype"), str) or not _float_dtype(info["dtype"]):
-        return f"has dtype {info.get('dtype')!r}; expected a floating-point torch dtype such as 'float32'"
-    if layout.endswith("nm"):
-        n, m = info.get("n"), info.get("m")
-        if not (type(n) is int and type(m) is int and 0 < n <= m <= 256 and shape[1] % m == 0):
-            return f"must have N:M ints n <= m <= 256 with m dividing the width {shape[1]}, not n={n!r}, m={m!r}"
-    if layout.startswith("int"):
-        bits, g, sym = info.get("bits"), info.get("group_size"), info.get("sym")
-        if bits not in BITS or type(bits) is not int:
-            return f"has bits {bits!r}; expected one of {', '.join(map(str, BITS))}"
-        if not (type(g) is int and g > 0 and shape[1] % g == 0) or not isinstance(sym, bool):
-            return f"must have a group_size dividing the width {shape[1]} and a bool sym, not {g!r}, {sym!r}"
-    return None
-
-
-def _float_dtype(name: str) -> torch.dtype | None:
-    dtype = getattr(torch, name, None)
-    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
-
-
-def _is_shape(shape) -> bool:
-    return isinstance(shape, list) and len(shape) == 2 and all(type(v) is int and v >= 0 for v in shape)
 
 
 def load_pruned(path, model: nn.Module | None = None):
@@ -435,7 +342,7 @@ def load_pruned(path, model: nn.Module | None = None):
     _no_strays(packed_file, packed, compressed)
     state, grids = {}, {}
     for name, info in compressed.items():
-        state[name], grid = _expand(packed_file, name, info, packed)
+        state[name], grid = expand_weight(packed_file, name, info, packed)
         if grid is not None:
             grids[name] = grid
     quantized = meta.get("quantized", {})
@@ -444,7 +351,7 @@ def load_pruned(path, model: nn.Module | None = None):
     kept = {}  # grids kept beside dense weights
     for name, info in quantized.items():
         try:
-            kept[name] = _grid(info, _getter(path / QUANT, name, quant))[0]
+            kept[name] = read_grid(info, getter(path / QUANT, name, quant))[0]
         except PlanError as e:
             raise PlanError(f"quantized {name!r}: {e}; re-save the checkpoint") from None
     file = path / "model.safetensors"
@@ -477,7 +384,7 @@ def load_pruned(path, model: nn.Module | None = None):
                             "modified after saving")
     for name, grid in kept.items():  # a grid kept beside a dense weight must give exactly that weight
         p, info = state.get(name, own.get(name)), quantized[name]
-        w = grid.dequantize().to(_float_dtype(info["dtype"]))
+        w = grid.dequantize().to(float_dtype(info["dtype"]))
         w = w.t() if info["transposed"] else w
         if p is None or p.shape != w.shape or not torch.equal(p.detach().cpu(), w):
             raise PlanError(f"{name!r} does not equal the values of its quantization grid in {QUANT}: the checkpoint "
@@ -527,7 +434,7 @@ def _size(path: Path, meta: dict) -> dict:
         if info is None:
             return sizes.get("model.safetensors", {}).get(name, 0)
         if "shape" in info:
-            return math.prod(info["shape"]) * _float_dtype(info["dtype"]).itemsize
+            return math.prod(info["shape"]) * float_dtype(info["dtype"]).itemsize
         return sizes[NM][f"{name}.values"] * info["m"] // info["n"]  # format 1: the kept values are N/M of it
 
     linears = {r["param"] for r in meta.get("rows", []) if r.get("param")}
@@ -570,77 +477,6 @@ def _no_strays(file: Path, tensors: dict, entries: dict) -> None:
     for key in tensors:
         if key not in entries and key.rpartition(".")[0] not in entries:
             raise PlanError(f"{str(file)!r} holds {key!r}, which sparsecc.json does not list; re-save the checkpoint")
-
-
-def _getter(file: Path, name: str, tensors: dict[str, torch.Tensor]):
-    def get(key: str) -> torch.Tensor:
-        try:
-            return tensors[f"{name}.{key}"]
-        except KeyError:
-            raise PlanError(f"{str(file)!r} lacks {f'{name}.{key}'!r}") from None
-    return get
-
-
-def _expand(file: Path, name: str, info: dict, tensors: dict[str, torch.Tensor]):
-    """(dense weight as the model stores it, QuantGrid or None) of a compressed parameter."""
-    get = _getter(file, name, tensors)
-    layout = info.get("layout", "nm")  # format 1: N:M only, no shape or dtype recorded
-    rows, cols = info["shape"] if "shape" in info else (None, info["in_features"])
-    dtype = _float_dtype(info["dtype"]) if "dtype" in info else None
-    grid = None
-    try:
-        if layout.startswith("int"):
-            grid, w = _grid(info, get)
-        elif layout == "nm":
-            values = get("values")
-            if values.dim() != 2 or not values.is_floating_point() or dtype not in (None, values.dtype):
-                raise PlanError(f"values are {values.dtype} {list(values.shape)}; expected a 2-D "
-                                f"{dtype or 'floating-point'} tensor")
-            w = nm_decompress(values, get("index"), info["n"], info["m"], cols)
-        else:  # bitmask
-            values, keep = get("values"), unpack_bits(get("bitmask"), cols)
-            if values.dtype != dtype or values.dim() != 1 or values.numel() != int(keep.sum()):
-                raise PlanError(f"values are {values.dtype} {list(values.shape)}; expected {dtype} "
-                                f"[{int(keep.sum())}] (one per set bit of the bitmask)")
-            w = torch.zeros(keep.shape, dtype=dtype)
-            w[keep] = values
-        if rows is not None and list(w.shape) != [rows, cols]:
-            raise PlanError(f"it unpacks to {list(w.shape)}, not the recorded {[rows, cols]}")
-    except PlanError as e:
-        raise PlanError(f"compressed {name!r}: {e}; re-save the checkpoint") from None
-    return (w.t() if info["transposed"] else w), grid
-
-
-def _grid(info: dict, get) -> tuple[QuantGrid, torch.Tensor]:
-    """(QuantGrid, its dequantized weight [out, in] in the entry's dtype) of a quantized parameter
-    (layout "int" for a grid kept beside a dense weight)."""
-    layout, (rows, cols) = info.get("layout", "int"), info["shape"]
-    bits, g = info["bits"], info["group_size"]
-    scales, zeros = get("scales"), get("zeros")
-    want = [rows, cols // g]
-    if (scales.dtype, zeros.dtype) != (torch.float32, torch.uint8) or [list(scales.shape), list(zeros.shape)] != [want] * 2:
-        raise PlanError(f"scales {scales.dtype} {list(scales.shape)} and zeros {zeros.dtype} {list(zeros.shape)} "
-                        f"must be torch.float32 and torch.uint8 {want}")
-    if layout == "int":
-        codes = unpack_codes(get("codes"), bits, cols)
-        if codes.shape[0] != rows:
-            raise PlanError(f"codes have {codes.shape[0]} rows, not {rows}")
-    else:
-        codes = zeros.repeat_interleave(g, dim=1)  # the code of a pruned weight is its zero point
-        if layout == "int-bitmask":
-            keep = unpack_bits(get("bitmask"), cols)
-            if keep.shape[0] != rows:
-                raise PlanError(f"the bitmask has {keep.shape[0]} rows, not {rows}")
-            count = int(keep.sum())
-            codes[keep] = unpack_codes(get("codes"), bits, count).reshape(count)
-        else:  # int-nm
-            n, m = info["n"], info["m"]
-            sel = _nm_selected(get("index"), rows, cols, n, m)
-            codes[sel] = unpack_codes(get("codes"), bits, cols * n // m).reshape(-1)
-    if codes.numel() and max(int(codes.max()), int(zeros.max())) >= 2 ** bits:
-        raise PlanError(f"codes or zero points exceed {bits} bits")
-    grid = QuantGrid(bits, g, info["sym"], pack_codes(codes, bits), scales, zeros, cols)
-    return grid, grid.dequantize().to(_float_dtype(info["dtype"]))
 
 
 def _load_tensors(file: Path) -> dict[str, torch.Tensor]:

@@ -306,7 +306,10 @@ def test_demo_runs_offline_on_the_shipped_model(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("argv, match", [(["--sparsity", "1.5"], "sparsity must be in"),
-                                         (["--pattern", "4:2"], "needs 0 < N < M")])
+                                         (["--pattern", "4:2"], "needs 0 < N < M"),
+                                         (["--method", "wanda", "--bits", "4"], "use --method sparsegpt"),
+                                         (["--bits", "4", "--group-size", "0"], "must be at least 1"),
+                                         (["--bits", "5"], "invalid choice")])
 def test_demo_refuses_bad_values_before_any_work(argv, match, capsys, monkeypatch):
     import sparsecc.zoo
     monkeypatch.setattr(sparsecc.zoo, "load_model", lambda *a, **k: pytest.fail("loaded the model before checking"))

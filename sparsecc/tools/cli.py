@@ -244,6 +244,7 @@ def _benchmarks(quick: bool) -> dict:
             "plan_replay": q("--model", "tiny", "--nsamples", "16"),
             "structured_quality": q("--model", "tiny", "--nsamples", "16"),
             "layer_drop_quality": q("--model", "tiny", "--nsamples", "8", "--drop", "1"),
+            "quant_quality": q("--model", "tiny", "--nsamples", "16"),
             "e2e": q("--quick", "--models", "ref", "--threads", "1"),  # the compiled row is most of its minute
             "streaming": q("--model", "tiny", "--factor", "4", "--streams", "1"),
             **{name: q("--quick") for name in KERNEL_BENCHMARKS}}  # these: on the GPU if there is one

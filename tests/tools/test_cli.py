@@ -277,8 +277,15 @@ def test_bench_scripts_parse_their_options(script):
     assert done.returncode == 0 and "--write-results" in done.stdout, done.stderr
 
 
-@pytest.mark.parametrize("script", ["nm_linear.py", "cats_mlp.py", "window_attention.py", "moe_ffn.py", "sparse_linear.py"])
-def test_kernel_benchmarks_run_quick_and_check_their_op(script):
+def test_bench_knows_every_benchmark_script():
+    scripts = {p.stem for p in (Path(cli.__file__).resolve().parents[2] / "benchmarks").glob("*.py")} - {"results"}
+    assert scripts == set(cli._benchmarks(quick=False)) and set(cli.KERNEL_BENCHMARKS) <= scripts
+
+
+# quant_linear: torch's int4/int8 CPU kernels take x in bf16 (relative error ~3e-3)
+@pytest.mark.parametrize("script,tol", [("nm_linear.py", 1e-5), ("cats_mlp.py", 1e-5), ("window_attention.py", 1e-5),
+                                        ("moe_ffn.py", 1e-5), ("sparse_linear.py", 1e-5), ("quant_linear.py", 1e-2)])
+def test_kernel_benchmarks_run_quick_and_check_their_op(script, tol):
     """The kernel benchmarks' CPU path: each checks the op against a float64 product and prints a
     table whose last column is that relative error."""
     import os
@@ -289,7 +296,7 @@ def test_kernel_benchmarks_run_quick_and_check_their_op(script):
                           capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "0"})
     assert done.returncode == 0, done.stderr
     rows = [r for r in done.stdout.splitlines() if re.match(r"\| ([0-9]|prefill|decode)", r)]
-    assert rows and all(float(r.split("|")[-2]) < 1e-5 for r in rows), done.stdout
+    assert rows and all(float(r.split("|")[-2]) < tol for r in rows), done.stdout
     assert len(rows) == len(set(rows)), done.stdout  # each table printed once
 
 

@@ -7,14 +7,18 @@ round-to-nearest (`RTNConfig`), GPTQ (`GPTQConfig`: OBS for quantization, seed 0
 alone, and SparseGPT quantizing the kept weights in the same sweep (`SparseGPTConfig(bits=)`,
 seed 001), plus pruning followed by RTN. "bits/weight" is the storage of those linears with ideal
 packing: b bits per kept weight, 1 bit of mask per weight (unstructured) or 2 bits of index per
-kept weight (2:4), and a float32 scale plus an 8-bit zero point per group of 128. Seed 001 compares
-50% + 4-bit with 3-bit GPTQ as models of about the same size.
+kept weight (2:4), and a float32 scale plus an 8-bit zero point per group of 128. "stored" is what
+`save_pruned(compress=True)` actually writes for those linears, over their dense bytes
+(`checkpoint_size`; 2- and 3-bit codes take a nibble each there). Seed 001 compares 50% + 4-bit
+with 3-bit GPTQ as models of about the same size.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import tempfile
 import time
+from pathlib import Path
 
 import sparsecc
 from sparsecc import GPTQConfig, RTNConfig, SparseGPTConfig
@@ -57,8 +61,8 @@ def main(argv=None) -> int:
     model, _, seqlen, batches, test_ids = quality_setup(args.model, args.data_dir, args.nsamples, args.seed)
     skip = {"lm_head": None}
     dense = perplexity(model, test_ids, seqlen)
-    lines = ["| method | bits/weight | perplexity | vs dense | time |", "| --- | ---: | ---: | ---: | ---: |",
-             f"| dense fp32 | 32 | {dense:.2f} | 1.00x | - |"]
+    lines = ["| method | bits/weight | stored | perplexity | vs dense | time |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |", f"| dense fp32 | 32 | 1.00x | {dense:.2f} | 1.00x | - |"]
     print("\n" + "\n".join(lines), flush=True)
     ppl = {}
     for label, config, bpw in ROWS:
@@ -66,13 +70,17 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         if config == "then-rtn":
             sparsecc.sparsify_(m, {"default": SparseGPTConfig(0.5), **skip}, batches, progress=False)
-            # the pruned weights rounded in a second, data-free call (zero is a level: masks kept)
-            sparsecc.sparsify_(m, {"default": RTNConfig(bits=4, group_size=G), **skip}, progress=False)
+            # the pruned weights rounded in a second, data-free call (zero is a level: masks kept); its
+            # report rows count those zeros too, so they describe the whole result
+            rep = sparsecc.sparsify_(m, {"default": RTNConfig(bits=4, group_size=G), **skip}, progress=False)
         else:
-            sparsecc.sparsify_(m, {"default": config, **skip}, batches, progress=False)
+            rep = sparsecc.sparsify_(m, {"default": config, **skip}, batches, progress=False)
         seconds = time.perf_counter() - t0
+        with tempfile.TemporaryDirectory(prefix="quant-quality-") as d:
+            stored = sparsecc.checkpoint_size(sparsecc.save_pruned(m, Path(d) / "m", rep, compress=True))
         ppl[label] = perplexity(m, test_ids, seqlen)
-        lines.append(f"| {label} | {bpw:.2f} | {ppl[label]:.2f} | {ppl[label] / dense:.2f}x | {seconds:.1f} s |")
+        lines.append(f"| {label} | {bpw:.2f} | {stored['linear_ratio']:.2f}x | {ppl[label]:.2f} | "
+                     f"{ppl[label] / dense:.2f}x | {seconds:.1f} s |")
         print(lines[-1], flush=True)
     joint, fp = ppl["SparseGPT 50% + 4-bit (joint)"], ppl["SparseGPT 50%"]
     three = ppl["GPTQ 3-bit"]
@@ -80,7 +88,8 @@ def main(argv=None) -> int:
              f"Seed 001's size-equivalent pair: 50% + 4-bit ({bits_per_weight(4, 0.5, 'mask'):.2f} bits/weight) "
              f"{joint:.2f} vs 3-bit GPTQ ({bits_per_weight(3, 1.0, None):.2f}) {three:.2f}: "
              + ("the sparse 4-bit model is better" if joint < three else "3-bit GPTQ is better")
-             + " on this 4M-parameter model (the seed finds 50% + 4-bit ahead from 2.7B parameters up)."]
+             + f" on this {sum(q.numel() for q in model.parameters()) / 1e6:.1f}M-parameter model (the seed finds "
+             "50% + 4-bit ahead from 2.7B parameters up). Stored, 3-bit codes take a nibble: no smaller than 4-bit."]
     text = "\n".join(lines + [""] + notes)
     intro = (f"WikiText-2 test perplexity of the `{args.model}` zoo model (context {seqlen}); every linear but "
              f"lm_head rewritten; calibration: {args.nsamples} random training windows (seed {args.seed}); "

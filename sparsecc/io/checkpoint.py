@@ -1,7 +1,8 @@
 """Pruned checkpoints: a model folder plus what sparsecc knows about it. Never pickle.
 
     out/
-      config.json, model.safetensors, tokenizer files   `save_pretrained`
+      config.json, model.safetensors (or shards + model.safetensors.index.json, with max_shard_size),
+      tokenizer files               `save_pretrained`
       sparsecc.json                 format, versions, recipe, per-layer report, calibration setup,
                                     sha256 of every tensor in the folder's safetensors files, and
                                     "size": weight bytes vs the dense equivalent (`checkpoint_size`)
@@ -74,10 +75,11 @@ READS = (1, 2)  # format 1: bool masks, N:M weights in NM
 META, MASKS, PLAN = "sparsecc.json", "sparsecc_masks.safetensors", "plan"
 PACKED, QUANT = "sparsecc_compressed.safetensors", "sparsecc_quant.safetensors"
 NM = "sparsecc_nm.safetensors"  # format 1's compressed N:M weights
+INDEX = "model.safetensors.index.json"  # save_pretrained's map of a sharded model's weights
 
 
 def save_pruned(model: nn.Module, path, report, *, recipe=None, tokenizer=None, plan=None,
-                compress: bool = False, overwrite: bool = False) -> Path:
+                compress: bool = False, overwrite: bool = False, max_shard_size=None) -> Path:
     """Save `model` (pruned by `sparsify_`, whose `report` says what was pruned) to folder `path`.
 
     `compress=True` stores every pruned or quantized weight compressed (such a folder loads with
@@ -85,7 +87,8 @@ def save_pruned(model: nn.Module, path, report, *, recipe=None, tokenizer=None, 
     the bytes against the dense model (also `checkpoint_size(path)`). The report must be this
     model's: each row's parameter, shape, sparsity and N:M pattern are checked, and a quantized
     module's weight must still equal its grid's values, before anything is written. An existing
-    `path` is refused unless `overwrite=True`, and is only replaced once the new folder is complete."""
+    `path` is refused unless `overwrite=True`, and is only replaced once the new folder is complete.
+    `max_shard_size` (e.g. "5GB") is save_pretrained's: the model's weights in several files."""
     path = Path(path)
     check_output_dir(path, overwrite)
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -118,7 +121,8 @@ def save_pruned(model: nn.Module, path, report, *, recipe=None, tokenizer=None, 
     state = {k: torch.empty(0, dtype=v.dtype) if k in entries else v for k, v in model.state_dict().items()}
     with writing_folder(path) as tmp:
         if hasattr(model, "save_pretrained"):
-            model.save_pretrained(tmp, state_dict=state)
+            model.save_pretrained(tmp, state_dict=state,
+                                  **({} if max_shard_size is None else {"max_shard_size": max_shard_size}))
             config = shrunk_config(model, report.rows)
             if config is not None:  # uniformly shrunk: plain from_pretrained builds the right shapes
                 config.save_pretrained(tmp)
@@ -354,14 +358,15 @@ def load_pruned(path, model: nn.Module | None = None):
             kept[name] = read_grid(info, getter(path / QUANT, name, quant))[0]
         except PlanError as e:
             raise PlanError(f"quantized {name!r}: {e}; re-save the checkpoint") from None
-    file = path / "model.safetensors"
-    saved = None  # model.safetensors as read here (with model=), for the modules restore_rewrites rebuilds
+    files = _model_files(path)
+    file = files[0] if len(files) == 1 else path / INDEX  # for messages
+    saved = None  # the model's weights as read here (with model=), for the modules restore_rewrites rebuilds
     rebuilt = [r["module"] for r in meta.get("rows", []) if is_rewrite_row(r)]  # their shapes may differ (shrunk)
     if model is None:
         model = _from_pretrained(path, compressed=set(compressed), rebuilt=rebuilt)
         own = model.state_dict()
     else:  # nothing changes in `model` until every check below has passed
-        own, saved = model.state_dict(), _load_tensors(file)
+        own, saved = model.state_dict(), _load_model_tensors(files)
         missing = {k for k in set(own) - set(saved) - set(compressed) if not _under(k, rebuilt)}
         if missing:
             raise PlanError(f"{str(file)!r} lacks {sorted(missing)[:3]}: not a checkpoint of this model")
@@ -395,7 +400,7 @@ def load_pruned(path, model: nn.Module | None = None):
     restored = restore_rewrites(model, meta.get("rows", []))
     if restored:  # modules rebuilt from their rows (MoE experts) get their saved weights
         own = model.state_dict()
-        saved = saved if saved is not None else _load_tensors(file)
+        saved = saved if saved is not None else _load_model_tensors(files)
         state |= {k: v for k, v in saved.items() if k in own and k not in compressed
                   and any(k.startswith(name + ".") for name in restored)}
     holders = {name: model.get_submodule(name.rpartition(".")[0]) for name in grids}  # before any weight changes
@@ -428,11 +433,12 @@ def _size(path: Path, meta: dict) -> dict:
     sizes = {f: {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in h.items() if k != "__metadata__"}
              for f, h in headers.items()}
     compressed = meta.get("compressed", {})
+    model_sizes = {k: n for f in _model_files(path) for k, n in sizes.get(f.name, {}).items()}
 
     def dense(name: str) -> int:
         info = compressed.get(name)
         if info is None:
-            return sizes.get("model.safetensors", {}).get(name, 0)
+            return model_sizes.get(name, 0)
         if "shape" in info:
             return math.prod(info["shape"]) * float_dtype(info["dtype"]).itemsize
         return sizes[NM][f"{name}.values"] * info["m"] // info["n"]  # format 1: the kept values are N/M of it
@@ -441,7 +447,7 @@ def _size(path: Path, meta: dict) -> dict:
     stored = sum(n for table in sizes.values() for n in table.values())
     linear = sum(n for table in sizes.values() for k, n in table.items()
                  if k in linears or k.rpartition(".")[0] in linears)
-    total = sum(dense(k) for k in set(sizes.get("model.safetensors", {})) | set(compressed))
+    total = sum(dense(k) for k in set(model_sizes) | set(compressed))
     linear_dense = sum(dense(k) for k in linears)
     return {"bytes": stored, "dense_bytes": total, "ratio": round(stored / total, 4) if total else None,
             "linear_bytes": linear, "linear_dense_bytes": linear_dense,
@@ -477,6 +483,29 @@ def _no_strays(file: Path, tensors: dict, entries: dict) -> None:
     for key in tensors:
         if key not in entries and key.rpartition(".")[0] not in entries:
             raise PlanError(f"{str(file)!r} holds {key!r}, which sparsecc.json does not list; re-save the checkpoint")
+
+
+def _model_files(path: Path) -> list[Path]:
+    """The files save_pretrained wrote the weights to: model.safetensors, or the shards its index names."""
+    single, index = path / "model.safetensors", path / INDEX
+    if single.is_file() or not index.is_file():
+        if not single.is_file():
+            raise PlanError(f"checkpoint file {str(single)!r} is missing (and no {INDEX} names shards)")
+        return [single]
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise PlanError(f"{str(index)!r} is corrupt ({type(e).__name__}: {e}); re-save the checkpoint") from None
+    if not names or not all(isinstance(n, str) and n.endswith(".safetensors") and Path(n).name == n for n in names):
+        raise PlanError(f"{str(index)!r} names no safetensors shards of this folder; re-save the checkpoint")
+    return [path / n for n in names]
+
+
+def _load_model_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        out |= _load_tensors(f)
+    return out
 
 
 def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
@@ -528,8 +557,7 @@ def _from_pretrained(path: Path, compressed: set[str] = frozenset(), rebuilt=())
     if cls is None:
         raise PlanError(f"config.json names architecture {arch!r}, which transformers does not provide "
                         "(remote code is never run): pass model= to load into your own module")
-    if not (path / "model.safetensors").is_file():
-        raise PlanError(f"checkpoint file {str(path / 'model.safetensors')!r} is missing")
+    _model_files(path)  # present (one file, or the shards its index names)
     try:
         with quiet_loading(bool(compressed) or bool(rebuilt)):  # the placeholders' expected "MISMATCH" report would alarm
             model, info = cls.from_pretrained(path, local_files_only=True, use_safetensors=True,

@@ -370,3 +370,23 @@ def test_cli_prune_prints_the_size(tiny_zoo, tmp_path, capsys):
     size = checkpoint.checkpoint_size(tmp_path / "out")
     assert code == 0 and size["linear_ratio"] < 0.6 and size["ratio"] < 1
     assert cli.size_line(size) in stdout and "x dense; pruned linears 0.5" in stdout
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_sharded_folders_save_and_load(compress, tmp_path):
+    """A model saved in several shards (save_pretrained's max_shard_size, as large models are) loads
+    back bit for bit, fresh and into a model, and its size is counted over every shard."""
+    m, report = make("quantized+unstructured")
+    out = sparsecc.save_pruned(m, tmp_path / "m", report, compress=compress, max_shard_size="100KB")
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 1 and not (out / "model.safetensors").exists()
+    loaded, _ = sparsecc.load_pruned(out)
+    assert same_bits(loaded, m) and same_grids(loaded, m)
+    into = _llama()
+    sparsecc.load_pruned(out, model=into)
+    assert same_bits(into, m) and same_grids(into, m)
+    size = sparsecc.checkpoint_size(out)
+    assert size["dense_bytes"] == sum(v.numel() * v.element_size() for v in m.state_dict().values())
+    (out / checkpoint.INDEX).write_text("{not json")
+    with pytest.raises(sparsecc.PlanError, match="model.safetensors.index.json.* is corrupt"):
+        sparsecc.load_pruned(out, model=_llama())

@@ -161,10 +161,10 @@ def _checked_grid(model: nn.Module, row: dict, p: torch.Tensor) -> QuantGrid | N
     w = p.detach().cpu()
     w = w.t() if row.get("transposed") else w
     try:
-        values = grid.dequantize()
+        same = grid.matches(w)
     except PlanError as e:
         raise PlanError(f"{row['module']}: its quantization grid is malformed ({e})") from None
-    if values.shape != w.shape or not torch.equal(values.to(w.dtype), w):
+    if not same:
         raise PlanError(f"{row['param']} no longer equals the values of its quantization grid: its weights changed "
                         "after quantizing; quantize it again (or drop the grid: "
                         f"del module.__dict__[{QUANTIZED!r}]) before saving")

@@ -81,9 +81,20 @@ class QuantGrid:
         return QuantGrid(self.bits, self.group_size, self.sym, self.codes.to(device), self.scales.to(device),
                          self.zeros.to(device), self.in_features)
 
+    @property
+    def form(self) -> str:
+        """"int4 g128", "int8 row": bits and group width (pack_'s name for the stored form)."""
+        return f"int{self.bits} {'row' if self.group_size == self.in_features else f'g{self.group_size}'}"
+
     def describe(self) -> str:
-        g = "row" if self.group_size == self.in_features else f"g{self.group_size}"
-        return f"int{self.bits} {g}{' sym' if self.sym else ''}"
+        return self.form + (" sym" if self.sym else "")
+
+    def matches(self, weight: torch.Tensor) -> bool:
+        """Whether `weight` [out, in] is still exactly this grid's values in its dtype (the quantizing
+        configs copy grid.dequantize() into it; any later change breaks the match)."""
+        if (self.codes.shape[0], self.in_features) != tuple(weight.shape):
+            return False
+        return torch.equal(self.to(weight.device).dequantize().to(weight.dtype), weight.detach())
 
 
 def make_grid(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,

@@ -206,25 +206,12 @@ class QuantLinear(nn.Module):
                 f"bias={self.bias is not None}, cpu_kernel={self.cpu_weight is not None}")
 
 
-def quant_form(grid: QuantGrid) -> str:
-    """pack_'s name for a quantized weight's form: "int4 g128", "int8 row"."""
-    return f"int{grid.bits} {'row' if grid.group_size == grid.in_features else f'g{grid.group_size}'}"
-
-
 def _check_grid(name: str, linear: nn.Linear, grid: QuantGrid) -> None:
-    """RecipeError unless `grid` still stores `linear`'s weight (shape, and values to the weight's precision)."""
-    w = linear.weight.detach()
-    if tuple(grid.codes.shape[:1]) + (grid.in_features,) != tuple(w.shape):
-        raise RecipeError(f"{name}: its quantization grid is for a [{grid.codes.shape[0]}, {grid.in_features}] weight, "
-                          f"the weight is {list(w.shape)}; quantize it again")
-    grid = grid.to(w.device)
-    q = grid.dequantize()
-    eps = torch.finfo(w.dtype).eps if w.is_floating_point() else 0.0
-    tol = eps * (q.abs() + (float(grid.scales.abs().max()) if grid.scales.numel() else 0.0))
-    if not bool(((w.float() - q).abs() <= tol).all()):
-        raise RecipeError(f"{name}: its weight no longer equals its quantization grid (changed after quantizing?); "
-                          "quantize it again, or drop the grid (del module.__dict__['sparsecc_quant']) to pack it "
-                          "as a plain weight")
+    """RecipeError unless `grid` still stores `linear`'s weight (`QuantGrid.matches`)."""
+    if not grid.matches(linear.weight):
+        raise RecipeError(f"{name}: its weight no longer equals its quantization grid ({grid.form}; changed after "
+                          "quantizing?); quantize it again, or drop the grid (del module.__dict__['sparsecc_quant']) "
+                          "to pack it as a plain weight")
 
 
 def quant_way(grid: QuantGrid, device: torch.device) -> str | None:
@@ -290,9 +277,9 @@ def pack_(model: nn.Module, format: str = "auto", *, pattern: str | None = None,
             _check_grid(name, linears[name], grid)
             why = None if format == "quant" else quant_way(grid, w.device)
             if why is None:
-                forms[name] = quant_form(grid)
+                forms[name] = grid.form
                 continue
-            slow[name] = f"{quant_form(grid)}: {why}"  # auto: no fast quantized way here; N:M or CSR may still fit
+            slow[name] = f"{grid.form}: {why}"  # auto: no fast quantized way here; N:M or CSR may still fit
         if format == "quant":
             continue
         fit = None if format == "csr" else next(((n, m) for n, m in patterns if _is_nm(w, n, m)), None)

@@ -9,6 +9,8 @@ Plan replays them in the same order (`Plan.stages`).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -28,7 +30,7 @@ def _example_batch(model: nn.Module):
     if not isinstance(emb, nn.Embedding):
         raise CalibrationError(f"{type(model).__name__} takes no token ids, so sparsecc cannot make an input "
                                "to capture it: pass batches=[example_input]")
-    return torch.zeros(1, 8, dtype=torch.long, device=emb.weight.device)
+    return torch.zeros(1, 8, dtype=torch.long, device="cpu" if emb.weight.is_meta else emb.weight.device)
 
 
 def calibrate(model: nn.Module, batches, recipe, *, debug: bool = False, progress: bool = True,
@@ -43,6 +45,7 @@ def calibrate(model: nn.Module, batches, recipe, *, debug: bool = False, progres
 
     def stage(part, tx):
         pipe = Pipeline.from_recipe(model, part, batches_list, debug=debug, progress=progress)
+        pipe.keep = keep | {"decisions"}  # a block's other statistics go once it is done
         meta = plan_meta(model, pipe.captured.sites, pipe.targets)
         result = pipe.run(model, batches_list, tx=tx)
         meta["timings"] = result.timings
@@ -72,6 +75,7 @@ def sparsify_(model: nn.Module, recipe_or_plan, batches=None, *, debug: bool = F
     def stage(part, tx):
         pipe = Pipeline.from_recipe(model, part, batches_list, data=batches is not None, debug=debug,
                                     progress=progress)
+        pipe.keep = set()  # the report is made of rows: a block's statistics and decisions go once it is done
         return pipe.run(model, batches_list, tx=tx)
 
     results = _in_stages(model, recipe_stages(recipe_or_plan), stage)
@@ -112,3 +116,87 @@ def _timings(results) -> dict[str, float]:
         for name, secs in res.timings.items():
             out[name] = out.get(name, 0.0) + secs
     return out
+
+
+def prune_folder(model_dir, recipe, batches, out, *, tokenizer=None, compress: bool = False, max_memory=None,
+                 overwrite: bool = False, progress: bool = True, before_publish=None) -> Report:
+    """Prune the transformers model in folder `model_dir` into folder `out` without loading it whole
+    (sequential onloading): the model is built on the meta device, and each decoder block is read
+    from the weight files (memory-mapped), calibrated on the outputs of the blocks already pruned,
+    pruned, written as one shard of `out` and freed. Peak memory is one block, its statistics and
+    the calibration activations, whatever the depth; `max_memory` (bytes or "24GiB") refuses a run
+    whose estimate exceeds it before any weight is read. The checkpoint equals `sparsify_` +
+    `save_pruned` of the whole model (tensor for tensor; its files are split by block), and `out`
+    is written all or nothing. Per-block linear techniques only (magnitude, Wanda, SparseGPT, OBS,
+    GPTQ, RTN; N:M; joint quantization): the others are refused by name. `batches=None`: data-free
+    recipes (magnitude). `before_publish(report)` runs once the folder is complete, before it is
+    moved into place (the command line stages its JSON report there)."""
+    from .errors import WholeModelError
+    from .graph.capture import capture
+    from .io.checkpoint import checkpoint_meta, write_meta
+    from .io.folders import check_output_dir, writing_folder
+    from .io.lazy import LazyModel
+    from .io.onload import BlockFiles
+    from .passes.memory import fmt_bytes, onload_peak_bytes, parse_bytes
+    from .passes.analysis import CollectHessians, CollectInputStats
+    from .passes.transform.prune import ApplyRecipe
+    from .techniques.configs import technique_for
+
+    out = Path(out)
+    check_output_dir(out, overwrite)
+    budget = parse_bytes(max_memory) if max_memory is not None else None
+    lazy = LazyModel(model_dir)
+    model = lazy.model
+    data = batches is not None
+    batches_list = validate_batches(model, batches) if data else [_example_batch(model)]
+    setup = describe(batches_list, getattr(batches, "setup", None)) if data else {"data": "none (data-free)"}
+    if len(recipe_stages(recipe)) > 1:
+        raise WholeModelError("LayerDropConfig cannot run block by block yet (it renumbers the blocks): load the model "
+                          "and call sparsify_")
+    captured = capture(model, {**_on_meta(batches_list[0]), "use_cache": False})
+    pipe = Pipeline.from_recipe(model, recipe, batches_list, data=data, progress=progress, captured=captured)
+    allowed = (ApplyRecipe, CollectHessians, CollectInputStats)  # per-block statistics and linear techniques
+    other = [p for p in pipe.order if not isinstance(p, allowed)]
+    if other:
+        p = other[0]  # name the configs needing it: those it rewrites, or whose statistics it collects
+        what = sorted({type(c).__name__ for n, c in pipe.targets.items() if n in (getattr(p, "targets", None) or {})
+                       or set(technique_for(c).needs(c)) & set(p.produces)})
+        raise WholeModelError(f"{', '.join(what)} ({p.name}) cannot run block by block yet (it needs the whole model, or "
+                              "rewrites modules): load the model, call sparsify_ and save_pruned (sparsecc prune "
+                              "--no-onload)")
+    blocks = captured.blocks
+    if not blocks:
+        raise WholeModelError(f"{type(model).__name__} has no decoder blocks to load one at a time: load it and call "
+                              "sparsify_ (sparsecc prune --no-onload)")
+    hessians = [n for n, c in pipe.targets.items() if "hessian" in technique_for(c).needs(c)]
+    act_bytes = max((p.dtype.itemsize for p in model.parameters() if p.is_floating_point()), default=4)
+    need, parts = onload_peak_bytes(captured, hessians, {b: lazy.nbytes(b) for b in blocks},
+                                    lazy.nbytes(outside=tuple(blocks)), batches_list, act_bytes)
+    if budget is not None and need > budget:
+        detail = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in parts.items() if k != "block")
+        raise CalibrationError(f"pruning {lazy.path} block by block needs ~{fmt_bytes(need)} at its peak "
+                               f"({parts['block']}: {detail}), more than max_memory {fmt_bytes(budget)}; lower "
+                               "the number or length of the calibration samples, or use WandaConfig (no Hessians)")
+    lazy.materialise("", outside=tuple(blocks))
+    with writing_folder(out) as tmp:
+        files = BlockFiles(lazy, blocks, tmp, compress)
+        pipe.source, pipe.keep = files, set()
+        result = pipe.run(model, batches_list if data else None)
+        rest = [r for r in result.rows if captured.block_of(r["module"] + ".") is None]
+        fields = files.finish(rest)
+        report = Report(result.rows, setup, result.timings, result.scopes)
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_meta(tmp, checkpoint_meta(model, report, recipe) | fields)
+        if before_publish is not None:
+            before_publish(report)
+    return report
+
+
+def _on_meta(batch) -> dict:
+    """A batch as a dict of meta tensors: what capturing a model built on the meta device takes."""
+    batch = batch if isinstance(batch, dict) else {"input_ids": batch}
+    return {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

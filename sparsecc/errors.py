@@ -23,3 +23,7 @@ class PipelineError(SparseccError, RuntimeError):
 
 class PlanError(SparseccError, ValueError):
     """A saved plan is missing, corrupt, or does not fit the model it is applied to."""
+
+
+class WholeModelError(RecipeError):
+    """A recipe needs the whole model in memory (it cannot be carried out block by block by `prune_folder`)."""

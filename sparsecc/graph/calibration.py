@@ -72,7 +72,7 @@ def validate_batches(model: nn.Module, batches) -> list:
                                f"got {type(batches).__name__}") from None
     if not batches:
         raise CalibrationError("no calibration batches: pass at least one (e.g. sparsecc.sample_batches(tokens, 128, 2048))")
-    param = next(model.parameters(), None)
+    param = next((p for p in model.parameters() if not p.is_meta), None)  # meta: a block not loaded yet (onloading)
     device = param.device if param is not None else torch.device("cpu")
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     vocab = emb.num_embeddings if isinstance(emb, nn.Embedding) else None

@@ -240,7 +240,7 @@ def capture(model: nn.Module, batch) -> Captured:
     """Trace `model` on one `batch` through dynamo and collect its linear sites and blocks."""
     by_storage: dict[tuple, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
-        by_storage.setdefault((p.data_ptr(), tuple(p.shape)), []).append(name)
+        by_storage.setdefault(_storage_key(p), []).append(name)
 
     seen = _record(model, batch)
     if not seen:
@@ -267,7 +267,7 @@ def capture(model: nn.Module, batch) -> Captured:
         for g in filter(None, (gated_mlp(*f) for f in found)):
             gated.setdefault(g.name, g)
         for mod, tensor, transposed, producers in calls:
-            names = by_storage.get((tensor.data_ptr(), tuple(tensor.shape)), [])
+            names = by_storage.get(_storage_key(tensor), [])
             # the alias owned by the calling module (a tied lm_head calls with embed_tokens.weight)
             owned = [n for n in names if n.rpartition(".")[0] == mod]
             if not owned:
@@ -292,6 +292,13 @@ def capture(model: nn.Module, batch) -> Captured:
     plain = {p.name: p for p in (plain_mlp(ps[0], c) for c, ps in feeds.items()
                                  if len(ps) == 1 and c not in gated_downs and ps[0] in sites) if p is not None}
     return Captured(model, graphs, sites, find_blocks(model, sites), skipped, gated, attention, heads, plain)
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    """What identifies a parameter's storage: its address and shape, or, on the meta device (no
+    storage: every address is 0), the parameter object itself, which dynamo passes through and
+    which tied weights share (a model built on meta for onloading, io/lazy.py)."""
+    return ("meta", id(t)) if t.is_meta else (t.data_ptr(), tuple(t.shape))
 
 
 def _feeder_params(model: nn.Module, sites: dict[str, LinearSite], producers: list[str]) -> tuple:

@@ -71,7 +71,7 @@ from .layouts import (compress_weight, entry_error, expand_weight, float_dtype, 
 from .recipes import dump_recipe
 
 FORMAT = 2
-READS = (1, 2)  # format 1: bool masks, N:M weights in NM
+READS = (1, 2, 3)  # format 1: bool masks, N:M weights in NM; 3: sparsecc's files split by block ("files")
 META, MASKS, PLAN = "sparsecc.json", "sparsecc_masks.safetensors", "plan"
 PACKED, QUANT = "sparsecc_compressed.safetensors", "sparsecc_quant.safetensors"
 NM = "sparsecc_nm.safetensors"  # format 1's compressed N:M weights
@@ -92,8 +92,46 @@ def save_pruned(model: nn.Module, path, report, *, recipe=None, tokenizer=None, 
     path = Path(path)
     check_output_dir(path, overwrite)
     params = dict(model.named_parameters(remove_duplicate=False))
+    tensors, fields = checked_part(model, report.rows, params, compress)
+    meta = checkpoint_meta(model, report, recipe) | fields
+
+    # A compressed weight is an empty placeholder in model.safetensors: plain from_pretrained then
+    # refuses the folder (size mismatch) instead of initialising the weight randomly.
+    state = {k: torch.empty(0, dtype=v.dtype) if k in fields["compressed"] else v
+             for k, v in model.state_dict().items()}
+    with writing_folder(path) as tmp:
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(tmp, state_dict=state,
+                                  **({} if max_shard_size is None else {"max_shard_size": max_shard_size}))
+            config = shrunk_config(model, report.rows)
+            if config is not None:  # uniformly shrunk: plain from_pretrained builds the right shapes
+                config.save_pretrained(tmp)
+        else:
+            save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for file, part in tensors.items():
+            if part:
+                save_file(part, str(tmp / file))
+        if plan is not None:
+            plan.save(tmp / PLAN)
+        write_meta(tmp, meta)
+    return path
+
+
+def checkpoint_meta(model: nn.Module, report, recipe) -> dict:
+    """sparsecc.json's description of the run (what checked_part and write_meta add is the rest)."""
+    return {"format": FORMAT, "sparsecc": __version__, "torch": torch.__version__,
+            "model_class": type(model).__name__, "recipe": dump_recipe(recipe) if recipe is not None else None,
+            "rows": report.rows, "setup": report.setup}
+
+
+def checked_part(model: nn.Module, rows: list[dict], params: dict, compress: bool) -> tuple[dict, dict]:
+    """What sparsecc's files hold for the parameters `params` that the report `rows` pruned (the
+    whole model, or one decoder block written while onloading): ({file: {tensor: value}},
+    {"compressed", "quantized", "masks": sparsecc.json entries}), each row checked against its weight."""
     pruned = {}
-    for row in report.rows:
+    for row in rows:
         if is_rewrite_row(row):  # a module rewrite (CATS threshold, attention form): its row is the state
             _check_rewrite_row(row, model)
             continue
@@ -111,34 +149,15 @@ def save_pruned(model: nn.Module, path, report, *, recipe=None, tokenizer=None, 
         if name not in entries:  # the grid beside the dequantized weight, so it survives the round trip
             quant |= {f"{name}.{k}": getattr(grid, k).contiguous() for k in ("codes", "scales", "zeros")}
             quant_meta[name] = weight_entry(params[name], pruned[name]) | grid_fields(grid)
-    meta = {"format": FORMAT, "sparsecc": __version__, "torch": torch.__version__,
-            "model_class": type(model).__name__, "recipe": dump_recipe(recipe) if recipe is not None else None,
-            "rows": report.rows, "setup": report.setup, "compressed": entries, "quantized": quant_meta,
-            "masks": {name: list(params[name].shape) for name in masks}}
+    return ({MASKS: masks, PACKED: packed, QUANT: quant},
+            {"compressed": entries, "quantized": quant_meta, "masks": {name: list(params[name].shape) for name in masks}})
 
-    # A compressed weight is an empty placeholder in model.safetensors: plain from_pretrained then
-    # refuses the folder (size mismatch) instead of initialising the weight randomly.
-    state = {k: torch.empty(0, dtype=v.dtype) if k in entries else v for k, v in model.state_dict().items()}
-    with writing_folder(path) as tmp:
-        if hasattr(model, "save_pretrained"):
-            model.save_pretrained(tmp, state_dict=state,
-                                  **({} if max_shard_size is None else {"max_shard_size": max_shard_size}))
-            config = shrunk_config(model, report.rows)
-            if config is not None:  # uniformly shrunk: plain from_pretrained builds the right shapes
-                config.save_pretrained(tmp)
-        else:
-            save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for file, tensors in ((MASKS, masks), (PACKED, packed), (QUANT, quant)):
-            if tensors:
-                save_file(tensors, str(tmp / file))
-        if plan is not None:
-            plan.save(tmp / PLAN)
-        meta["sha256"] = {f.name: _tensor_hashes(f) for f in sorted(tmp.glob("*.safetensors"))}
-        meta["size"] = _size(tmp, meta)
-        (tmp / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    return path
+
+def write_meta(folder: Path, meta: dict) -> None:
+    """Hash every safetensors file of the folder as written, add the size figures, write sparsecc.json."""
+    meta["sha256"] = {f.name: _tensor_hashes(f) for f in sorted(folder.glob("*.safetensors"))}
+    meta["size"] = _size(folder, meta)
+    (folder / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
 
 
 def _checked_grid(model: nn.Module, row: dict, p: torch.Tensor) -> QuantGrid | None:
@@ -321,6 +340,11 @@ def _check_meta(meta: dict, file: Path) -> None:
     for name, shape in meta.get("masks", {}).items():
         if not is_shape(shape):
             raise bad(f"masks[{name!r}] must be the [rows, cols] of its parameter, not {shape!r}")
+    files = meta.get("files", {})
+    if not (isinstance(files, dict) and set(files) <= {MASKS, PACKED, QUANT}
+            and all(isinstance(v, list) and all(isinstance(n, str) and n.endswith(".safetensors") and Path(n).name == n
+                                                for n in v) for v in files.values())):
+        raise bad(f"'files' must map {MASKS}, {PACKED} or {QUANT} to lists of safetensors files of the folder")
     for fname, table in meta.get("sha256", {}).items():
         if not (isinstance(fname, str) and fname.endswith(".safetensors") and Path(fname).name == fname
                 and fname not in (".", "..") and isinstance(table, dict)
@@ -342,7 +366,7 @@ def load_pruned(path, model: nn.Module | None = None):
     masks = _read_masks(path, meta)
     compressed = meta.get("compressed", {})
     packed_file = path / (NM if meta["format"] == 1 else PACKED)
-    packed = _load_tensors(packed_file) if compressed else {}
+    packed = _load_kind(path, meta, PACKED if meta["format"] > 1 else NM) if compressed else {}
     _no_strays(packed_file, packed, compressed)
     state, grids = {}, {}
     for name, info in compressed.items():
@@ -350,7 +374,7 @@ def load_pruned(path, model: nn.Module | None = None):
         if grid is not None:
             grids[name] = grid
     quantized = meta.get("quantized", {})
-    quant = _load_tensors(path / QUANT) if quantized else {}
+    quant = _load_kind(path, meta, QUANT) if quantized else {}
     _no_strays(path / QUANT, quant, quantized)
     kept = {}  # grids kept beside dense weights
     for name, info in quantized.items():
@@ -464,7 +488,7 @@ def _read_masks(path: Path, meta: dict) -> dict[str, torch.Tensor]:
                                 "re-save the checkpoint with save_pruned")
         return masks
     shapes = meta.get("masks", {})
-    packed = _load_tensors(path / MASKS) if shapes else {}
+    packed = _load_kind(path, meta, MASKS) if shapes else {}
     _no_strays(path / MASKS, packed, shapes)
     masks = {}
     for name, (rows, cols) in shapes.items():
@@ -499,6 +523,16 @@ def _model_files(path: Path) -> list[Path]:
     if not names or not all(isinstance(n, str) and n.endswith(".safetensors") and Path(n).name == n for n in names):
         raise PlanError(f"{str(index)!r} names no safetensors shards of this folder; re-save the checkpoint")
     return [path / n for n in names]
+
+
+def kind_files(meta: dict, kind: str) -> list[str]:
+    """The files holding one kind of sparsecc tensors (MASKS, QUANT, PACKED): that one file, or, in a
+    folder written block by block (format 3), the parts sparsecc.json "files" lists."""
+    return list(meta.get("files", {}).get(kind, [kind]))
+
+
+def _load_kind(path: Path, meta: dict, kind: str) -> dict[str, torch.Tensor]:
+    return _load_model_tensors([path / name for name in kind_files(meta, kind)])
 
 
 def _load_model_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
@@ -540,10 +574,8 @@ def _under(key: str, modules) -> bool:
     return any(key.startswith(m + ".") for m in modules)
 
 
-def _from_pretrained(path: Path, compressed: set[str] = frozenset(), rebuilt=()):
-    """The transformers model of a folder; `compressed` names weights stored elsewhere (N:M), whose
-    placeholders (or absence, in older folders) load_pruned fills in afterwards; the weights of the
-    `rebuilt` modules (module rewrites, shrunk ones included) are loaded after their rebuild."""
+def model_class(path: Path):
+    """(transformers class, its config) of a model folder, from config.json; no remote code."""
     import transformers
     try:
         config = json.loads((path / "config.json").read_text())
@@ -557,6 +589,15 @@ def _from_pretrained(path: Path, compressed: set[str] = frozenset(), rebuilt=())
     if cls is None:
         raise PlanError(f"config.json names architecture {arch!r}, which transformers does not provide "
                         "(remote code is never run): pass model= to load into your own module")
+    return cls, transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+
+
+def _from_pretrained(path: Path, compressed: set[str] = frozenset(), rebuilt=()):
+    """The transformers model of a folder; `compressed` names weights stored elsewhere (N:M), whose
+    placeholders (or absence, in older folders) load_pruned fills in afterwards; the weights of the
+    `rebuilt` modules (module rewrites, shrunk ones included) are loaded after their rebuild."""
+    cls, _ = model_class(path)
+    arch = cls.__name__
     _model_files(path)  # present (one file, or the shards its index names)
     try:
         with quiet_loading(bool(compressed) or bool(rebuilt)):  # the placeholders' expected "MISMATCH" report would alarm

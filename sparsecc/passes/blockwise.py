@@ -14,11 +14,14 @@ if not, the model is calibrated as a whole instead (correct, but not memory-sequ
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch import nn
 
+from ..errors import CalibrationError
 from ..graph.calibration import token_mask
 from ..graph.capture import Captured, forward_model
 
@@ -83,17 +86,34 @@ class Scope:
 
 
 class BlockRunner:
-    """Yields scopes: each decoder block in order, then the rest of the model."""
+    """Yields scopes: each decoder block in order, then the rest of the model.
 
-    def __init__(self, ctx, needs_data: bool = True, relevant: set[str] | None = None):
+    With `ctx.source` (sequential onloading: the blocks are on the meta device until loaded), the
+    probe runs the model with every block replaced by a stub that records its call and passes the
+    hidden states on; block k is then `source.load`ed before its scope and `source.done` after its
+    outputs were computed (written and freed), with what the pipeline held for it forgotten."""
+
+    def __init__(self, ctx, needs_data: bool = True, relevant: set[str] | None = None,
+                 done_with_blocks: bool = False):
         self.ctx = ctx
+        # the sweep transforms: once a block's scope is over, what `ctx.keep` does not name may go
+        self.forget = done_with_blocks and getattr(ctx, "keep", None) is not None
         self.needs_data = needs_data
         self.relevant = relevant  # sites some pass cares about (None: all)
         cap: Captured = ctx.captured
         self.model = ctx.model
+        self.source = getattr(ctx, "source", None)
         self.blocks = [self.model.get_submodule(b) for b in cap.blocks]
         self.calls: list[list] = []
         self.hidden: list[torch.Tensor] = []
+        if self.source is not None:
+            if not self.blocks:
+                raise CalibrationError(f"{type(self.model).__name__} has no decoder blocks to load one at a time; "
+                                       "prune it whole (sparsify_, or sparsecc prune --no-onload)")
+            self.sequential = True
+            if needs_data:
+                self._probe_stubs()
+            return
         self.sequential = needs_data and bool(self.blocks) and self._probe()
         if needs_data and cap.blocks and not self.sequential:
             warnings.warn(f"{type(self.model).__name__}: blocks {cap.blocks[0]}... do not feed each other "
@@ -147,6 +167,86 @@ class BlockRunner:
                 h.remove()
         return all(_same(first_out.get(k), first_in.get(k + 1)) for k in range(n - 1))
 
+    def _probe_stubs(self) -> None:
+        """The onloading probe: one forward per batch through stubs (no block is loaded) recording
+        each block's call; the blocks must feed each other directly."""
+        n = len(self.blocks)
+        self.calls = [[None] * len(self.ctx.batches) for _ in range(n)]
+        first_in: dict[int, torch.Tensor] = {}
+        first_out: dict[int, torch.Tensor] = {}
+
+        def record(k, b, args, kwargs):
+            slot = hidden_slot(args, kwargs)
+            if slot is None:
+                raise CalibrationError(f"{self.ctx.captured.blocks[k]} takes no hidden-state tensor; its model cannot "
+                                       "be loaded block by block: prune it whole (sparsify_, or sparsecc prune --no-onload)")
+            h = slot_value(slot, args, kwargs)
+            if b == 0:
+                first_in[k] = h
+            if k == 0:
+                self.hidden.append(h)
+            args, kwargs = _with_hidden(slot, args, kwargs, None)
+            self.calls[k][b] = (slot, args, kwargs)
+            if b == 0:
+                first_out[k] = h
+            if k == n - 1:
+                raise _Stop()
+            return h
+
+        with self._stubbed(record) as state:
+            for b, batch in enumerate(self.ctx.batches):
+                state["b"] = b
+                try:
+                    forward_model(self.model, batch)
+                except _Stop:
+                    continue
+                raise CalibrationError(f"the last decoder block of {type(self.model).__name__} never ran; its model "
+                                       "cannot be loaded block by block: prune it whole (sparsify_, or sparsecc prune --no-onload)")
+        if not all(first_out[k] is first_in.get(k + 1) for k in range(n - 1)):
+            raise CalibrationError(f"{type(self.model).__name__} changes the hidden states between its decoder blocks; "
+                                   "it cannot be loaded block by block: prune it whole (sparsify_, or sparsecc prune --no-onload)")
+
+    @contextmanager
+    def _stubbed(self, fn):
+        """Replace every block by a stub calling fn(k, batch, args, kwargs) -> hidden states, which
+        it returns in the form the block's own forward has (run on the meta device once)."""
+        names = self.ctx.captured.blocks
+        state = {"b": 0, "form": None}
+        runner = self
+
+        class Stub(nn.Module):
+            def __init__(self, k):
+                super().__init__()
+                self.k = k
+
+            def forward(self, *args, **kwargs):
+                if state["form"] is None:
+                    state["form"] = runner._output_form(args, kwargs)
+                h = fn(self.k, state["b"], args, kwargs)
+                return h if state["form"] == 0 else (h,) + (None,) * (state["form"] - 1)
+
+        parents = [self.model.get_submodule(name.rpartition(".")[0]) for name in names]
+        for k, (parent, name) in enumerate(zip(parents, names)):
+            parent._modules[name.rpartition(".")[2]] = Stub(k)
+        try:
+            yield state
+        finally:
+            for parent, name, block in zip(parents, names, self.blocks):
+                parent._modules[name.rpartition(".")[2]] = block
+
+    def _output_form(self, args, kwargs) -> int:
+        """0 if a block returns its hidden states as a tensor, n if as a tuple of n (the rest None)."""
+        from torch.utils._pytree import tree_map
+
+        args, kwargs = tree_map(lambda v: v.to("meta") if isinstance(v, torch.Tensor) else v, (args, kwargs))
+        out = self.blocks[0](*args, **kwargs)
+        if isinstance(out, torch.Tensor):
+            return 0
+        if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor) and all(o is None for o in out[1:]):
+            return len(out)
+        raise CalibrationError(f"{self.ctx.captured.blocks[0]} returns more than its hidden states; its model cannot "
+                               "be loaded block by block: prune it whole (sparsify_, or sparsecc prune --no-onload)")
+
     def scopes(self):
         sites = self.ctx.captured.sites
         if self.sequential:
@@ -154,9 +254,17 @@ class BlockRunner:
             for k, block in enumerate(self.blocks):
                 in_block = [s for s in sites.values() if s.name.startswith(names[k] + ".")]
                 holds = (lambda m, b=names[k]: m == b or m.startswith(b + "."))
+                if self.source is not None:
+                    self.source.load(k, names[k])
                 yield Scope(names[k], Sites(in_block, holds), lambda k=k: self._run_block(k))
-                self.hidden = self._run_block(k)  # outputs after this block's transforms
-                self.calls[k] = None  # free what block k needed
+                if self.needs_data:
+                    self.hidden = self._run_block(k)  # outputs after this block's transforms
+                    self.calls[k] = None  # free what block k needed
+                if self.source is not None:
+                    self.source.done(k, names[k], [r for r in self.ctx.rows if holds(r["module"])])
+                    self.ctx.tx.commit()  # onloading never changes its source folder: nothing to undo
+                if self.forget:
+                    self.ctx.forget(holds, self.ctx.keep)
         if self._rest_needed():
             outside = (lambda m: not self.sequential or self.ctx.captured.block_of(m + ".") is None)
             yield Scope("model" if not self.sequential else "rest", Sites(self._rest(), outside), self._run_model)
@@ -188,6 +296,15 @@ class BlockRunner:
     @torch.no_grad()
     def _run_model(self) -> None:
         if not self.needs_data:
+            return
+        if self.source is not None:  # the blocks are gone: the last one's outputs stand in for them
+            last = len(self.blocks) - 1
+            with self._stubbed(lambda k, b, args, kwargs: self.hidden[b] if k == last
+                               else slot_value(hidden_slot(args, kwargs), args, kwargs)) as state:
+                for b, batch in enumerate(self.ctx.batches):
+                    state["b"] = b
+                    self.ctx.set_batch(b, token_mask(batch))
+                    forward_model(self.model, batch)
             return
         for b, batch in enumerate(self.ctx.batches):
             self.ctx.set_batch(b, token_mask(batch))

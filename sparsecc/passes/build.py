@@ -51,15 +51,16 @@ def recipe_stages(recipe) -> list[dict]:
              if (technique_for(c).stage == s if c is not None else s == stages[-1])} for s in stages]
 
 
-def recipe_passes(model: nn.Module, recipe, batches: list, data: bool = True):
-    """(captured model, passes) carrying out `recipe`; raises before any work on a bad recipe."""
+def recipe_passes(model: nn.Module, recipe, batches: list, data: bool = True, captured=None):
+    """(captured model, passes) carrying out `recipe`; raises before any work on a bad recipe.
+    `captured`: the model captured already (weights still on the meta device are checked when loaded)."""
     recipe = normalize_recipe(recipe)
     if len(recipe_stages(recipe)) > 1:
         first = next(c for c in recipe.values() if c is not None and technique_for(c).stage < 0)
         raise RecipeError(f"{type(first).__name__} runs before the rest of a recipe, which is resolved on the model "
                           f"it leaves: sparsify_ and calibrate split the recipe; build one Pipeline per stage "
                           f"(passes.build.recipe_stages)")
-    captured = capture(model, batches[0])
+    captured = captured or capture(model, batches[0])
     kinds = {"linear": list(captured.sites), **rewrite_candidates(recipe, captured, type(model).__name__)}
     # linears capture cannot prune (compressed; run inside a rewritten module's op): resolve them
     # too, so that a recipe reaching them fails instead of skipping them
@@ -80,7 +81,8 @@ def recipe_passes(model: nn.Module, recipe, batches: list, data: bool = True):
     linears = {n: c for n, c in assignments.items() if not isinstance(technique_for(c), ModuleRewrite)}
     modules = {n: c for n, c in assignments.items() if n not in linears}
     for name in linears:  # before any work (OWL, Hessians, the calibration forward)
-        check_finite(name, captured.sites[name].weight(model))
+        if not captured.sites[name].weight(model).is_meta:  # onloading checks its weights as it reads them
+            check_finite(name, captured.sites[name].weight(model))
         check_quantizable(model, name, linears[name], captured.sites[name].in_features)
     if not data:
         needy = [f"{n} ({type(c).__name__})" for n, c in assignments.items() if technique_for(c).needs_data(c)]

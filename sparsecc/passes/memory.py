@@ -16,6 +16,15 @@ from ..errors import CalibrationError
 GiB = 2 ** 30
 
 
+def fmt_bytes(n: float) -> str:
+    """"1.24 GiB", "310 MiB", "12 KiB": an amount of memory for messages."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.3g} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.3g} TiB"
+
+
 def available_bytes(device: torch.device) -> int | None:
     """Free memory on `device` (CUDA: mem_get_info; CPU: MemAvailable of /proc/meminfo), or None if unknown."""
     if device.type == "cuda":
@@ -55,3 +64,71 @@ def check_hessian_memory(captured, names, device: torch.device, hessian_bytes: i
             f"Hessian-based pruning needs ~{need / GiB:.2f} GiB at its peak ({where}: the Hessians of its "
             f"targeted linears plus one layer's inverse), but only {free / GiB:.2f} GiB is available on {device}; "
             "free memory, target fewer modules per run in the recipe, or use WandaConfig (no Hessian)")
+
+
+def onload_peak_bytes(captured, hessian_names, block_bytes: dict[str, int], rest_bytes: int, batches: list,
+                      act_bytes: int, hessian_bytes: int = 8) -> tuple[int, dict]:
+    """Peak bytes of sequential onloading (api.prune_folder), known before any weight is read:
+    the parts outside the blocks (resident throughout) + at the largest block k: its parameters
+    twice (as read, and pruned: copy-on-write pages become the process's own; the decisions keep
+    one more copy until the block is written), its Hessians and one layer's solve, and the
+    calibration activations (block k's inputs and outputs for every batch) plus one batch's
+    transients inside the block. Returns (bytes, {part: bytes, "block": name})."""
+    from ..graph.calibration import _main_tensor
+
+    shapes = [tuple(_main_tensor(b).shape) for b in batches]
+    tokens = [s[0] * s[1] if len(s) >= 2 else s[0] for s in shapes]
+    hidden = max((s.in_features for s in captured.sites.values()), default=0)
+    acts = 2 * sum(tokens) * hidden * act_bytes
+    hess: dict[int, int] = defaultdict(int)
+    solve = 0
+    for name in hessian_names:
+        site = captured.sites[name]
+        hess[captured.block_of(name)] += site.in_features ** 2 * hessian_bytes
+        solve = max(solve, (2 * site.in_features ** 2 + 2 * site.out_features * site.in_features) * 4)
+    best, parts = -1, {}
+    for k, block in enumerate(captured.blocks):
+        sites = [s for s in captured.sites.values() if captured.block_of(s.name) == k]
+        outs = sum(s.out_features for s in sites)
+        # one batch in the block: every linear's output (fp32 at most) and the attention scores
+        seq = max((s[1] for s in shapes if len(s) >= 2), default=1)
+        transient = max(tokens) * outs * 4 + max(tokens) * seq * 4 * max(1, hidden // 64)
+        here = {"block parameters": 3 * block_bytes.get(block, 0),
+                "statistics": hess.get(k, 0) + (solve if hess.get(k) else 0), "activations": acts + transient}
+        if sum(here.values()) > best:
+            best, parts = sum(here.values()), {**here, "block": block}
+    parts["outside the blocks"] = rest_bytes
+    return best + rest_bytes, parts
+
+
+def parse_bytes(text) -> int:
+    """"24GiB", "512MB", "1.5G" or a number of bytes -> bytes ("GB": powers of 1000; "G", "GiB": of 1024)."""
+    import re
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(i?)([bB]?)\s*", str(text))
+    if m is None or (m.group(3) and not m.group(2)):
+        raise ValueError(f"cannot read {text!r} as an amount of memory; write it as e.g. 24GiB, 512MB or 1.5G")
+    number, unit, binary, b = m.groups()
+    power = "kmgt".index(unit.lower()) + 1 if unit else 0
+    base = 1000 if b and not binary else 1024  # "GB": 10^9; "G", "GiB": 2^30
+    return int(float(number) * base ** power)
+
+
+def check_whole_memory(model, recipe, budget: int, hessian_bytes: int = 8) -> None:
+    """Refuse (CalibrationError) pruning a loaded model whole when its estimated peak exceeds `budget`:
+    the model, the pruned weights' undo copies and decisions (two more copies at most), and, for a
+    Hessian method, the Hessians of every linear (a whole-model run keeps them to the end)."""
+    from torch import nn
+
+    from ..techniques.configs import technique_for
+    from ..techniques.targeting import normalize_recipe
+
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    hessians = any("hessian" in technique_for(c).needs(c) for c in normalize_recipe(recipe).values() if c is not None)
+    held = sum(m.in_features ** 2 * hessian_bytes for m in model.modules() if isinstance(m, nn.Linear)) if hessians else 0
+    need = 3 * params + held
+    if need > budget:
+        raise CalibrationError(f"pruning the whole model needs ~{fmt_bytes(need)} (parameters {fmt_bytes(params)} three "
+                               f"times, Hessians {fmt_bytes(held)}), more than --max-memory {fmt_bytes(budget)}; let "
+                               "sparsecc prune load it one block at a time (leave out --no-onload)")

@@ -60,6 +60,15 @@ class PassContext:
         """Keep the current value of each parameter (a name or a site) before a pass changes it."""
         self.tx.save(*params)
 
+    def forget(self, holds, keep=frozenset()) -> None:
+        """Drop what the run holds for the modules `holds(name)` accepts, once their decoder block is
+        done: their statistics (but the artefacts named in `keep`) and decisions (unless "decisions"
+        is in `keep`). A 7B model's Hessians are ~55 GiB over its 32 blocks: one block's at a time."""
+        tables = [t for art, t in self.stats.items() if art not in keep]
+        for table in tables + ([] if "decisions" in keep else [self.decisions]):
+            for name in [n for n in table if holds(n)]:
+                del table[name]
+
     def record(self, site, config, weight, seconds: float, error=(None, None)) -> None:
         self.rows.append({"module": site.name, "param": site.param, "transposed": site.transposed,
                           "technique": type(config).__name__,
@@ -103,18 +112,23 @@ class Pipeline:
         self.progress = progress
         self.order = self._order()
         self.captured: Captured | None = None  # set by from_recipe / from_plan
+        self.source = None  # onloading: where the decoder blocks come from and go (blockwise.BlockRunner)
+        #: what a run keeps of each decoder block once it is done (artefact names, "decisions"); the
+        #: rest is dropped block by block (None: keep everything, e.g. to read result.stats)
+        self.keep: set[str] | None = None
 
     @classmethod
     def from_recipe(cls, model: torch.nn.Module, recipe, batches, *, data: bool = True, debug: bool = False,
-                    progress: bool = True) -> "Pipeline":
+                    progress: bool = True, captured: Captured | None = None) -> "Pipeline":
         """The pipeline carrying out `recipe` on `model`: every analysis pass its configs need, the
         pruning and the module rewrites (build.py). With `data=False` (a data-free recipe) `batches`
-        is one example input, only used to capture the model."""
+        is one example input, only used to capture the model; `captured`: a capture made already
+        (a model on the meta device is captured on a meta batch)."""
         batches = validate_batches(model, batches)
         was_training = model.training
         model.eval()
         try:
-            captured, passes = recipe_passes(model, recipe, batches, data)
+            captured, passes = recipe_passes(model, recipe, batches, data, captured)
         finally:
             model.train(was_training)
         pipe = cls(passes, debug=debug, progress=progress)
@@ -188,6 +202,7 @@ class Pipeline:
         try:
             captured = captured or self.captured or capture(model, batches_list[0])
             ctx = PassContext(model, captured, batches_list, self.debug)
+            ctx.source, ctx.keep = self.source, self.keep
             if tx is not None:  # the run keeps its own log: its parameters are saved by this stage's names
                 tx.on_undo(ctx.tx.rollback)
             timings = self._run(ctx)
@@ -243,7 +258,8 @@ class Pipeline:
             else:
                 relevant = None  # a transform that does not say may change any module
                 break
-        runner = BlockRunner(ctx, needs_data=any(isinstance(p, AnalysisPass) for p in passes), relevant=relevant)
+        runner = BlockRunner(ctx, needs_data=any(isinstance(p, AnalysisPass) for p in passes), relevant=relevant,
+                             done_with_blocks=any(isinstance(p, TransformPass) for p in passes))
         scopes: list[str] = []
         done: list[str] = []
         total = runner.num_scopes()

@@ -1,7 +1,7 @@
 """Command line: `sparsecc demo | prune | eval | bench`.
 
     sparsecc demo                                   the embedded offline default (README)
-    sparsecc prune MODEL_DIR --recipe R --calib TEXT --out OUT [--overwrite] [--compress]
+    sparsecc prune MODEL_DIR --recipe R --calib TEXT --out OUT [--overwrite] [--compress] [--max-memory 24GiB]
     sparsecc eval MODEL_DIR --text FILE             perplexity the way the seeds compute it
     sparsecc bench [--quick] [--only NAMES]         the benchmarks that run on this machine
 
@@ -139,9 +139,9 @@ def _staged(path, text: str) -> Path:
     return tmp
 
 
-def _seqlen(args, model) -> int:
+def _seqlen(args, config) -> int:
     """--seqlen, or the model's context (at most 2048); refused beyond the model's context."""
-    context = getattr(model.config, "max_position_embeddings", None)
+    context = getattr(config, "max_position_embeddings", None)
     if args.seqlen is None:
         return min(context or 2048, 2048)
     if context and args.seqlen > context:
@@ -152,9 +152,11 @@ def _seqlen(args, model) -> int:
 
 def prune(args) -> int:
     import sparsecc
-    from ..io.checkpoint import checkpoint_size, save_pruned
+    from ..errors import WholeModelError
+    from ..io.checkpoint import META, save_pruned
     from ..io.folders import check_output_dir
-    from .local_models import load_local_model, read_text, tokenize
+    from ..passes.memory import check_whole_memory, parse_bytes
+    from .local_models import load_local_model
 
     check_output_dir(args.out, args.overwrite)  # the outputs before any work
     _check_output("--out", args.out, makes_parents=True)
@@ -166,11 +168,20 @@ def prune(args) -> int:
         raise ValueError(f"--out {args.out!r} would replace the model being pruned ({args.model_dir!r}); "
                          "choose another folder")
     recipe = sparsecc.load_recipe(args.recipe)
+    budget = parse_bytes(args.max_memory) if args.max_memory is not None else None
+    if not (args.no_onload or args.save_plan or (model_dir / META).is_file()):
+        try:
+            report = _prune_onloaded(args, recipe, budget)
+        except WholeModelError as e:
+            if budget is not None:
+                raise
+            print(f"sparsecc prune: loading the whole model ({e})", file=sys.stderr)
+        else:
+            return _done(args, report, Path(args.out))
     model, tok = load_local_model(args.model_dir, args.tokenizer)
-    seqlen = _seqlen(args, model)
-    ids = tokenize(tok, read_text(args.calib), what=f"calibration text {args.calib!r}")
-    batches = sparsecc.sample_batches(ids, nsamples=args.nsamples, seqlen=seqlen, seed=args.seed,
-                                      batch_size=args.batch_size, source={"calib": str(args.calib)})
+    if budget is not None:
+        check_whole_memory(model, recipe, budget)
+    batches = _calibration(args, tok, model.config)
     plan = None
     if args.save_plan:  # calibrate to a Plan (kept in the checkpoint), then apply it
         plan = sparsecc.calibrate(model, batches, recipe, progress=not args.quiet)
@@ -188,6 +199,46 @@ def prune(args) -> int:
     finally:
         if staged:
             staged.unlink(missing_ok=True)
+    return _done(args, report, out)
+
+
+def _calibration(args, tok, config):
+    import sparsecc
+    from .local_models import read_text, tokenize
+
+    seqlen = _seqlen(args, config)
+    ids = tokenize(tok, read_text(args.calib), what=f"calibration text {args.calib!r}")
+    return sparsecc.sample_batches(ids, nsamples=args.nsamples, seqlen=seqlen, seed=args.seed,
+                                   batch_size=args.batch_size, source={"calib": str(args.calib)})
+
+
+def _prune_onloaded(args, recipe, budget):
+    """`prune_folder`: one decoder block in memory at a time; the report JSON published with the folder."""
+    import sparsecc
+    from transformers import AutoConfig
+    from .local_models import check_model_dir, load_tokenizer
+
+    tok = load_tokenizer(args.tokenizer or check_model_dir(args.model_dir))
+    config = AutoConfig.from_pretrained(args.model_dir, local_files_only=True, trust_remote_code=False)
+    batches = _calibration(args, tok, config)
+    staged = []  # the JSON report, staged while the folder is complete but not yet in place
+    try:
+        report = sparsecc.prune_folder(args.model_dir, recipe, batches, args.out, tokenizer=tok,
+                                       compress=args.compress, max_memory=budget, overwrite=args.overwrite,
+                                       progress=not args.quiet, before_publish=(
+                                           lambda report: staged.append(_staged(args.json, report.to_json())))
+                                       if args.json else None)
+        if staged:
+            os.replace(staged[0], args.json)
+    finally:
+        for f in staged:
+            f.unlink(missing_ok=True)
+    return report
+
+
+def _done(args, report, out: Path) -> int:
+    from ..io.checkpoint import checkpoint_size
+
     print(report.table())
     print(f"\nwrote {out} ({report.sparsity:.1%} of the pruned weights are zero)")
     print(size_line(checkpoint_size(out)))
@@ -214,7 +265,7 @@ def evaluate(args) -> int:
     from .local_models import load_local_model, read_text, tokenize
 
     model, tok = load_local_model(args.model_dir, args.tokenizer)
-    seqlen = _seqlen(args, model)
+    seqlen = _seqlen(args, model.config)
     ids = tokenize(tok, read_text(args.text), what=f"text {args.text!r}")
     n = ids.numel()
     if n < seqlen:
@@ -303,6 +354,10 @@ def main(argv=None) -> int:
     pr.add_argument("--save-plan", action="store_true", help="also keep the Plan (decisions and activation "
                     "statistics) in OUT/plan, to re-apply to the dense model without data")
     pr.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
+    pr.add_argument("--max-memory", default=None, metavar="SIZE", help="refuse, before any work, a run whose "
+                    "estimated peak exceeds SIZE (e.g. 24GiB; tensors only, the process itself takes ~0.5 GiB more)")
+    pr.add_argument("--no-onload", action="store_true", help="load the whole model first (by default a plain "
+                    "model folder is read one decoder block at a time, when the recipe allows)")
     pr.add_argument("--nsamples", type=count, default=128, help="calibration windows (default 128)")
     pr.add_argument("--seqlen", type=at_least(2), default=None, help="window length (default: the model's context, at most 2048)")
     pr.add_argument("--batch-size", type=count, default=1)

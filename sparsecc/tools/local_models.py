@@ -14,12 +14,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tok
 
 def load_local_model(model_dir, tokenizer_dir=None):
     """(model in eval mode, tokenizer) from a save_pretrained folder or a sparsecc checkpoint."""
+    path = check_model_dir(model_dir)
+    model = load_pruned(path)[0] if (path / META).is_file() else _from_pretrained(path).eval()
+    return model, load_tokenizer(tokenizer_dir or path)
+
+
+def check_model_dir(model_dir) -> Path:
     path = Path(model_dir)
     if not path.is_dir():
         raise FileNotFoundError(f"model folder {str(path)!r} does not exist; give a folder written by "
                                 "save_pretrained (models are never fetched from a hub)")
-    model = load_pruned(path)[0] if (path / META).is_file() else _from_pretrained(path).eval()
-    return model, load_tokenizer(tokenizer_dir or path)
+    return path
 
 
 def load_tokenizer(folder):

@@ -343,8 +343,8 @@ def test_unknown_format_is_refused(tmp_path):
     m, report = make("nm")
     out = sparsecc.save_pruned(m, tmp_path / "c", report)
     meta = json.loads((out / checkpoint.META).read_text())
-    (out / checkpoint.META).write_text(json.dumps(meta | {"format": 3}))
-    with pytest.raises(sparsecc.PlanError, match="has format 3; this sparsecc .* reads formats 1, 2"):
+    (out / checkpoint.META).write_text(json.dumps(meta | {"format": 4}))
+    with pytest.raises(sparsecc.PlanError, match="has format 4; this sparsecc .* reads formats 1, 2, 3"):
         sparsecc.load_pruned(out)
 
 

@@ -103,13 +103,16 @@ def test_errors_are_one_line_and_write_nothing(case, match, model_dir, texts, tm
         assert list(out.iterdir()) == []
 
 
-def test_ctrl_c_during_pruning_leaves_no_output(model_dir, texts, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("whole", [False, True], ids=["onloaded", "whole"])
+def test_ctrl_c_during_pruning_leaves_no_output(model_dir, texts, tmp_path, capsys, monkeypatch, whole):
+    from sparsecc.passes.transform.prune import ApplyRecipe
+
     def interrupted(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(sparsecc, "sparsify_", interrupted)
+    monkeypatch.setattr(ApplyRecipe, "run", interrupted)
     out = tmp_path / "out"
     code, _, err = run(capsys, "prune", model_dir, "--recipe", texts / "recipe.yaml", "--calib", texts / "calib.txt",
-                       "--out", out, "--nsamples", 4, "--quiet")
+                       "--out", out, "--nsamples", 4, "--quiet", *(["--no-onload"] if whole else []))
     assert code == 130 and "interrupted" in err
     assert list(tmp_path.iterdir()) == []
 
@@ -164,16 +167,19 @@ def test_prune_refuses_an_unwritable_out_folder_before_any_work(model_dir, texts
     assert list(locked.iterdir()) == []
 
 
+@pytest.mark.parametrize("whole", [False, True], ids=["onloaded", "whole"])
 @pytest.mark.parametrize("failing", ["json", "checkpoint"])
-def test_a_failing_write_leaves_neither_checkpoint_nor_json(failing, model_dir, texts, tmp_path, capsys, monkeypatch):
+def test_a_failing_write_leaves_neither_checkpoint_nor_json(failing, whole, model_dir, texts, tmp_path, capsys,
+                                                            monkeypatch):
     import errno
     from sparsecc.io import checkpoint, report
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(*((report.Report, "to_json") if failing == "json" else (checkpoint, "save_pruned")), full)
+    monkeypatch.setattr(*((report.Report, "to_json") if failing == "json" else (checkpoint, "write_meta")), full)
     code, _, err = run(capsys, "prune", model_dir, "--recipe", texts / "recipe.yaml", "--calib", texts / "calib.txt",
-                       "--out", tmp_path / "out", "--json", tmp_path / "r.json", "--nsamples", 2, "--quiet")
+                       "--out", tmp_path / "out", "--json", tmp_path / "r.json", "--nsamples", 2, "--quiet",
+                       *(["--no-onload"] if whole else []))
     one_line_error(code, err, "prune", "No space left on device")
     assert list(tmp_path.iterdir()) == []
 
@@ -322,3 +328,37 @@ def test_demo_refuses_bad_values_before_any_work(argv, match, capsys, monkeypatc
     monkeypatch.setattr(sparsecc.zoo, "load_model", lambda *a, **k: pytest.fail("loaded the model before checking"))
     code, _, err = run(capsys, "demo", *argv)
     assert code == 2 and re.search(match, err) and err.count("\n") == 1, err
+
+
+def test_prune_onloads_by_default_and_equals_the_whole_model_run(model_dir, texts, tmp_path, capsys):
+    args = ["--recipe", texts / "recipe.yaml", "--calib", texts / "calib.txt", "--nsamples", 4, "--quiet"]
+    code, stdout, err = run(capsys, "prune", model_dir, "--out", tmp_path / "blocks", "--json", tmp_path / "r.json",
+                            "--max-memory", "1GiB", *args)
+    assert code == 0, err
+    assert "wrote" in stdout and json.loads((tmp_path / "r.json").read_text())["rows"]
+    code, _, err = run(capsys, "prune", model_dir, "--out", tmp_path / "whole", "--no-onload", *args)
+    assert code == 0, err
+    blocks, whole = (json.loads((tmp_path / d / "sparsecc.json").read_text()) for d in ("blocks", "whole"))
+    assert (blocks["format"], whole["format"]) == (3, 2)  # split by block, or one file per kind
+    assert {k: v for t in blocks["sha256"].values() for k, v in t.items()} == \
+        {k: v for t in whole["sha256"].values() for k, v in t.items()}
+
+
+def test_max_memory_refuses_the_whole_model_but_not_onloading(model_dir, texts, tmp_path, capsys):
+    args = ["--recipe", texts / "recipe.yaml", "--calib", texts / "calib.txt", "--nsamples", 2, "--quiet",
+            "--max-memory", "10MB"]  # the tiny model: 3.7 MB of parameters (most in its embeddings)
+    code, _, err = run(capsys, "prune", model_dir, "--out", tmp_path / "whole", "--no-onload", *args)
+    one_line_error(code, err, "prune", r"pruning the whole model needs ~.* more than --max-memory .*leave out --no-onload")
+    code, _, err = run(capsys, "prune", model_dir, "--out", tmp_path / "tight", "--max-memory", "10kB", *args[:-2])
+    one_line_error(code, err, "prune", r"block by block needs ~.* MiB at its peak")
+    assert list(tmp_path.iterdir()) == []
+    code, _, err = run(capsys, "prune", model_dir, "--out", tmp_path / "blocks", *args)
+    assert code == 0, err
+
+
+def test_a_recipe_needing_the_whole_model_falls_back_to_loading_it(model_dir, texts, tmp_path, capsys):
+    (tmp_path / "cats.yaml").write_text('"re:.*mlp$": {method: cats, sparsity: 0.5}\n')
+    code, stdout, err = run(capsys, "prune", model_dir, "--recipe", tmp_path / "cats.yaml", "--calib",
+                            texts / "calib.txt", "--out", tmp_path / "out", "--nsamples", 2, "--quiet")
+    assert code == 0, err
+    assert "loading the whole model (CATSConfig" in err and "wrote" in stdout

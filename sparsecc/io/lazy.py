@@ -1,0 +1,98 @@
+"""A transformers model folder opened without reading its weights (sequential onloading).
+
+    lazy = LazyModel(folder)            # the model built on the meta device: no weight is read
+    block = lazy.materialise("model.layers.3")   # that block's tensors, memory-mapped from the shards
+    ...
+    lazy.release("model.layers.3")      # back on meta: its memory is free again
+
+The weights are read with safetensors' `safe_open` from the file the folder's index names for
+each tensor (`model.safetensors`, or the shards of `model.safetensors.index.json`), and assigned
+to the module as they are (memory-mapped, copy-on-write: pruning writes only the pages it
+changes). Buffers the files do not hold (rotary `inv_freq`) are made by the model's own
+`_init_weights`, as `from_pretrained` makes them. Sizes come from the files' headers, so the
+memory a run needs is known before any weight is read.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ..errors import PlanError
+from .checkpoint import _header, _model_files, model_class
+
+class LazyModel:
+    """The model of a transformers folder on the meta device, materialised one part at a time."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        cls, config = model_class(self.path)
+        self.files = _model_files(self.path)
+        self.where: dict[str, Path] = {}      # tensor name -> its file
+        self.nbytes_of: dict[str, int] = {}   # tensor name -> bytes in the file
+        for f in self.files:
+            try:
+                header = _header(f)
+            except (OSError, ValueError) as e:
+                raise PlanError(f"{str(f)!r} is not a readable safetensors file: {e}") from None
+            for name, info in header.items():
+                if name != "__metadata__":
+                    self.where[name] = f
+                    self.nbytes_of[name] = info["data_offsets"][1] - info["data_offsets"][0]
+        with torch.device("meta"):
+            self.model = cls._from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
+        self.model.eval()
+
+    def nbytes(self, prefix: str | None = None, outside: tuple[str, ...] = ()) -> int:
+        """Bytes in the files of the tensors under module `prefix` (all: None), except those under `outside`."""
+        return sum(n for k, n in self.nbytes_of.items()
+                   if (prefix is None or k.startswith(prefix + ".")) and not any(k.startswith(o + ".") for o in outside))
+
+    def materialise(self, prefix: str = "", outside: tuple[str, ...] = ()) -> nn.Module:
+        """Read the tensors of module `prefix` ("": the whole model) from the folder, except those under
+        the modules `outside` (decoder blocks, onloaded one at a time), into the model; returns the module."""
+        module = self.model.get_submodule(prefix)
+        lead = prefix + "." if prefix else ""
+        skip = tuple(o[len(lead):] + "." for o in outside if o.startswith(lead))
+        own = {k: t for k, t in module.state_dict(keep_vars=True).items() if not k.startswith(skip)}
+        state, opened = {}, {}
+        try:
+            for key, meta in own.items():
+                file = self.where.get(lead + key)
+                if file is None:
+                    continue  # tied to another tensor, or a buffer made below
+                if file not in opened:
+                    opened[file] = safe_open(str(file), framework="pt")
+                t = opened[file].get_tensor(lead + key)
+                if tuple(t.shape) != tuple(meta.shape):
+                    raise PlanError(f"{str(file)!r}: {lead + key} is {list(t.shape)}, but the model of config.json "
+                                    f"has {list(meta.shape)}; the folder's config does not describe its weights")
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise PlanError(f"{str(file)!r}: {lead + key} holds NaN or Inf; sparsecc cannot prune such weights")
+                state[key] = t if t.dtype == meta.dtype else t.to(meta.dtype)
+        finally:
+            opened.clear()
+        module.load_state_dict(state, strict=False, assign=True)
+        if any(p.is_meta for p in module.parameters()):
+            self.model.tie_weights()  # an lm_head tied to the embeddings is not in the files
+        self._init_buffers(module)
+        left = [n for n, t in (*module.named_parameters(), *module.named_buffers())
+                if t.is_meta and not n.startswith(skip)]
+        if left:
+            raise PlanError(f"{self.path}: {lead + left[0]} is in neither the weight files nor the model's own "
+                            "initialisation; the folder is incomplete")
+        return module
+
+    def _init_buffers(self, module: nn.Module) -> None:
+        """Buffers that no file holds (non-persistent: rotary inv_freq), made as from_pretrained makes them."""
+        for sub in module.modules():
+            if any(b.is_meta for b in sub.buffers(recurse=False)) and not any(True for _ in sub.parameters(recurse=False)):
+                sub.to_empty(device="cpu", recurse=False)
+                self.model._init_weights(sub)
+
+    def release(self, prefix: str) -> None:
+        """Put module `prefix` back on the meta device (its tensors are freed)."""
+        self.model.get_submodule(prefix).to("meta")
+

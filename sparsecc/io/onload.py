@@ -1,0 +1,83 @@
+"""A pruned checkpoint written block by block while its model is onloaded (`sparsecc.prune_folder`).
+
+`BlockFiles` is the pipeline's block source (passes/blockwise.py): block k is read from the
+source folder when its scope starts (`load`), and once pruned and run, written to the output
+folder as the k-th of N shards and put back on the meta device (`done`); the parts outside the
+blocks are the last shard (`finish`). Each part gets the same checks and the same sparsecc files
+(masks, quantization grids, compressed weights) as `save_pruned` gives the whole model, in
+per-part files that sparsecc.json's "files" lists (checkpoint format 3):
+
+    out/model-00001-of-00005.safetensors ... model.safetensors.index.json
+        sparsecc_masks-00001-of-00005.safetensors ...   (only the parts that have such tensors)
+
+The folder loads with `load_pruned`, and (without compress) with plain `from_pretrained`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .checkpoint import INDEX, MASKS, PACKED, QUANT, checked_part
+from .lazy import LazyModel
+
+FORMAT_PARTS = 3  # checkpoint format of a folder whose sparsecc files are split by part
+
+
+class BlockFiles:
+    """Loads decoder blocks from `lazy`'s folder and writes them, pruned, into folder `tmp`."""
+
+    def __init__(self, lazy: LazyModel, blocks: list[str], tmp: Path, compress: bool = False):
+        self.lazy, self.blocks, self.tmp, self.compress = lazy, list(blocks), Path(tmp), compress
+        self.parts = len(self.blocks) + 1
+        self.weight_map: dict[str, str] = {}
+        self.files: dict[str, list[str]] = {MASKS: [], PACKED: [], QUANT: []}
+        self.fields: dict[str, dict] = {"compressed": {}, "quantized": {}, "masks": {}}
+        self.rows: list[dict] = []
+        self.loaded: list[str] = []  # blocks materialised now (at most one: tests check it)
+        self.total = 0  # bytes of the model's tensors written
+
+    def load(self, k: int, name: str) -> None:
+        self.lazy.materialise(name)
+        self.loaded.append(name)
+
+    def done(self, k: int, name: str, rows: list[dict]) -> None:
+        self._write(k, rows, lambda key: key.startswith(name + "."))
+        self.lazy.release(name)
+        self.loaded.remove(name)
+
+    def finish(self, rows: list[dict]) -> dict:
+        """Write the parts outside the blocks and the index; returns sparsecc.json's fields for the parts."""
+        inside = tuple(b + "." for b in self.blocks)
+        self._write(self.parts - 1, rows, lambda key: not key.startswith(inside))
+        (self.tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": self.total},
+                                                  "weight_map": dict(sorted(self.weight_map.items()))}, indent=2))
+        return {"format": FORMAT_PARTS, **self.fields, "files": {k: v for k, v in self.files.items() if v}}
+
+    def _write(self, k: int, rows: list[dict], part) -> None:
+        model = self.lazy.model
+        params = {n: p for n, p in model.named_parameters(remove_duplicate=False) if part(n)}
+        tensors, fields = checked_part(model, rows, params, self.compress)
+        for key, table in fields.items():
+            self.fields[key] |= table
+        self.rows += rows
+        state = model.state_dict()
+        keys = [key for key in self.lazy.where if part(key)]  # exactly the tensors the source folder has
+        shard = _name("model.safetensors", k, self.parts)
+        weights = {key: torch.empty(0, dtype=state[key].dtype) if key in fields["compressed"]
+                   else state[key].detach().contiguous() for key in keys}
+        save_file(weights, str(self.tmp / shard), {"format": "pt"})
+        self.total += sum(t.numel() * t.element_size() for t in weights.values())
+        self.weight_map |= {key: shard for key in keys}
+        for kind, table in tensors.items():
+            if table:
+                self.files[kind].append(_name(kind, k, self.parts))
+                save_file(table, str(self.tmp / self.files[kind][-1]))
+
+
+def _name(file: str, k: int, n: int) -> str:
+    """"model-00002-of-00005.safetensors" for part k (from 0) of n, as save_pretrained names shards."""
+    stem = file.removesuffix(".safetensors")
+    return f"{stem}-{k + 1:05d}-of-{n:05d}.safetensors"

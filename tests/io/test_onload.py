@@ -1,0 +1,181 @@
+"""Sequential onloading (`prune_folder`): the checkpoint equals whole-model pruning, tensor for
+tensor, while at most one decoder block is ever read; bad runs are refused before any weight is
+read and leave nothing behind."""
+import json
+
+import pytest
+import torch
+
+import sparsecc
+from sparsecc import GPTQConfig, MagnitudeConfig, SparseGPTConfig, WandaConfig
+from sparsecc.graph.capture import capture
+from sparsecc.io import lazy as lazy_mod
+from sparsecc.io.checkpoint import META
+from sparsecc.io.lazy import LazyModel
+from sparsecc.io.onload import BlockFiles
+
+RECIPES = {
+    "sparsegpt": ({"default": SparseGPTConfig(sparsity=0.5)}, {}),
+    "wanda-2:4": ({"default": WandaConfig(pattern="2:4"), "lm_head": None}, {}),
+    "joint-int4": ({"default": SparseGPTConfig(sparsity=0.5, bits=4, group_size=16)}, {}),
+    "gptq-compressed": ({"default": GPTQConfig(bits=4, group_size=16)}, {"compress": True}),
+    "magnitude-data-free": ({"default": MagnitudeConfig(sparsity=0.3)}, {}),
+}
+
+
+def _folder(make_model, tmp_path, family="llama", layers=4, tie=False):
+    """A random model saved in several shards (a block per ~shard), as big models come."""
+    from transformers import AutoModelForCausalLM
+    model = make_model(family)
+    config = model.config
+    config.num_hidden_layers = layers
+    config.tie_word_embeddings = tie
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    path = tmp_path / f"{family}-src"
+    model.save_pretrained(path, max_shard_size="60KB")
+    return path
+
+
+def _hashes(path):
+    meta = json.loads((path / META).read_text())
+    return {k: v for table in meta["sha256"].values() for k, v in table.items()}, meta
+
+
+def _rows(meta):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in meta["rows"]]
+
+
+@pytest.mark.parametrize("case", list(RECIPES))
+def test_onloaded_checkpoint_equals_whole_model_pruning(case, make_model, batches, tmp_path):
+    from transformers import LlamaForCausalLM
+    recipe, kw = RECIPES[case]
+    data = None if case.endswith("data-free") else batches
+    src = _folder(make_model, tmp_path)
+    report = sparsecc.prune_folder(src, recipe, data, tmp_path / "onloaded", progress=False, **kw)
+    whole = LlamaForCausalLM.from_pretrained(src).eval()
+    whole_report = sparsecc.sparsify_(whole, recipe, data, progress=False)
+    sparsecc.save_pruned(whole, tmp_path / "whole", whole_report, **kw)
+
+    a, meta_a = _hashes(tmp_path / "onloaded")
+    b, meta_b = _hashes(tmp_path / "whole")
+    assert a == b  # every tensor of every file, bit for bit (masks, grids, compressed forms)
+    assert _rows(meta_a) == _rows(meta_b) and [r["module"] for r in report.rows] == [r["module"] for r in meta_b["rows"]]
+    assert meta_a["format"] == 3 and len(next(iter(meta_a["files"].values()))) > 1  # split by block
+    loaded, _ = sparsecc.load_pruned(tmp_path / "onloaded")
+    assert all(torch.equal(x, whole.state_dict()[k]) for k, x in loaded.state_dict().items())
+    if not kw.get("compress"):  # a plain transformers folder too
+        plain = LlamaForCausalLM.from_pretrained(tmp_path / "onloaded").eval()
+        ids = batches[0]
+        assert torch.equal(plain(ids).logits, whole(ids).logits)
+    size = sparsecc.checkpoint_size(tmp_path / "onloaded")
+    assert size == sparsecc.checkpoint_size(tmp_path / "whole")
+
+
+@pytest.mark.filterwarnings("ignore:.*is tied to")  # the tied lm_head is pruned with its embeddings
+@pytest.mark.parametrize("family", ["opt", "gpt2", "mistral"])
+def test_other_families_onload_to_the_same_checkpoint(family, make_model, batches, tmp_path):
+    from transformers import AutoModelForCausalLM
+    src = _folder(make_model, tmp_path, family, layers=3, tie=True)
+    recipe = {"default": SparseGPTConfig(sparsity=0.5)}
+    sparsecc.prune_folder(src, recipe, batches, tmp_path / "onloaded", progress=False)
+    whole = AutoModelForCausalLM.from_pretrained(src).eval()
+    sparsecc.save_pruned(whole, tmp_path / "whole", sparsecc.sparsify_(whole, recipe, batches, progress=False))
+    assert _hashes(tmp_path / "onloaded")[0] == _hashes(tmp_path / "whole")[0]
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
+def test_capture_on_the_meta_device_equals_a_real_capture(family, make_model, batches, tmp_path):
+    src = _folder(make_model, tmp_path, family, layers=2, tie=True)
+    from transformers import AutoModelForCausalLM
+    real = capture(AutoModelForCausalLM.from_pretrained(src).eval(), batches[0])
+    meta = capture(LazyModel(src).model, {"input_ids": batches[0].to("meta"), "use_cache": False})
+    assert meta.sites == real.sites  # names, shapes, orientation, tied aliases
+    assert meta.blocks == real.blocks and meta.gated == real.gated and meta.heads == real.heads
+    assert any(s.tied for s in meta.sites.values())  # the tied lm_head is seen as tied on meta too
+
+
+def test_one_block_in_memory_at_a_time_and_its_statistics_dropped(make_model, batches, tmp_path, monkeypatch):
+    src = _folder(make_model, tmp_path)
+    seen, load, done = [], BlockFiles.load, BlockFiles.done
+
+    def spy_load(self, k, name):
+        assert self.loaded == []  # the block before was freed
+        load(self, k, name)
+        real = [n for n in self.blocks if not self.lazy.model.get_submodule(n).self_attn.q_proj.weight.is_meta]
+        seen.append(real)
+
+    def spy_done(self, k, name, rows):
+        done(self, k, name, rows)
+        assert self.lazy.model.get_submodule(name).mlp.down_proj.weight.is_meta
+
+    forgotten = []
+    from sparsecc.passes.pipeline import PassContext
+    forget = PassContext.forget
+
+    def spy_forget(ctx, holds, keep=frozenset()):
+        forget(ctx, holds, keep)
+        forgotten.append(sum(len(t) for t in ctx.stats.values()) + len(ctx.decisions))
+
+    monkeypatch.setattr(BlockFiles, "load", spy_load)
+    monkeypatch.setattr(BlockFiles, "done", spy_done)
+    monkeypatch.setattr(PassContext, "forget", spy_forget)
+    sparsecc.prune_folder(src, {"default": SparseGPTConfig(sparsity=0.5)}, batches, tmp_path / "out", progress=False)
+    assert seen == [[f"model.layers.{k}"] for k in range(4)]
+    assert forgotten == [0, 0, 0, 0]  # nothing of a written block is held any more
+
+
+def test_too_small_max_memory_is_refused_before_any_weight_is_read(make_model, batches, tmp_path, monkeypatch):
+    src = _folder(make_model, tmp_path)
+    monkeypatch.setattr(lazy_mod, "safe_open", lambda *a, **k: pytest.fail("a weight was read"))
+    with pytest.raises(sparsecc.CalibrationError, match=r"needs ~[\d.]+ [KM]iB at its peak \(model\.layers\.\d.*"
+                                                        r"more than max_memory"):
+        sparsecc.prune_folder(src, {"default": SparseGPTConfig(sparsity=0.5)}, batches, tmp_path / "out",
+                              max_memory="100kB", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("recipe", [{"default": WandaConfig(sparsity=0.5, layerwise="owl")},
+                                    {"re:.*mlp$": sparsecc.CATSConfig()},
+                                    {"default": sparsecc.LayerDropConfig(n=1)}],
+                         ids=["owl", "cats", "layer-drop"])
+def test_recipes_that_need_the_whole_model_are_refused_by_name(recipe, make_model, batches, tmp_path, monkeypatch):
+    src = _folder(make_model, tmp_path)
+    monkeypatch.setattr(lazy_mod, "safe_open", lambda *a, **k: pytest.fail("a weight was read"))
+    with pytest.raises(sparsecc.WholeModelError, match=r"(WandaConfig \(collect_outlier_ratios\)|CATSConfig|"
+                                                         r"LayerDropConfig) .*cannot run block by block"):
+        sparsecc.prune_folder(src, recipe, batches, tmp_path / "out", progress=False)
+    assert list(tmp_path.iterdir()) == [src]
+
+
+def test_a_failure_midway_leaves_nothing_and_keeps_an_existing_output(make_model, batches, tmp_path, monkeypatch):
+    src = _folder(make_model, tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    done = BlockFiles.done
+
+    def failing(self, k, name, rows):
+        if k == 2:
+            raise RuntimeError("disk went away")
+        done(self, k, name, rows)
+
+    monkeypatch.setattr(BlockFiles, "done", failing)
+    with pytest.raises(RuntimeError, match="disk went away"):
+        sparsecc.prune_folder(src, {"default": WandaConfig(sparsity=0.5)}, batches, out, overwrite=True,
+                              progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama-src", "out"]
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_a_corrupt_weight_is_named_when_its_block_is_read(make_model, batches, tmp_path):
+    from safetensors.torch import load_file, save_file
+    src = _folder(make_model, tmp_path)
+    index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "model.layers.2.mlp.up_proj.weight"
+    tensors = load_file(src / index[name])
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, src / index[name], {"format": "pt"})
+    with pytest.raises(sparsecc.PlanError, match=f"{name} holds NaN"):
+        sparsecc.prune_folder(src, {"default": WandaConfig(sparsity=0.5)}, batches, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

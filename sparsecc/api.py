@@ -20,6 +20,7 @@ from .graph.calibration import describe, validate_batches
 from .io.plan import Plan, plan_meta
 from .io.report import Report
 from .passes.build import recipe_stages
+from .passes.distributed import Comm, current_comm
 from .passes.pipeline import Pipeline
 from .techniques.transaction import Transaction
 
@@ -38,8 +39,11 @@ def calibrate(model: nn.Module, batches, recipe, *, debug: bool = False, progres
     """Run the analysis passes the recipe needs and compute every decision, block by block on
     the outputs of the already-transformed blocks, then undo every change: the model is
     unchanged, and the returned Plan holds what `sparsify_(model, plan)` needs to apply without
-    data (masks and updated weights, CATS thresholds, MoE splits and routers, attention forms)."""
-    batches_list = validate_batches(model, batches)
+    data (masks and updated weights, CATS thresholds, MoE splits and routers, attention forms).
+    Inside a torch.distributed process group, every rank calls it with the same batches: see
+    `sparsify_`."""
+    comm = current_comm()
+    batches_list, local, ids = _shared_batches(model, batches, comm)
     keep = {"input_stats", "layer_sparsity"} | ({"hessian"} if keep_hessians else set())
     setup = describe(batches_list, getattr(batches, "setup", None))
 
@@ -47,7 +51,7 @@ def calibrate(model: nn.Module, batches, recipe, *, debug: bool = False, progres
         pipe = Pipeline.from_recipe(model, part, batches_list, debug=debug, progress=progress)
         pipe.keep = keep | {"decisions"}  # a block's other statistics go once it is done
         meta = plan_meta(model, pipe.captured.sites, pipe.targets)
-        result = pipe.run(model, batches_list, tx=tx)
+        result = pipe.run(model, local, tx=tx, comm=comm, batch_ids=ids)
         meta["timings"] = result.timings
         return Plan.from_result(result, meta, stats={a: t for a, t in result.stats.items() if a in keep}, setup=setup)
 
@@ -62,25 +66,46 @@ def sparsify_(model: nn.Module, recipe_or_plan, batches=None, *, debug: bool = F
     configs need on `batches` (data-free configs need none). With a Plan from `calibrate`,
     replays its decisions without data; `strict` checks the weights are those it was made from.
     A failure leaves the model as it was.
+
+    Inside an initialised torch.distributed process group of N > 1 ranks (gloo, NCCL), every rank
+    calls it with the same model and the same full list of batches: each rank calibrates on its
+    slice of them, the statistics are reduced exactly and each linear is planned by one rank, and
+    every rank ends with the model one process makes, bit for bit (passes/distributed.py; a pass
+    that cannot be reduced yet raises DistributedError).
     """
     if isinstance(recipe_or_plan, Plan):
         return _apply_plan(model, recipe_or_plan, strict, debug)
+    comm = current_comm()
     if batches is None:
-        batches_list = [_example_batch(model)]
+        batches_list = local = [_example_batch(model)]
+        ids = None
         setup = {"data": "none (data-free)"}
     else:
-        batches_list = validate_batches(model, batches)
+        batches_list, local, ids = _shared_batches(model, batches, comm)
         setup = describe(batches_list, getattr(batches, "setup", None))
 
     def stage(part, tx):
         pipe = Pipeline.from_recipe(model, part, batches_list, data=batches is not None, debug=debug,
                                     progress=progress)
         pipe.keep = set()  # the report is made of rows: a block's statistics and decisions go once it is done
-        return pipe.run(model, batches_list, tx=tx)
+        return pipe.run(model, local, tx=tx, comm=comm, batch_ids=ids)
 
     results = _in_stages(model, recipe_stages(recipe_or_plan), stage)
     return Report([r for res in results for r in res.rows], setup, _timings(results),
                   [s for res in results for s in res.scopes])
+
+
+def _shared_batches(model: nn.Module, batches, comm: Comm) -> tuple[list, list, list[int]]:
+    """(every batch, this rank's share, their global indices), checked on every rank first: one
+    rank's bad batch fails them all (none waits for it)."""
+    try:
+        batches_list = validate_batches(model, batches)
+    except Exception as e:
+        comm.agree(False, "checking the calibration batches", f"{type(e).__name__}: {e}")
+        raise
+    comm.agree(True, "checking the calibration batches")
+    ids = comm.shard(batches_list)
+    return batches_list, [batches_list[i] for i in ids], ids
 
 
 def _apply_plan(model: nn.Module, plan: Plan, strict: bool, debug: bool) -> Report:

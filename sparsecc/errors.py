@@ -27,3 +27,8 @@ class PlanError(SparseccError, ValueError):
 
 class WholeModelError(RecipeError):
     """A recipe needs the whole model in memory (it cannot be carried out block by block by `prune_folder`)."""
+
+
+class DistributedError(SparseccError, RuntimeError):
+    """A distributed run (torch.distributed, world size > 1) cannot go on: the ranks were given
+    different batches, a pass cannot be sharded yet, or another rank failed."""

@@ -6,15 +6,18 @@ hint that is no requirement); the Pipeline orders passes by them. Passes run sco
 decoder block at a time, see blockwise.py):
   - an AnalysisPass observes the inputs X ([tokens, in], padding removed) of the linear sites it
     wants while the scope runs on calibration data, and stores results by module name in
-    `ctx.stats[artefact]`; `whole_model = True` marks one whose results are only complete after
-    every scope was observed (OWL's allocation): it runs in a first sweep, and `finish(ctx)`
-    completes it before the transforms' sweep starts;
+    `ctx.stats[artefact]` (by `reduce`, after the scope, when it combines this rank's batches
+    with the other ranks' in a distributed run: passes/distributed.py); `whole_model = True`
+    marks one whose results are only complete after every scope was observed (OWL's
+    allocation): it runs in a first sweep, and `finish(ctx)` completes it before the
+    transforms' sweep starts;
   - a TransformPass changes the model in the scope, recording every change in `ctx.tx` first.
 """
 from __future__ import annotations
 
 import torch
 
+from ..errors import DistributedError
 from ..techniques.targeting import select
 
 
@@ -67,6 +70,14 @@ class AnalysisPass(Pass):
 
     def finish(self, ctx) -> None:
         """Called once after the last scope was observed."""
+
+    def reduce(self, ctx, names: list[str], comm) -> None:
+        """Called after each scope was observed (on this rank's batches) with the linear sites of
+        the scope this pass wants: complete their statistics over every rank (`comm`, a
+        passes.distributed.Comm), bit for bit what one process collects over all the batches.
+        By default a pass has no such reduction: it refuses to run on more than one process."""
+        if comm.world > 1:
+            raise DistributedError(f"{self.name} cannot run on {comm.world} processes yet; run it in one process")
 
 
 class TransformPass(Pass):

@@ -93,7 +93,7 @@ def recipe_passes(model: nn.Module, recipe, batches: list, data: bool = True, ca
     hessians = [n for n, c in linears.items() if "hessian" in technique_for(c).needs(c)]
     if hessians:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        check_hessian_memory(captured, hessians, device)
+        check_hessian_memory(captured, hessians, device, hessian_bytes=8)  # fp64 accumulators (analysis/hessian.py)
 
     specs, candidates = {}, {}
     for name, cfg in modules.items():

@@ -30,6 +30,7 @@ from .base import AnalysisPass, Pass, TransformPass
 from .blockwise import BlockRunner, slot_value, hidden_of, hidden_slot
 from .build import plan_passes, recipe_passes
 from .checks import verify
+from .distributed import Comm
 
 
 @dataclass
@@ -47,14 +48,23 @@ class PassContext:
     rows: list[dict] = field(default_factory=list)                         # per-module report rows
     batch_index: int = 0
     token_mask: torch.Tensor | None = None
+    comm: Comm = field(default_factory=Comm)   # the ranks of a distributed run (passes/distributed.py)
+    batch_ids: list[int] | None = None         # the global index of each of `batches` (None: 0, 1, ...)
 
     def __post_init__(self):
         self.tx = Transaction(self.model)
+        if self.batch_ids is None:
+            self.batch_ids = list(range(len(self.batches)))
         self.site_layout = {s.name: (tuple(s.weight(self.model).shape), s.weight(self.model).dtype,
                                      s.weight(self.model).device) for s in self.captured.sites.values()}
 
     def set_batch(self, index: int, mask: torch.Tensor | None) -> None:
         self.batch_index, self.token_mask = index, mask
+
+    @property
+    def global_batch(self) -> int:
+        """The index of the current batch in the whole calibration set (ranks hold slices of it)."""
+        return self.batch_ids[self.batch_index]
 
     def save_original(self, *params) -> None:
         """Keep the current value of each parameter (a name or a site) before a pass changes it."""
@@ -186,7 +196,8 @@ class Pipeline:
         return whole + [p for p in order if p not in whole]  # the order they run: the whole-model sweep first
 
     def run(self, model: torch.nn.Module, batches, captured: Captured | None = None,
-            keep_changes: bool = True, tx: Transaction | None = None) -> PipelineResult:
+            keep_changes: bool = True, tx: Transaction | None = None, *, comm: Comm | None = None,
+            batch_ids: list[int] | None = None) -> PipelineResult:
         """Run on `model` with calibration `batches` (None: passes that need no data, on a given
         `captured`). keep_changes=False undoes every change afterwards (what `calibrate` does); on
         any error they are always undone. With `tx`, an open Transaction of the caller's, the run's
@@ -201,7 +212,7 @@ class Pipeline:
         ctx = None
         try:
             captured = captured or self.captured or capture(model, batches_list[0])
-            ctx = PassContext(model, captured, batches_list, self.debug)
+            ctx = PassContext(model, captured, batches_list, self.debug, comm=comm or Comm(), batch_ids=batch_ids)
             ctx.source, ctx.keep = self.source, self.keep
             if tx is not None:  # the run keeps its own log: its parameters are saved by this stage's names
                 tx.on_undo(ctx.tx.rollback)
@@ -224,6 +235,9 @@ class Pipeline:
     def _run(self, ctx: PassContext) -> dict[str, float]:
         timings = {p.name: 0.0 for p in self.order}
         timings["calibration forward"] = 0.0
+        for p in self.order:
+            if isinstance(p, AnalysisPass) and ctx.comm.world > 1 and type(p).reduce is AnalysisPass.reduce:
+                p.reduce(ctx, [], ctx.comm)  # refuses (base.py), before any forward
         for p in self.order:
             if isinstance(p, AnalysisPass):
                 p.setup(ctx)
@@ -273,10 +287,15 @@ class Pipeline:
                 try:
                     if isinstance(stage[0], AnalysisPass):
                         t = time.perf_counter()
-                        spent = _observe(ctx, scope, stage)
+                        spent = _observe_on_ranks(ctx, scope, stage)
                         timings["calibration forward"] += time.perf_counter() - t - sum(spent.values())
                         for name, s in spent.items():
                             timings[name] += s
+                        for p in stage:  # the scope's statistics over every rank's batches (distributed.py)
+                            t = time.perf_counter()
+                            p.reduce(ctx, [site.name for site in scope.sites if p.wants(site.name)], ctx.comm)
+                            key = "reduction" if ctx.comm.world > 1 else p.name  # one process: the pass's own fold
+                            timings[key] = timings.get(key, 0.0) + time.perf_counter() - t
                     else:
                         t = time.perf_counter()
                         stage[0].run(ctx, scope.sites)
@@ -297,6 +316,18 @@ class Pipeline:
         return scopes
 
 
+def _observe_on_ranks(ctx: PassContext, scope, stage: list[AnalysisPass]) -> dict[str, float]:
+    """_observe, then every rank confirms it went well: a failure on one rank's batches (NaN in
+    an input) is raised on every rank, instead of the others waiting for it in the reduction."""
+    try:
+        spent = _observe(ctx, scope, stage)
+    except Exception as e:
+        ctx.comm.agree(False, f"observing {scope.name}", f"{type(e).__name__}: {e}")
+        raise
+    ctx.comm.agree(True, f"observing {scope.name}")
+    return spent
+
+
 def _observe(ctx: PassContext, scope, stage: list[AnalysisPass]) -> dict[str, float]:
     """Run the scope once with hooks feeding each site's input to the stage's passes."""
     spent = {p.name: 0.0 for p in stage}
@@ -315,7 +346,7 @@ def _observe(ctx: PassContext, scope, stage: list[AnalysisPass]) -> dict[str, fl
                 x = x[ctx.token_mask]
             x = x.reshape(-1, site.in_features)
             if not torch.isfinite(x).all():
-                raise CalibrationError(f"NaN/Inf in the input of {site.name} on calibration batch {ctx.batch_index}; "
+                raise CalibrationError(f"NaN/Inf in the input of {site.name} on calibration batch {ctx.global_batch}; "
                                        "check the batch and the layers before this module")
             for p in passes:
                 t = time.perf_counter()

@@ -1,4 +1,12 @@
-"""Per-linear H = Σ_t x_t x_tᵀ (SparseGPT's and OBS's Hessian), streamed over tokens."""
+"""Per-linear H = Σ_t x_t x_tᵀ (SparseGPT's and OBS's Hessian), streamed over tokens.
+
+Each call's partial XᵀX is computed in fp32 and added into an fp64 accumulator. The partials are
+fp32 numbers (24-bit significands) and fp64 has 53: their sum is exact, so the same whatever the
+order and grouping of the batches (one process, or N ranks all-reducing their sums: distributed.py),
+while an entry's n partials span less than ~2^29/n in magnitude (true of the tests' models, bit for
+bit; an entry whose partials cancel to tiny values could round). An fp32 accumulator rounds at every
+addition, differently for each order.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,23 +18,25 @@ from ..base import AnalysisPass
 
 @dataclass
 class HessianStats:
-    """H = sum_t x_t x_t^T over the tokens seen (fp32 by default, fp64 on request)."""
+    """H = sum_t x_t x_t^T over the tokens seen, accumulated in fp64."""
 
-    xtx: torch.Tensor  # [in, in]
+    xtx: torch.Tensor  # [in, in] fp64
     count: int = 0
 
     @classmethod
-    def empty(cls, in_features: int, dtype=torch.float32, device=None) -> "HessianStats":
-        return cls(torch.zeros(in_features, in_features, dtype=dtype, device=device), 0)
+    def empty(cls, in_features: int, device=None) -> "HessianStats":
+        return cls(torch.zeros(in_features, in_features, dtype=torch.float64, device=device), 0)
 
-    def update(self, x: torch.Tensor) -> None:  # x: [N, in]
-        xd = x.to(self.xtx.dtype)
-        self.xtx.addmm_(xd.t(), xd)
+    def update(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> None:  # x: [N, in]
+        """Add x^T x, computed in `dtype` (fp32: order-independent sums; fp64: closer to exact)."""
+        xd = x.to(dtype)
+        self.xtx += (xd.t() @ xd).to(torch.float64)
         self.count += x.shape[0]
 
     def matrix(self) -> torch.Tensor:
-        """SparseGPT's scaling H = 2/n * X X^T (the Hessian of the layer's squared error / n)."""
-        return self.xtx * (2.0 / max(self.count, 1))
+        """SparseGPT's scaling H = 2/n * X X^T (the Hessian of the layer's squared error / n), in
+        fp32 (what the solvers take)."""
+        return (self.xtx * (2.0 / max(self.count, 1))).float()
 
     def permuted(self, perm: torch.Tensor) -> "HessianStats":
         return HessianStats(self.xtx[perm][:, perm], self.count)
@@ -36,7 +46,7 @@ class HessianStats:
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor]) -> "HessianStats":
-        return cls(t["xtx"], int(t["count"]))
+        return cls(t["xtx"].to(torch.float64), int(t["count"]))  # plans saved before hold fp32
 
 
 class CollectHessians(AnalysisPass):
@@ -47,10 +57,25 @@ class CollectHessians(AnalysisPass):
         super().__init__(modules)
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"Hessian dtype must be torch.float32 or torch.float64, got {dtype}")
-        self.dtype = dtype
+        self.dtype = dtype  # of each batch's XᵀX (the sum is fp64); fp64 partials sum exactly in no order
 
     def observe(self, ctx, site, x):
         table = ctx.stats.setdefault("hessian", {})
         if site.name not in table:
-            table[site.name] = HessianStats.empty(site.in_features, self.dtype, x.device)
-        table[site.name].update(x)
+            table[site.name] = HessianStats.empty(site.in_features, x.device)
+        table[site.name].update(x, self.dtype)
+
+    def reduce(self, ctx, names, comm):
+        table = ctx.stats.setdefault("hessian", {})
+        if comm.world > 1:
+            counts = comm.sum_exact_(torch.tensor([table[n].count if n in table else 0 for n in names]))
+            for name, count in zip(names, counts.tolist()):
+                if count == 0:
+                    continue  # no rank saw it (as one process would have no entry)
+                site = ctx.captured.sites[name]
+                h = table.get(name) or HessianStats.empty(site.in_features, site.weight(ctx.model).device)
+                comm.sum_exact_(h.xtx)  # exact: sums of fp32 partials in fp64 (see the top)
+                h.count, table[name] = count, h
+        for name in names:  # one order on every rank, whichever module ran first
+            if name in table:
+                table[name] = table.pop(name)

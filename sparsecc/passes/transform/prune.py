@@ -47,7 +47,12 @@ class ApplyRecipe(TransformPass):
             if self.decisions is not None:
                 decision = self.decisions[site.name]
             else:
-                decision = tech.plan(config, site, weight, {k: ctx.stats[k][site.name] for k in tech.needs(config)})
+                stats = {k: ctx.stats[k][site.name] for k in tech.needs(config)}
+                # one rank plans, the others receive its decision (distributed.py); the work to spread:
+                # a Hessian solve is O(in² · out) (SparseGPT Algorithm 1), the others O(in · out)
+                cost = site.in_features * site.out_features * (site.in_features if "hessian" in stats else 1)
+                decision = ctx.comm.decide(site.name, cost, lambda: tech.plan(config, site, weight, stats),
+                                           weight.device)
             ctx.tx.save(*tech.touches(config, site, decision))
             tech.apply(config, ctx.model, site, decision, ctx.tx)
             ctx.decisions[site.name], ctx.configs[site.name] = decision, config

@@ -9,6 +9,7 @@ Plan replays them in the same order (`Plan.stages`).
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -173,7 +174,8 @@ def prune_folder(model_dir, recipe, batches, out, *, tokenizer=None, compress: b
     lazy = LazyModel(model_dir)
     model = lazy.model
     data = batches is not None
-    batches_list = validate_batches(model, batches) if data else [_example_batch(model)]
+    comm = current_comm()
+    batches_list, local, ids = _shared_batches(model, batches, comm) if data else ([_example_batch(model)], None, None)
     setup = describe(batches_list, getattr(batches, "setup", None)) if data else {"data": "none (data-free)"}
     if len(recipe_stages(recipe)) > 1:
         raise WholeModelError("LayerDropConfig cannot run block by block yet (it renumbers the blocks): load the model "
@@ -203,21 +205,28 @@ def prune_folder(model_dir, recipe, batches, out, *, tokenizer=None, compress: b
                                f"({parts['block']}: {detail}), more than max_memory {fmt_bytes(budget)}; lower "
                                "the number or length of the calibration samples, or use WandaConfig (no Hessians)")
     lazy.materialise("", outside=tuple(blocks))
-    with writing_folder(out) as tmp:
+    # Under torch.distributed every rank loads and calibrates each block on its share of the batches;
+    # rank 0 alone writes, and publishes the folder only once every rank has finished.
+    with (writing_folder(out) if comm.rank == 0 else nullcontext()) as tmp:
         files = BlockFiles(lazy, blocks, tmp, compress)
         pipe.source, pipe.keep = files, set()
-        result = pipe.run(model, batches_list if data else None)
-        rest = [r for r in result.rows if captured.block_of(r["module"] + ".") is None]
-        fields = files.finish(rest)
+        result = pipe.run(model, local, comm=comm, batch_ids=ids)
         report = Report(result.rows, setup, result.timings, result.scopes)
-        model.config.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        write_meta(tmp, checkpoint_meta(model, report, recipe) | fields)
-        if before_publish is not None:
-            before_publish(report)
+        try:
+            if tmp is not None:
+                fields = files.finish([r for r in result.rows if captured.block_of(r["module"] + ".") is None])
+                model.config.save_pretrained(tmp)
+                if getattr(model, "generation_config", None) is not None:
+                    model.generation_config.save_pretrained(tmp)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp)
+                write_meta(tmp, checkpoint_meta(model, report, recipe) | fields)
+                if before_publish is not None:
+                    before_publish(report)
+        except BaseException as e:
+            comm.agree(False, "writing the checkpoint", f"{type(e).__name__}: {e}")
+            raise
+        comm.agree(True, "writing the checkpoint")
     return report
 
 

@@ -30,7 +30,8 @@ class BlockFiles:
     """Loads decoder blocks from `lazy`'s folder and writes them, pruned, into folder `tmp`."""
 
     def __init__(self, lazy: LazyModel, blocks: list[str], tmp: Path, compress: bool = False):
-        self.lazy, self.blocks, self.tmp, self.compress = lazy, list(blocks), Path(tmp), compress
+        self.lazy, self.blocks, self.compress = lazy, list(blocks), compress
+        self.tmp = Path(tmp) if tmp is not None else None
         self.parts = len(self.blocks) + 1
         self.weight_map: dict[str, str] = {}
         self.files: dict[str, list[str]] = {MASKS: [], PACKED: [], QUANT: []}
@@ -44,7 +45,8 @@ class BlockFiles:
         self.loaded.append(name)
 
     def done(self, k: int, name: str, rows: list[dict]) -> None:
-        self._write(k, rows, lambda key: key.startswith(name + "."))
+        if self.tmp is not None:  # None: a rank that does not write (torch.distributed: rank 0 writes)
+            self._write(k, rows, lambda key: key.startswith(name + "."))
         self.lazy.release(name)
         self.loaded.remove(name)
 

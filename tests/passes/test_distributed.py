@@ -97,8 +97,23 @@ def _scenarios(rank: int):
             agreed = str(e)
         return {"state": {"order": order}, "rows": [raised, agreed]}
 
+    def prune_folder():  # onloading on ranks: each loads every block, rank 0 alone writes
+        import tempfile
+        src, out = os.environ["SPARSECC_TEST_SOURCE"], os.path.join(tempfile.mkdtemp(), "out")
+        report = sparsecc.prune_folder(src, RECIPES["sparsegpt"], _batches(), out, progress=False)
+        written = os.path.exists(out)
+        state = sparsecc.load_pruned(out)[0].state_dict() if written else {}
+        return {"state": state, "rows": report.rows + [written], "setup": report.setup}
+
     return {"sparsegpt": sparsify("sparsegpt"), "wanda24": sparsify("wanda24"), "calibrate": calibrate,
+            "prune_folder": prune_folder,
             "owl": owl, "other_batches": other_batches, "comm": comm}
+
+
+def _source(tmp: str) -> None:
+    """The model as a sharded folder, for prune_folder; its path in the environment the ranks inherit."""
+    os.environ["SPARSECC_TEST_SOURCE"] = f"{tmp}/source"
+    _model().save_pretrained(f"{tmp}/source", max_shard_size="60KB")
 
 
 def _save(out: str, name: str, fn) -> None:
@@ -133,6 +148,7 @@ def ranks(tmp_path_factory):
     """Run the scenarios on 2 spawned gloo ranks; (folder of their results, seconds taken)."""
     import torch.multiprocessing as mp
     tmp = str(tmp_path_factory.mktemp("dist"))
+    _source(tmp)  # transformers saves nothing on ranks > 0 of a process group: written before the spawn
     t0 = time.perf_counter()
     ctx = mp.start_processes(_worker, (tmp,), nprocs=RANKS, join=False, start_method="spawn")
     try:
@@ -150,11 +166,12 @@ def ranks(tmp_path_factory):
 def reference(tmp_path_factory):
     """The single-process results, with one thread like the ranks."""
     tmp = str(tmp_path_factory.mktemp("single"))
+    _source(tmp)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         for name, fn in _scenarios(0).items():
-            if name in ("sparsegpt", "wanda24", "calibrate"):
+            if name in ("sparsegpt", "wanda24", "calibrate", "prune_folder"):
                 _save(tmp, name, fn)
     finally:
         torch.set_num_threads(threads)
@@ -183,6 +200,16 @@ def test_ranks_equal_one_process_bitwise(ranks, reference, scenario):
     if scenario == "calibrate":  # both statistics, over all 6 batches (one row padded: 5 tokens fewer)
         assert any(k.startswith("hessian/") for k in state) and any(k.startswith("input_stats/") for k in state)
         assert all(int(state[k]) == 6 * 32 - 5 for k in state if k.endswith("/count"))
+
+
+def test_onloading_on_ranks_writes_the_one_process_checkpoint_once(ranks, reference):
+    ref, ref_state = _load(reference, "prune_folder")
+    assert "error" not in ref, ref
+    got, state = _load(f"{ranks[0]}/rank0", "prune_folder")
+    assert got["rows"] == ref["rows"] and got["rows"][-1] is True  # rank 0 wrote it
+    assert state.keys() == ref_state.keys() and all(torch.equal(state[k], ref_state[k]) for k in state)
+    other, _ = _load(f"{ranks[0]}/rank1", "prune_folder")
+    assert other["rows"][:-1] == ref["rows"][:-1] and other["rows"][-1] is False  # rank 1 wrote nothing
 
 
 @pytest.mark.parametrize("scenario, message", [

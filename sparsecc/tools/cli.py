@@ -2,6 +2,7 @@
 
     sparsecc demo                                   the embedded offline default (README)
     sparsecc prune MODEL_DIR --recipe R --calib TEXT --out OUT [--overwrite] [--compress] [--max-memory 24GiB]
+    torchrun --nproc_per_node=N -m sparsecc prune ...   calibration shared by N processes (gloo / NCCL)
     sparsecc eval MODEL_DIR --text FILE             perplexity the way the seeds compute it
     sparsecc bench [--quick] [--only NAMES]         the benchmarks that run on this machine
 
@@ -152,11 +153,8 @@ def _seqlen(args, config) -> int:
 
 def prune(args) -> int:
     import sparsecc
-    from ..errors import WholeModelError
-    from ..io.checkpoint import META, save_pruned
     from ..io.folders import check_output_dir
-    from ..passes.memory import check_whole_memory, parse_bytes
-    from .local_models import load_local_model
+    from ..passes.memory import parse_bytes
 
     check_output_dir(args.out, args.overwrite)  # the outputs before any work
     _check_output("--out", args.out, makes_parents=True)
@@ -169,15 +167,48 @@ def prune(args) -> int:
                          "choose another folder")
     recipe = sparsecc.load_recipe(args.recipe)
     budget = parse_bytes(args.max_memory) if args.max_memory is not None else None
+    rank = _join_ranks()
+    try:
+        return _prune(args, recipe, budget, rank, model_dir)
+    finally:
+        if rank is not None:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+def _join_ranks() -> int | None:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on CUDA, else gloo) -> this
+    rank; calibration is then shared by the ranks (sparsify_, prune_folder). None: one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    # a rank waits for the others while they solve their linears: a long timeout
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(minutes=30))
+    return dist.get_rank()
+
+
+def _prune(args, recipe, budget, rank, model_dir) -> int:
+    import sparsecc
+    from ..errors import WholeModelError
+    from ..io.checkpoint import META, save_pruned
+    from ..passes.memory import check_whole_memory
+    from .local_models import load_local_model
+
     if not (args.no_onload or args.save_plan or (model_dir / META).is_file()):
         try:
             report = _prune_onloaded(args, recipe, budget)
         except WholeModelError as e:
             if budget is not None:
                 raise
-            print(f"sparsecc prune: loading the whole model ({e})", file=sys.stderr)
+            if not rank:
+                print(f"sparsecc prune: loading the whole model ({e})", file=sys.stderr)
         else:
-            return _done(args, report, Path(args.out))
+            return _done(args, report, Path(args.out)) if not rank else 0
     model, tok = load_local_model(args.model_dir, args.tokenizer)
     if budget is not None:
         check_whole_memory(model, recipe, budget)
@@ -188,6 +219,8 @@ def prune(args) -> int:
         report = sparsecc.sparsify_(model, plan)
     else:
         report = sparsecc.sparsify_(model, recipe, batches, progress=not args.quiet)
+    if rank:  # under torchrun rank 0 writes
+        return 0
     # The JSON is written first, beside its place, and published only once the checkpoint is
     # complete: whichever write fails, neither is left behind.
     staged = _staged(args.json, report.to_json()) if args.json else None
@@ -298,6 +331,7 @@ def _benchmarks(quick: bool) -> dict:
             "quant_quality": q("--model", "tiny", "--nsamples", "16"),
             "e2e": q("--quick", "--models", "ref", "--threads", "1"),  # the compiled row is most of its minute
             "streaming": q("--model", "tiny", "--factor", "4", "--streams", "1"),
+            "scale": q("--quick"),
             **{name: q("--quick") for name in KERNEL_BENCHMARKS}}  # these: on the GPU if there is one
 
 

@@ -362,3 +362,24 @@ def test_a_recipe_needing_the_whole_model_falls_back_to_loading_it(model_dir, te
                             texts / "calib.txt", "--out", tmp_path / "out", "--nsamples", 2, "--quiet")
     assert code == 0, err
     assert "loading the whole model (CATSConfig" in err and "wrote" in stdout
+
+
+def test_torchrun_two_processes_write_the_one_process_checkpoint(model_dir, texts, tmp_path):
+    """`torchrun --nproc_per_node=2 -m sparsecc prune`: gloo ranks share the calibration, rank 0 writes."""
+    import os
+    import subprocess
+    import sys
+    args = ["prune", str(model_dir), "--recipe", str(texts / "recipe.yaml"), "--calib", str(texts / "calib.txt"),
+            "--nsamples", "4", "--seqlen", "64", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the ranks' matmuls bit for bit as the single run's
+    one = subprocess.run([sys.executable, "-m", "sparsecc", *args, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "sparsecc", *args, "--out", str(tmp_path / "two")], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("wrote") == 1  # rank 0 reports
+    a, b = (json.loads((tmp_path / d / "sparsecc.json").read_text()) for d in ("one", "two"))
+    assert {k: v for t in a["sha256"].values() for k, v in t.items()} == \
+        {k: v for t in b["sha256"].values() for k, v in t.items()}

@@ -173,7 +173,6 @@ class BlockRunner:
         n = len(self.blocks)
         self.calls = [[None] * len(self.ctx.batches) for _ in range(n)]
         first_in: dict[int, torch.Tensor] = {}
-        first_out: dict[int, torch.Tensor] = {}
 
         def record(k, b, args, kwargs):
             slot = hidden_slot(args, kwargs)
@@ -187,8 +186,6 @@ class BlockRunner:
                 self.hidden.append(h)
             args, kwargs = _with_hidden(slot, args, kwargs, None)
             self.calls[k][b] = (slot, args, kwargs)
-            if b == 0:
-                first_out[k] = h
             if k == n - 1:
                 raise _Stop()
             return h
@@ -202,7 +199,8 @@ class BlockRunner:
                     continue
                 raise CalibrationError(f"the last decoder block of {type(self.model).__name__} never ran; its model "
                                        "cannot be loaded block by block: prune it whole (sparsify_, or sparsecc prune --no-onload)")
-        if not all(first_out[k] is first_in.get(k + 1) for k in range(n - 1)):
+        # a stub returns its input: the model must hand it on to the next block unchanged
+        if not all(first_in[k] is first_in.get(k + 1) for k in range(n - 1)):
             raise CalibrationError(f"{type(self.model).__name__} changes the hidden states between its decoder blocks; "
                                    "it cannot be loaded block by block: prune it whole (sparsify_, or sparsecc prune --no-onload)")
 

@@ -18,11 +18,12 @@ GiB = 2 ** 30
 
 def fmt_bytes(n: float) -> str:
     """"1.24 GiB", "310 MiB", "12 KiB": an amount of memory for messages."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.3g} {unit}" if unit != "B" else f"{int(n)} B"
+    if n < 1024:
+        return f"{int(n)} B"
+    for unit in ("KiB", "MiB", "GiB"):
         n /= 1024
-    return f"{n:.3g} TiB"
+        if n < 1024 or unit == "GiB":
+            return f"{n:.3g} {unit}"
 
 
 def available_bytes(device: torch.device) -> int | None:

@@ -130,14 +130,27 @@ def run_child(cli_args: list[str]) -> int:
     except ImportError:  # run as a module
         from benchmarks.e2e import PeakMemory
 
-    # when each block is read and written (sparsecc.io.onload.BlockFiles)
+    # when each block is read and written (sparsecc.io.onload.BlockFiles), and the peak so far then
     marks: list[tuple[str, int, float]] = []
+    hwm: list[int] = []  # VmHWM as each block is written, in bytes (minus the baseline, once known)
     try:
         from sparsecc.io.onload import BlockFiles
         load, done = BlockFiles.load, BlockFiles.done
-        BlockFiles.load = lambda self, k, name: (marks.append(("load", k, time.perf_counter())), load(self, k, name))[1]
-        BlockFiles.done = lambda self, k, name, rows: (done(self, k, name, rows),
-                                                       marks.append(("done", k, time.perf_counter())))[0]
+        def load_block(self, k, name):
+            if k == 0 and int(os.environ.get("WORLD_SIZE", 1)) > 1 and not (joined or dist.is_initialized()):
+                # under torchrun, but pruning alone: stop now rather than prune the model once per rank
+                print("scale.py: error: sparsecc prune did not join a torch.distributed process group under "
+                      "torchrun (each rank would prune the whole model alone)", file=sys.stderr, flush=True)
+                os._exit(3)
+            marks.append(("load", k, time.perf_counter()))
+            return load(self, k, name)
+        BlockFiles.load = load_block
+        def done_block(self, k, name, rows):
+            out = done(self, k, name, rows)
+            marks.append(("done", k, time.perf_counter()))
+            hwm.append(_status()["VmHWM"])
+            return out
+        BlockFiles.done = done_block
     except (ImportError, AttributeError):
         pass
     sampler = RssSampler()
@@ -156,6 +169,7 @@ def run_child(cli_args: list[str]) -> int:
     blocks = (dones[-1] - loads[0]) / len(dones) if dones and loads else None
     result = {"code": code, "peak_bytes": mem.peak, "seconds": seconds, "block_seconds": blocks,
               "blocks_done": len(dones), "threads": torch.get_num_threads(),
+              "peak_by_block": [h - base["VmRSS"] for h in hwm],
               "rank": int(os.environ.get("RANK", 0)), "world": max(joined, default=1),
               "base": {k: base[k] for k in ("VmRSS", "RssAnon", "RssFile")},
               "at_peak": {k: top[k] - base[k] for k in ("VmRSS", "RssAnon", "RssFile")},
@@ -313,7 +327,7 @@ def error_line(stderr: str) -> str:
     """The line of a child's stderr that says what went wrong: sparsecc's one-line error, else the last
     exception line of a traceback, else the last line."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    ours = [line for line in lines if re.match(r"(\[rank\d+\]:\s*)?sparsecc \w+: error:", line)]
+    ours = [line for line in lines if re.match(r"(\[rank\d+\]:\s*)?(sparsecc \w+|scale\.py): error:", line)]
     raised = [line for line in lines if re.match(r"(\[rank\d+\]:\s*)?[\w.]*(Error|Exception|Interrupt)\b:?", line)
               and "ChildFailedError" not in line]  # torchrun's own summary of a rank that failed
     return (ours or raised or lines or [""])[-1]
@@ -335,20 +349,27 @@ def mib(n) -> str:
     return "-" if n is None else f"{n / MiB:,.0f}"
 
 
+def growth(peaks: list[int]) -> str:
+    """"a / b / c": the peak as the first block, half the blocks and every block were written."""
+    return " / ".join(mib(peaks[i]) for i in (0, len(peaks) // 2 - 1, -1)) if len(peaks) >= 2 else "-"
+
+
 def depth_table(rows: list[dict]) -> str:
     lines = ["| layers | model MiB | estimate MiB (onload_peak_bytes) | peak MiB | peak / estimate "
-             "| anon / file MiB at peak | bound MiB (1.5 x block) | peak / bound | prune s | s per block | written MiB |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| anon / file MiB at peak | peak after block 1 / half / all MiB | bound MiB (1.5 x block) | peak / bound "
+             "| prune s | s per block | written MiB |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         run = r["run"]
         if run.get("exit") != 0 or run.get("peak_bytes") is None:
             lines.append(f"| {r['layers']} | {mib(r['model_bytes'])} | {mib(r['estimate'])} | failed (exit "
-                         f"{run.get('exit')}): {one_line(run.get('stderr'))} |" + " |" * 7)
+                         f"{run.get('exit')}): {one_line(run.get('stderr'))} |" + " |" * 8)
             continue
         top = run["at_peak"]
         per_block = "-" if run["blocks_done"] != r["layers"] else f"{run['block_seconds']:.2f}"
         lines.append(f"| {r['layers']} | {mib(r['model_bytes'])} | {mib(r['estimate'])} | {mib(run['peak_bytes'])} | "
                      f"{run['peak_bytes'] / r['estimate']:.2f} | {mib(top['RssAnon'])} / {mib(top['RssFile'])} | "
+                     f"{growth(run.get('peak_by_block') or [])} | "
                      f"{mib(r['bound']['bound'])} | {run['peak_bytes'] / r['bound']['bound']:.2f} | "
                      f"{run['seconds']:.1f} | {per_block} | {mib(run.get('written'))} |")
     return "\n".join(lines)
@@ -380,7 +401,9 @@ def compare_processes(folder: Path, work: Path, inputs: dict, done: dict, thread
     two = prune(folder, work / "out-2procs", inputs, threads=1, procs=2)
     shutil.rmtree(work / "out-2procs", ignore_errors=True)
     if two["exit"] != 0 or not two["ranks"]:
-        two = {"unavailable": f"exit {two['exit']}: {two['stderr']}"}
+        said = two["stderr"]
+        two = {"unavailable": said.split("scale.py: error: ", 1)[1] if "scale.py: error: " in said
+               else f"exit {two['exit']}: {said}"}
     elif any(r["world"] != 2 for r in two["ranks"]):
         two = {"unavailable": "sparsecc prune did not join a torch.distributed process group under torchrun "
                               f"(world size {two['ranks'][0]['world']}): each rank pruned the whole model alone"}
@@ -482,19 +505,27 @@ def main(argv=None) -> int:
                      + (f"**{flat:.2f}**" if flat else "-") + ".")
     if rows:
         parts = rows[-1]["parts"]
-        lines.append(f"sparsecc's estimate at {rows[-1]['layers']} layers ({parts.get('block')}): " + ", ".join(
-            f"{k} {mib(v)} MiB" for k, v in parts.items() if k != "block") + ".")
+        lines.append(f"sparsecc's estimate at {rows[-1]['layers']} layers peaks in {parts.get('block')}, "
+                     f"{parts.get('phase')}: " + ", ".join(
+                         f"{k} {mib(v)} MiB" for k, v in parts.items() if k not in ("block", "phase")) + ".")
     if refusal is not None:
+        whole = (f"`--no-onload` (estimate 3 x parameters + Hessians = {mib(refusal['estimate'])} MiB) "
+                 + ("was refused" if refused else "was NOT refused")
+                 + f" (exit {refusal['exit']} after {refusal['wall']:.1f} s wall, {refusal.get('seconds', 0):.1f} s in "
+                 f"the command, peak {mib(refusal.get('peak_bytes'))} MiB"
+                 + (f": `{one_line(refusal['stderr'], 300)}`)" if refused else ")"))
+        if completed:
+            peak = onload_under_budget["peak_bytes"]
+            onload = (f"onloading (estimate {mib(refusal['onload_estimate'])} MiB) completed (exit 0) with a measured "
+                      f"peak of {mib(peak)} MiB, " + ("within the budget" if peak <= budget else
+                                                      "**above the budget** its estimate said it fits"))
+        else:
+            onload = f"onloading FAILED: `{one_line(onload_under_budget and onload_under_budget['stderr'])}`"
         lines.append(f"Under `--max-memory {budget_text}` ({budget / MiB:,.0f} MiB) on the {depths[-1]}-layer model: "
-                     f"`--no-onload` (estimate 3 x parameters + Hessians = {mib(refusal['estimate'])} MiB) "
-                     f"{'was refused' if refused else 'was NOT refused'} (exit {refusal['exit']} after "
-                     f"{refusal['wall']:.1f} s wall, {refusal.get('seconds', 0):.1f} s in the command, peak "
-                     f"{mib(refusal.get('peak_bytes'))} MiB" + (f": `{one_line(refusal['stderr'], 300)}`" if refused else "")
-                     + "); "
-                     f"onloading (estimate {mib(refusal['onload_estimate'])} MiB) "
-                     + (f"completed (exit 0, peak {mib(onload_under_budget['peak_bytes'])} MiB)"
-                        if completed else f"FAILED: {one_line(onload_under_budget and onload_under_budget['stderr'])}")
-                     + f": **{'met' if refused and completed else 'not met'}**.")
+                     f"{whole}; {onload}. Whole model refused where onloading completes: "
+                     f"**{'met' if refused and completed else 'not met'}**"
+                     + (" (as the command line checks it: by estimates)" if completed and refused and peak > budget
+                        else "") + ".")
     onloaded = all(r["run"].get("blocks_done") == r["layers"] for r in ok)
     if not onloaded:
         lines.append("**Some runs did not read the model block by block** (no block was written through "
@@ -516,10 +547,13 @@ def main(argv=None) -> int:
         "the peak resident set it adds above its baseline after imports (VmHWM reset through /proc/self/clear_refs, "
         "freed heap first returned with malloc_trim, as benchmarks/e2e.py measures); **anon / file at peak** split "
         "the resident set at its largest (sampled every 20 ms, above the baseline): file-backed pages are the "
-        "memory-mapped weight shards (the page cache can drop them), anonymous ones the process's own. **estimate**: "
+        "memory-mapped weight shards (the page cache can drop them) and the library code the run pages in, anonymous "
+        "ones the process's own. **peak after "
+        "block 1 / half / all**: the peak so far as the first, the middle and the last block were written (flat "
+        "onloading keeps them equal). **estimate**: "
         "sparsecc's `onload_peak_bytes`, the figure `--max-memory` is checked against. **bound**: the issue's goal, "
         "1.5 x (one block's parameters + its fp64 Hessians + the calibration activations, 2 x nsamples x seqlen x "
-        "hidden x 4 bytes); the embeddings and lm_head, resident throughout, are outside it. **prune s**: the "
+        "hidden x 4 bytes); the embeddings and lm_head (read for the probe and for the end only) are outside it. **prune s**: the "
         "command, tokenizing included, imports not; **s per block**: from the first block read to the last written, "
         "over the blocks. **written**: all files of the output folder. The folders sit in the page cache (just "
         f"written), so the reads do not time the disk. {args.threads} thread(s) (OMP_NUM_THREADS) unless named. Whole run "

@@ -200,9 +200,9 @@ def prune_folder(model_dir, recipe, batches, out, *, tokenizer=None, compress: b
     need, parts = onload_peak_bytes(captured, hessians, {b: lazy.nbytes(b) for b in blocks},
                                     lazy.nbytes(outside=tuple(blocks)), batches_list, act_bytes)
     if budget is not None and need > budget:
-        detail = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in parts.items() if k != "block")
+        detail = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in parts.items() if k not in ("block", "phase"))
         raise CalibrationError(f"pruning {lazy.path} block by block needs ~{fmt_bytes(need)} at its peak "
-                               f"({parts['block']}: {detail}), more than max_memory {fmt_bytes(budget)}; lower "
+                               f"({parts['block']}, {parts['phase']}: {detail}), more than max_memory {fmt_bytes(budget)}; lower "
                                "the number or length of the calibration samples, or use WandaConfig (no Hessians)")
     lazy.materialise("", outside=tuple(blocks))
     # Under torch.distributed every rank loads and calibrates each block on its share of the batches;

@@ -92,7 +92,12 @@ class LazyModel:
                 sub.to_empty(device="cpu", recurse=False)
                 self.model._init_weights(sub)
 
-    def release(self, prefix: str) -> None:
-        """Put module `prefix` back on the meta device (its tensors are freed)."""
-        self.model.get_submodule(prefix).to("meta")
+    def release(self, prefix: str = "", outside: tuple[str, ...] = ()) -> None:
+        """Put module `prefix` ("": the whole model) back on the meta device, but the modules `outside`
+        (its tensors are freed; tied parameters stay tied)."""
+        lead = prefix + "." if prefix else ""
+        skip = tuple(o[len(lead):] for o in outside if o.startswith(lead))
+        for name, sub in self.model.get_submodule(prefix).named_modules():
+            if not any(name == o or name.startswith(o + ".") for o in skip):
+                sub.to_empty(device="meta", recurse=False)
 

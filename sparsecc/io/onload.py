@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..passes.memory import return_freed_memory
 from .checkpoint import INDEX, MASKS, PACKED, QUANT, checked_part
 from .lazy import LazyModel
 
@@ -38,21 +39,37 @@ class BlockFiles:
         self.fields: dict[str, dict] = {"compressed": {}, "quantized": {}, "masks": {}}
         self.rows: list[dict] = []
         self.loaded: list[str] = []  # blocks materialised now (at most one: tests check it)
+        self.released = False  # whether the parts outside the blocks are on meta (while blocks run)
         self.total = 0  # bytes of the model's tensors written
 
+    def holds(self, param: str) -> bool:
+        """Whether parameter `param` is a block's, read from the source folder (and not kept twice)."""
+        return param.startswith(tuple(b + "." for b in self.blocks))
+
     def load(self, k: int, name: str) -> None:
+        if k == 0 and not self.released:  # the probe is over: the embeddings and lm_head wait on disk
+            self.lazy.release("", outside=tuple(self.blocks))
+            self.released = True
         self.lazy.materialise(name)
         self.loaded.append(name)
+
+    def rest(self) -> None:
+        """Read the parts outside the blocks again (for the rest of the model's scope, and writing)."""
+        if self.released:
+            self.lazy.materialise("", outside=tuple(self.blocks))
+            self.released = False
 
     def done(self, k: int, name: str, rows: list[dict]) -> None:
         if self.tmp is not None:  # None: a rank that does not write (torch.distributed: rank 0 writes)
             self._write(k, rows, lambda key: key.startswith(name + "."))
         self.lazy.release(name)
         self.loaded.remove(name)
+        return_freed_memory()
 
     def finish(self, rows: list[dict]) -> dict:
         """Write the parts outside the blocks and the index; returns sparsecc.json's fields for the parts."""
         inside = tuple(b + "." for b in self.blocks)
+        self.rest()
         self._write(self.parts - 1, rows, lambda key: not key.startswith(inside))
         (self.tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": self.total},
                                                   "weight_map": dict(sorted(self.weight_map.items()))}, indent=2))

@@ -119,6 +119,7 @@ class BlockRunner:
             warnings.warn(f"{type(self.model).__name__}: blocks {cap.blocks[0]}... do not feed each other "
                           "directly; calibrating the whole model at once instead of block by block")
 
+    @torch.no_grad()  # the hidden states kept must not hold the embeddings through an autograd graph
     def _probe(self) -> bool:
         n = len(self.blocks)
         self.calls = [[None] * len(self.ctx.batches) for _ in range(n)]
@@ -167,6 +168,7 @@ class BlockRunner:
                 h.remove()
         return all(_same(first_out.get(k), first_in.get(k + 1)) for k in range(n - 1))
 
+    @torch.no_grad()
     def _probe_stubs(self) -> None:
         """The onloading probe: one forward per batch through stubs (no block is loaded) recording
         each block's call; the blocks must feed each other directly."""
@@ -232,6 +234,7 @@ class BlockRunner:
             for parent, name, block in zip(parents, names, self.blocks):
                 parent._modules[name.rpartition(".")[2]] = block
 
+    @torch.no_grad()
     def _output_form(self, args, kwargs) -> int:
         """0 if a block returns its hidden states as a tensor, n if as a tuple of n (the rest None)."""
         from torch.utils._pytree import tree_map
@@ -264,6 +267,8 @@ class BlockRunner:
                 if self.forget:
                     self.ctx.forget(holds, self.ctx.keep)
         if self._rest_needed():
+            if self.source is not None:
+                self.source.rest()
             outside = (lambda m: not self.sequential or self.ctx.captured.block_of(m + ".") is None)
             yield Scope("model" if not self.sequential else "rest", Sites(self._rest(), outside), self._run_model)
 

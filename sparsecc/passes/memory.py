@@ -7,6 +7,7 @@ the model's device, the run would die hours in; we refuse up front and say how m
 """
 from __future__ import annotations
 
+import ctypes
 from collections import defaultdict
 
 import torch
@@ -14,6 +15,18 @@ import torch
 from ..errors import CalibrationError
 
 GiB = 2 ** 30
+
+
+def return_freed_memory() -> None:
+    """Hand the heap's freed pages back to the system (glibc's malloc_trim; elsewhere nothing).
+    Tensors under malloc's mmap threshold (up to 32 MiB) live in the heap; once freed, their pages
+    stay resident, and the larger solves that follow (mmapped) come on top: a block's smaller
+    Hessians, dropped one by one, would otherwise still count at the largest linear's solve, and
+    the resident set would creep up block after block although what is live stays flat."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def fmt_bytes(n: float) -> str:
@@ -69,37 +82,54 @@ def check_hessian_memory(captured, names, device: torch.device, hessian_bytes: i
 
 def onload_peak_bytes(captured, hessian_names, block_bytes: dict[str, int], rest_bytes: int, batches: list,
                       act_bytes: int, hessian_bytes: int = 8) -> tuple[int, dict]:
-    """Peak bytes of sequential onloading (api.prune_folder), known before any weight is read:
-    the parts outside the blocks (resident throughout) + at the largest block k: its parameters
-    twice (as read, and pruned: copy-on-write pages become the process's own; the decisions keep
-    one more copy until the block is written), its Hessians and one layer's solve, and the
-    calibration activations (block k's inputs and outputs for every batch) plus one batch's
-    transients inside the block. Returns (bytes, {part: bytes, "block": name})."""
+    """Peak bytes of sequential onloading (api.prune_folder), known before any weight is read: the
+    largest of its phases (the interpreter and its libraries not counted).
+
+    - outside the blocks (the probe, and the rest of the model at the end): those parameters, the
+      blocks' inputs and one batch's logits;
+    - in block k, on top of its parameters (once: as read, or as rewritten, page by page) and the
+      calibration activations (the block's inputs; its outputs too while they are computed):
+      collecting, its Hessians and one batch's transients; solving linear j, the Hessians not yet
+      used (each goes once its linear is pruned) and j's solve (H in fp32, its damped inverse and
+      Cholesky factor, W's working copy, mask and undo copy).
+
+    Returns (bytes, {"block": where the peak is, "phase": what runs then, part: bytes, ...})."""
+    from collections import Counter
+
     from ..graph.calibration import _main_tensor
 
     shapes = [tuple(_main_tensor(b).shape) for b in batches]
     tokens = [s[0] * s[1] if len(s) >= 2 else s[0] for s in shapes]
-    hidden = max((s.in_features for s in captured.sites.values()), default=0)
-    acts = 2 * sum(tokens) * hidden * act_bytes
-    hess: dict[int, int] = defaultdict(int)
-    solve = 0
-    for name in hessian_names:
-        site = captured.sites[name]
-        hess[captured.block_of(name)] += site.in_features ** 2 * hessian_bytes
-        solve = max(solve, (2 * site.in_features ** 2 + 2 * site.out_features * site.in_features) * 4)
-    best, parts = -1, {}
+    seq = max((s[1] for s in shapes if len(s) >= 2), default=1)
+    hessians = set(hessian_names)
+    by_block: dict[int | None, list] = defaultdict(list)
+    for site in captured.sites.values():
+        by_block[captured.block_of(site.name)].append(site)
+    first = by_block.get(0) or list(captured.sites.values())
+    hidden = Counter(s.in_features for s in first).most_common(1)[0][0] if first else 0  # what the blocks pass on
+    acts = sum(tokens) * hidden * act_bytes  # one copy: the blocks' inputs
+    rest_out = sum(s.out_features for s in by_block.get(None, []))
+    best = (rest_bytes + acts + max(tokens, default=0) * rest_out * 4,
+            {"block": "outside the blocks", "phase": "the probe and the rest of the model",
+             "parameters": rest_bytes, "activations": acts})
     for k, block in enumerate(captured.blocks):
-        sites = [s for s in captured.sites.values() if captured.block_of(s.name) == k]
-        outs = sum(s.out_features for s in sites)
+        sites = by_block.get(k, [])
+        params = block_bytes.get(block, 0)
         # one batch in the block: every linear's output (fp32 at most) and the attention scores
-        seq = max((s[1] for s in shapes if len(s) >= 2), default=1)
-        transient = max(tokens) * outs * 4 + max(tokens) * seq * 4 * max(1, hidden // 64)
-        here = {"block parameters": 3 * block_bytes.get(block, 0),
-                "statistics": hess.get(k, 0) + (solve if hess.get(k) else 0), "activations": acts + transient}
-        if sum(here.values()) > best:
-            best, parts = sum(here.values()), {**here, "block": block}
-    parts["outside the blocks"] = rest_bytes
-    return best + rest_bytes, parts
+        transient = max(tokens, default=0) * (sum(s.out_features for s in sites) * 4 + seq * 4 * max(1, hidden // 64))
+        held = [s.in_features ** 2 * hessian_bytes if s.name in hessians else 0 for s in sites]
+        phases = [("collecting statistics", sum(held), acts + transient),
+                  ("computing its outputs", 0, 2 * acts + transient)]
+        for j, s in enumerate(sites):
+            if held[j]:  # cutting H to fp32 (both held a moment), then the solve on it
+                solve = max(held[j] + s.in_features ** 2 * 4,
+                            3 * s.in_features ** 2 * 4 + s.out_features * s.in_features * (4 + 1 + act_bytes))
+                phases.append((f"solving {s.name}", sum(held[j + 1:]) + solve, acts))
+        for phase, stats, activations in phases:
+            if params + stats + activations > best[0]:
+                best = (params + stats + activations, {"block": block, "phase": phase, "block parameters": params,
+                                                       "statistics": stats, "activations": activations})
+    return best
 
 
 def parse_bytes(text) -> int:

@@ -31,6 +31,7 @@ from .blockwise import BlockRunner, slot_value, hidden_of, hidden_slot
 from .build import plan_passes, recipe_passes
 from .checks import verify
 from .distributed import Comm
+from .memory import return_freed_memory
 
 
 @dataclass
@@ -50,6 +51,9 @@ class PassContext:
     token_mask: torch.Tensor | None = None
     comm: Comm = field(default_factory=Comm)   # the ranks of a distributed run (passes/distributed.py)
     batch_ids: list[int] | None = None         # the global index of each of `batches` (None: 0, 1, ...)
+    source: Any = None                         # onloading: where the blocks come from (Pipeline.source)
+    keep: set[str] | None = None               # what is kept of a finished block (Pipeline.keep)
+    later: set[str] = field(default_factory=set)  # artefacts that passes after the running one need
 
     def __post_init__(self):
         self.tx = Transaction(self.model)
@@ -78,6 +82,18 @@ class PassContext:
         for table in tables + ([] if "decisions" in keep else [self.decisions]):
             for name in [n for n in table if holds(n)]:
                 del table[name]
+        return_freed_memory()
+
+    def done_with(self, name: str, artefacts) -> None:
+        """Drop module `name`'s statistics `artefacts` once its transform has used them, when the run
+        keeps none of them (`keep`) and no later pass needs them: a block's Hessians go one by one
+        as its linears are solved, not all at the block's end."""
+        if any([self.stats.get(art, {}).pop(name, None) is not None for art in artefacts if self.drops(art)]):
+            return_freed_memory()
+
+    def drops(self, artefact: str) -> bool:
+        """Whether the running transform is the last user of `artefact` (see done_with)."""
+        return self.keep is not None and artefact not in self.keep and artefact not in self.later
 
     def record(self, site, config, weight, seconds: float, error=(None, None)) -> None:
         self.rows.append({"module": site.name, "param": site.param, "transposed": site.transposed,
@@ -214,6 +230,8 @@ class Pipeline:
             captured = captured or self.captured or capture(model, batches_list[0])
             ctx = PassContext(model, captured, batches_list, self.debug, comm=comm or Comm(), batch_ids=batch_ids)
             ctx.source, ctx.keep = self.source, self.keep
+            if self.source is not None:
+                ctx.tx.unsaved = self.source.holds
             if tx is not None:  # the run keeps its own log: its parameters are saved by this stage's names
                 tx.on_undo(ctx.tx.rollback)
             timings = self._run(ctx)
@@ -298,6 +316,7 @@ class Pipeline:
                             timings[key] = timings.get(key, 0.0) + time.perf_counter() - t
                     else:
                         t = time.perf_counter()
+                        ctx.later = {a for p in passes[passes.index(stage[0]) + 1:] for a in p.requires}
                         stage[0].run(ctx, scope.sites)
                         timings[stage[0].name] += time.perf_counter() - t
                 except Exception as e:

@@ -19,8 +19,15 @@ def reconstruction_error(weight: torch.Tensor, new_weight: torch.Tensor, hessian
     cols = weight.shape[1]
     if tuple(hessian_xtx.shape) != (cols, cols):
         raise RecipeError(f"hessian_xtx must be [in, in] = [{cols}, {cols}], got {tuple(hessian_xtx.shape)}")
-    delta = weight.detach().double() - new_weight.detach().double().to(weight.device)
-    return float(((delta @ hessian_xtx.detach().double().to(weight.device)) * delta).sum())
+    # bands of H's columns and of W's rows: fp64 temporaries of a few MiB, not [in, in] and 4 x [out, in]
+    total = torch.zeros((), dtype=torch.float64, device=weight.device)
+    rows, band = max(1, 2 ** 18 // cols), max(1, 2 ** 21 // cols)
+    for j in range(0, cols, band):
+        h = hessian_xtx[:, j:j + band].detach().to(weight.device, torch.float64)
+        for i in range(0, weight.shape[0], rows):
+            delta = weight[i:i + rows].detach().double() - new_weight[i:i + rows].detach().double().to(weight.device)
+            total += ((delta @ h) * delta[:, j:j + band]).sum()
+    return float(total)
 
 
 def relative_error(weight: torch.Tensor, new_weight: torch.Tensor, xtx: torch.Tensor | None = None,
@@ -31,7 +38,7 @@ def relative_error(weight: torch.Tensor, new_weight: torch.Tensor, xtx: torch.Te
     the per-column sums of squares diag(X^T X) alone, ignoring input correlations ("diagonal");
     (None, None) when neither statistic exists (data-free pruning)."""
     if xtx is not None:
-        base = reconstruction_error(weight, torch.zeros_like(weight), xtx)
+        base = reconstruction_error(weight, torch.zeros((), dtype=weight.dtype).expand_as(weight), xtx)
         return (reconstruction_error(weight, new_weight, xtx) / base if base > 0 else 0.0), "hessian"
     if sumsq is not None:
         s = sumsq.detach().double().to(weight.device)

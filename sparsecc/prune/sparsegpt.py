@@ -113,9 +113,11 @@ def inverse_hessian(hessian: torch.Tensor, damp: float, name: str, upper_factor:
     for k, d in enumerate(tries):
         h, dead = dampen(hessian, d)
         chol, info = torch.linalg.cholesky_ex(h)
+        del h  # each step frees its input: two [in, in] matrices live at a time, not four
         if info.item() != 0 or not _finite(chol):
             continue
         out = torch.cholesky_inverse(chol)
+        del chol
         if upper_factor:
             out, info = torch.linalg.cholesky_ex(out, upper=True)
             if info.item() != 0:

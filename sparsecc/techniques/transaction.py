@@ -20,12 +20,15 @@ class Transaction:
         self._params: dict[str, torch.Tensor] = {}
         self._undo: list[Callable[[], None]] = []
         self.swapped: list[str] = []   # module names replaced so far
+        #: parameters not to copy (sequential onloading: a block's are in its source files, and a
+        #: failed run discards the model, so the undo copy would only double the block's memory)
+        self.unsaved: Callable[[str], bool] = lambda name: False
 
     def save(self, *params) -> None:
         """Keep the current value of each parameter (a name, or anything with a `.param` name)."""
         for p in params:
             name = p if isinstance(p, str) else p.param
-            if name not in self._params:
+            if name not in self._params and not self.unsaved(name):
                 self._params[name] = self.model.get_parameter(name).detach().clone()
 
     def on_undo(self, fn: Callable[[], None]) -> None:

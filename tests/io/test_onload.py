@@ -125,10 +125,46 @@ def test_one_block_in_memory_at_a_time_and_its_statistics_dropped(make_model, ba
     assert forgotten == [0, 0, 0, 0]  # nothing of a written block is held any more
 
 
+def test_a_block_is_held_once_and_the_embeddings_wait_on_disk(make_model, batches, tmp_path, monkeypatch):
+    """While blocks run, the parts outside them are on meta (read again for the rest of the model and
+    for writing), no undo copy of a block's weights is made (its source folder is the original),
+    and each block's Hessians go one by one."""
+    from sparsecc.techniques.transaction import Transaction
+    src = _folder(make_model, tmp_path)
+    copies, outside = [], []
+    save, load, done = Transaction.save, BlockFiles.load, BlockFiles.done
+
+    def spy_save(self, *params):
+        save(self, *params)
+        copies.append(len(self._params))
+
+    def spy_load(self, k, name):
+        load(self, k, name)
+        model = self.lazy.model
+        outside.append((model.model.embed_tokens.weight.is_meta, model.lm_head.weight.is_meta))
+
+    def spy_done(self, k, name, rows):
+        outside.append(self.lazy.model.model.embed_tokens.weight.is_meta)
+        done(self, k, name, rows)
+
+    monkeypatch.setattr(Transaction, "save", spy_save)
+    monkeypatch.setattr(BlockFiles, "load", spy_load)
+    monkeypatch.setattr(BlockFiles, "done", spy_done)
+    sparsecc.prune_folder(src, {"default": SparseGPTConfig(sparsity=0.5), "lm_head": None}, batches,
+                          tmp_path / "out", progress=False)
+    assert copies and set(copies) == {0}
+    assert outside == [(True, True), True] * 4
+    model = sparsecc.load_pruned(tmp_path / "out")[0]  # written after being read again
+    from transformers import AutoModelForCausalLM
+    source = AutoModelForCausalLM.from_pretrained(src)
+    assert torch.equal(model.model.embed_tokens.weight, source.model.embed_tokens.weight)
+    assert torch.equal(model.lm_head.weight, source.lm_head.weight)
+
+
 def test_too_small_max_memory_is_refused_before_any_weight_is_read(make_model, batches, tmp_path, monkeypatch):
     src = _folder(make_model, tmp_path)
     monkeypatch.setattr(lazy_mod, "safe_open", lambda *a, **k: pytest.fail("a weight was read"))
-    with pytest.raises(sparsecc.CalibrationError, match=r"needs ~[\d.]+ [KM]iB at its peak \(model\.layers\.\d.*"
+    with pytest.raises(sparsecc.CalibrationError, match=r"needs ~[\d.]+ [KM]iB at its peak \((model\.layers\.\d|outside the blocks).*"
                                                         r"more than max_memory"):
         sparsecc.prune_folder(src, {"default": SparseGPTConfig(sparsity=0.5)}, batches, tmp_path / "out",
                               max_memory="100kB", progress=False)

@@ -98,3 +98,52 @@ def test_owl_runs_in_the_same_pipeline_before_any_pruning(make_model, batches):
     reference = copy.deepcopy(model)
     sparsecc.sparsify_(reference, recipe, batches, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(replayed.state_dict().values(), reference.state_dict().values()))
+
+
+def test_a_blocks_hessians_go_one_by_one_as_its_linears_are_solved(make_model, batches, monkeypatch):
+    """sparsify_ keeps nothing of a finished block: each linear's Hessian is compacted to the fp32
+    matrix its solve takes before the solve, and dropped once the linear is rewritten; a decision
+    keeps no copy of the new weight. A hand-built Pipeline (keep=None) keeps every fp64 Hessian."""
+    from sparsecc.passes.pipeline import Pipeline
+    from sparsecc.passes.transform.prune import ApplyRecipe
+    recipe = {"default": sparsecc.SparseGPTConfig(sparsity=0.5), "lm_head": None}
+    run, seen = ApplyRecipe.run, []
+
+    def spy_run(self, ctx, sites):
+        names = [s.name for s in sites if s.name in self.targets]
+        table = ctx.stats.get("hessian", {})
+        before = {n: table[n].scaled for n in names if n in table}
+        out = run(self, ctx, sites)
+        seen.append((before, [n for n in names if n in ctx.stats.get("hessian", {})],
+                     [n for n in names if "weight" in ctx.decisions.get(n, {})]))
+        return out
+
+    monkeypatch.setattr(ApplyRecipe, "run", spy_run)
+    model = make_model("llama")
+    sparsecc.sparsify_(model, recipe, batches, progress=False)
+    blocks = [s for s in seen if s[0]]
+    assert len(blocks) == model.config.num_hidden_layers
+    for before, left, weights in blocks:
+        assert not any(before.values())  # fp64 sums until the pass ran
+        assert left == [] and weights == []  # each Hessian gone once used, no weight kept twice
+
+    seen.clear()
+    model = make_model("llama")
+    pipe = Pipeline.from_recipe(model, recipe, batches, progress=False)  # keep=None: everything stays
+    result = pipe.run(model, batches)
+    hess = result.stats["hessian"]
+    assert len(hess) == 7 * model.config.num_hidden_layers
+    assert all(not h.scaled and h.xtx.dtype == torch.float64 for h in hess.values())
+    assert all("weight" in d for d in result.decisions.values())
+
+
+def test_the_probe_keeps_no_autograd_graph(make_model, batches):
+    """The probe records the first block's inputs under no_grad: they hold no graph back to the
+    embeddings (which would keep the embedding weights alive after onloading releases them)."""
+    from sparsecc.passes.blockwise import BlockRunner
+    from sparsecc.passes.pipeline import PassContext
+    model = make_model("llama")
+    captured = sparsecc.graph.capture.capture(model, batches[0])
+    runner = BlockRunner(PassContext(model, captured, list(batches)))
+    assert runner.sequential and runner.hidden
+    assert not any(h.requires_grad or h.grad_fn is not None for h in runner.hidden)

@@ -20,8 +20,9 @@ from ..base import AnalysisPass
 class HessianStats:
     """H = sum_t x_t x_t^T over the tokens seen, accumulated in fp64."""
 
-    xtx: torch.Tensor  # [in, in] fp64
+    xtx: torch.Tensor  # [in, in] fp64 (once `compact`: H in fp32)
     count: int = 0
+    scaled: bool = False  # xtx holds matrix() itself (compact)
 
     @classmethod
     def empty(cls, in_features: int, device=None) -> "HessianStats":
@@ -30,18 +31,36 @@ class HessianStats:
     def update(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> None:  # x: [N, in]
         """Add x^T x, computed in `dtype` (fp32: order-independent sums; fp64: closer to exact)."""
         xd = x.to(dtype)
-        self.xtx += (xd.t() @ xd).to(torch.float64)
+        n, rows = xd.shape[1], max(1, 2 ** 20 // max(xd.shape[1], 1))
+        for i in range(0, n, rows):  # a band of rows at a time: its fp32 and fp64 copies, not [in, in]'s
+            self.xtx[i:i + rows] += (xd[:, i:i + rows].t() @ xd).to(torch.float64)
         self.count += x.shape[0]
 
     def matrix(self) -> torch.Tensor:
         """SparseGPT's scaling H = 2/n * X X^T (the Hessian of the layer's squared error / n), in
-        fp32 (what the solvers take)."""
-        return (self.xtx * (2.0 / max(self.count, 1))).float()
+        fp32 (what the solvers take). Made a band of rows at a time: no full fp64 temporary (a
+        4096-input layer's would be 128 MiB at the solve's peak). Once `compact`, the matrix kept."""
+        if self.scaled:
+            return self.xtx
+        out = torch.empty(self.xtx.shape, dtype=torch.float32, device=self.xtx.device)
+        scale, rows = 2.0 / max(self.count, 1), max(1, 2 ** 20 // max(self.xtx.shape[-1], 1))
+        for i in range(0, out.shape[0], rows):
+            out[i:i + rows] = self.xtx[i:i + rows] * scale  # the same fp64 product, rounded to fp32
+        return out
+
+    def compact(self) -> None:
+        """Keep only matrix(), in place of the fp64 sums: half the bytes, and no [in, in] copy when the
+        solver asks for it (for a run that drops the statistics once used). The report's relative
+        error is a ratio of two quadratic forms in H, the same (up to rounding) on either."""
+        if not self.scaled:
+            self.xtx, self.scaled = self.matrix(), True
 
     def permuted(self, perm: torch.Tensor) -> "HessianStats":
-        return HessianStats(self.xtx[perm][:, perm], self.count)
+        return HessianStats(self.xtx[perm][:, perm], self.count, self.scaled)
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        if self.scaled:
+            raise ValueError("a compacted Hessian holds no sums to store")
         return {"xtx": self.xtx, "count": torch.tensor(self.count)}
 
     @classmethod

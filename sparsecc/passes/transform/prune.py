@@ -48,6 +48,8 @@ class ApplyRecipe(TransformPass):
                 decision = self.decisions[site.name]
             else:
                 stats = {k: ctx.stats[k][site.name] for k in tech.needs(config)}
+                if "hessian" in stats and self.decisions is None and ctx.drops("hessian"):
+                    stats["hessian"].compact()  # the fp64 sums go before the solve, not after it
                 # one rank plans, the others receive its decision (distributed.py); the work to spread:
                 # a Hessian solve is O(in² · out) (SparseGPT Algorithm 1), the others O(in · out)
                 cost = site.in_features * site.out_features * (site.in_features if "hessian" in stats else 1)
@@ -61,6 +63,12 @@ class ApplyRecipe(TransformPass):
             grid = grid_of(ctx.model.get_submodule(site.name))
             if grid is not None:
                 ctx.rows[-1]["quant"] = grid.describe()
+            if ctx.keep is not None and self.decisions is None:  # a run that keeps no block's statistics
+                ctx.done_with(site.name, tech.needs(config))
+                if "decisions" not in ctx.keep:  # the new weight is in the model now; the mask stays for --debug's checks
+                    dropped = ("weight",) if ctx.debug else ("weight", "mask")
+                    ctx.decisions[site.name] = {k: v for k, v in decision.items() if k not in dropped}
+            decision = before = None  # not held through the next site's solve
             changed = True
         return changed
 

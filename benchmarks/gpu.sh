@@ -6,7 +6,7 @@
 #
 # Steps: install sparsecc (pip --no-deps --no-index: nothing is fetched), versions and the GPU,
 # the kernel tests on the device (tests/codegen with TRITON_INTERPRET=0, gpu-marked tests
-# included), then the six kernel benchmarks through `sparsecc bench --only NAME --write-results`.
+# included; onloading on the GPU), then the six kernel benchmarks through `sparsecc bench --only NAME --write-results`.
 # Every step has a time limit within the budget (GPU_SH_BUDGET seconds, default 540) and its
 # output in a log; a failing step is recorded in summary.txt and the next one still runs. OUT gets,
 # flat (the device machine returns at most 8 files): summary.txt, setup.log, tests.log, tests.xml,
@@ -71,8 +71,10 @@ print('CUDA', torch.version.cuda, '| device:', torch.cuda.get_device_name() if g
 sys.exit(0 if gpu or '$DRY' else 'no CUDA device: the steps below run on the CPU')"
 { nvidia-smi || echo "nvidia-smi: not available"; } 2>&1 | tee -a "$OUT/setup.log"
 
-# 2. the kernel tests on the device (pyproject's addopts deselect only `slow`; name gpu explicitly)
-tests=(python -m pytest tests/codegen -m "not slow or gpu" -q -p no:cacheprovider)
+# 2. the kernel tests on the device (pyproject's addopts deselect only `slow`; name gpu explicitly), and
+#    onloading on the GPU (each block read to the device and pruned there: issue 16)
+tests=(python -m pytest tests/codegen tests/io/test_onload.py::test_onloading_on_the_gpu_matches_the_cpu_and_fits_its_estimate
+       -m "not slow or gpu" -q -p no:cacheprovider)
 if [ -n "$DRY" ]; then
     step tests 60 "$OUT/tests.log" env TRITON_INTERPRET=0 "${tests[@]}" --collect-only
 else

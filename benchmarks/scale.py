@@ -25,6 +25,8 @@ What it does and measures:
   seqlen x hidden x 4 bytes)); and its flatness, peak(deepest) / peak(shallowest).
 - On the deepest model: `--no-onload --max-memory X` must be refused (exit status 2) and the default
   (onloading) run under the same `--max-memory X` must succeed.
+- On the shallowest model (`--no-activations`: not): the same run with `--activations bf16` and
+  `--activations disk` (estimate, peak, time, and how many checkpoint tensors equal the default's).
 - On the shallowest model (not with --quick unless --distributed): `torchrun --nproc_per_node=2` (gloo)
   against 1 process, each rank with OMP_NUM_THREADS=1, and 1 process with 2 threads; the checkpoints'
   per-tensor sha256 tables (sparsecc.json) are compared. If the command line does not join a process
@@ -266,7 +268,8 @@ def block_bound(config, nsamples: int, seqlen: int) -> dict:
             "bound": int(1.5 * (params + hessians + acts))}
 
 
-def onload_estimate(folder: Path, recipe_file: Path, nsamples: int, seqlen: int) -> tuple[int, dict]:
+def onload_estimate(folder: Path, recipe_file: Path, nsamples: int, seqlen: int,
+                    activations: str = "memory") -> tuple[int, dict]:
     """sparsecc's own estimate of the onloading peak, computed as sparsecc.prune_folder computes it
     (and checks it against --max-memory) before any weight is read."""
     import torch
@@ -287,7 +290,7 @@ def onload_estimate(folder: Path, recipe_file: Path, nsamples: int, seqlen: int)
     blocks = captured.blocks
     act_bytes = max(p.dtype.itemsize for p in lazy.model.parameters() if p.is_floating_point())
     return onload_peak_bytes(captured, hessians, {b: lazy.nbytes(b) for b in blocks},
-                             lazy.nbytes(outside=tuple(blocks)), batches, act_bytes)
+                             lazy.nbytes(outside=tuple(blocks)), batches, act_bytes, activations=activations)
 
 
 def whole_estimate(config) -> int:
@@ -395,6 +398,34 @@ def procs_table(rows: list[tuple[str, dict]], reference: dict | None) -> str:
     return "\n".join(lines)
 
 
+ACTIVATIONS = ("bf16", "disk")  # the other ways to keep the hidden states, run on the shallowest model
+
+
+def compare_activations(folder: Path, work: Path, inputs: dict, done: dict, threads: int) -> str:
+    """`--activations bf16` and `disk` against the default run `done` on `folder`: estimate, peak,
+    time, and how many tensors of the checkpoint differ."""
+    lines = ["| --activations | estimate MiB | peak MiB | anon / file MiB at peak | prune s | s per block "
+             "| tensors equal to memory's |", "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for mode, run in [("memory", done)] + [(m, None) for m in ACTIVATIONS]:
+        estimate, _ = onload_estimate(folder, inputs["recipe"], inputs["nsamples"], inputs["seqlen"], mode)
+        if run is None:
+            run = prune(folder, work / f"out-{mode}", inputs, ["--activations", mode], threads)
+            shutil.rmtree(work / f"out-{mode}", ignore_errors=True)
+        if run["exit"] != 0 or not run.get("peak_bytes"):
+            lines.append(f"| {mode} | {mib(estimate)} | failed (exit {run['exit']}): {one_line(run['stderr'])} |"
+                         + " |" * 4)
+            continue
+        ours, theirs = run.get("hashes") or {}, done.get("hashes") or {}
+        same = "-" if run is done else "all" if ours == theirs else \
+            f"{sum(ours.get(k) == h for k, h in theirs.items())} of {len(theirs)}"
+        top = run["at_peak"]
+        lines.append(f"| {mode} | {mib(estimate)} | {mib(run['peak_bytes'])} | {mib(top['RssAnon'])} / "
+                     f"{mib(top['RssFile'])} | {run['seconds']:.1f} | {run['block_seconds']:.2f} | {same} |")
+        print(f"  --activations {mode}: peak {mib(run['peak_bytes'])} MiB (estimate {mib(estimate)}), "
+              f"{run['seconds']:.1f} s", flush=True)
+    return "\n".join(lines)
+
+
 def compare_processes(folder: Path, work: Path, inputs: dict, done: dict, threads: int) -> tuple[str, list]:
     """2 processes x 1 thread (torchrun, gloo) vs 1 process x 1 thread vs 1 x 2 threads on `folder`;
     `done`: the depth run already made there with `threads` threads (reused, not run again)."""
@@ -431,6 +462,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-memory", default=None, help="the budget of the refusal check (default 2GiB; quick 64MiB)")
     p.add_argument("--distributed", action=argparse.BooleanOptionalAction, default=None,
                    help="compare 1 and 2 processes on the shallowest model (default: on, off with --quick)")
+    p.add_argument("--activations", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run --activations bf16 and disk on the shallowest model (default: yes)")
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the depth runs (default 2; 1 where "
                    "other jobs keep a core busy: 2 OpenMP threads then wait on each other, many times slower)")
     p.add_argument("--workdir", default=None, help="where the model folders go (default: a temporary folder)")
@@ -450,7 +483,7 @@ def main(argv=None) -> int:
     budget = parse_bytes(budget_text)
     t_start, load = time.perf_counter(), os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="sparsecc-scale-", dir=args.workdir))
-    rows, procs_text, refusal, onload_under_budget = [], None, None, None
+    rows, procs_text, acts_text, refusal, onload_under_budget = [], None, None, None, None
     try:
         recipe, calib, tokenizer = write_inputs(work)
         inputs = {"recipe": recipe, "calib": calib, "nsamples": nsamples, "seqlen": seqlen}
@@ -481,6 +514,8 @@ def main(argv=None) -> int:
                   f"peak {mib(run.get('peak_bytes'))} MiB (estimate {mib(estimate)}, bound "
                   f"{mib(row['bound']['bound'])}), {run.get('seconds', 0):.1f} s" +
                   (f"; {run['stderr']}" if run["exit"] else ""), flush=True)
+            if layers == depths[0] and args.activations:
+                acts_text = compare_activations(folder, work, inputs, run, args.threads)
             if layers == depths[0] and distributed:
                 procs_text, _ = compare_processes(folder, work, inputs, run, args.threads)
                 print(procs_text, flush=True)
@@ -530,6 +565,10 @@ def main(argv=None) -> int:
     if not onloaded:
         lines.append("**Some runs did not read the model block by block** (no block was written through "
                      "sparsecc.io.onload.BlockFiles): the command line loaded it whole.")
+    if acts_text:
+        lines += ["", f"How the calibration hidden states are kept between blocks (`--activations`), on the "
+                  f"{depths[0]}-layer model; bf16 rounds the blocks' inputs (statistics of the rounded inputs), disk "
+                  "keeps one file per batch in a temporary folder:", "", acts_text]
     if procs_text:
         lines += ["", f"1 vs 2 processes on the {depths[0]}-layer model (OMP_NUM_THREADS per rank as named):", "",
                   procs_text]
@@ -553,7 +592,8 @@ def main(argv=None) -> int:
         "onloading keeps them equal). **estimate**: "
         "sparsecc's `onload_peak_bytes`, the figure `--max-memory` is checked against. **bound**: the issue's goal, "
         "1.5 x (one block's parameters + its fp64 Hessians + the calibration activations, 2 x nsamples x seqlen x "
-        "hidden x 4 bytes); the embeddings and lm_head (read for the probe and for the end only) are outside it. **prune s**: the "
+        "hidden x 4 bytes; a Hessian per linear, although sparsecc keeps one per input: 4 of them for the block's 7 "
+        "linears); the embeddings and lm_head (read for the probe and for the end only) are outside it. **prune s**: the "
         "command, tokenizing included, imports not; **s per block**: from the first block read to the last written, "
         "over the blocks. **written**: all files of the output folder. The folders sit in the page cache (just "
         f"written), so the reads do not time the disk. {args.threads} thread(s) (OMP_NUM_THREADS) unless named. Whole run "
@@ -562,7 +602,8 @@ def main(argv=None) -> int:
     flags = [("--quick", q), (f"--depths {','.join(map(str, depths))}", args.depths is not None),
              (f"--nsamples {nsamples}", args.nsamples is not None), (f"--seqlen {seqlen}", args.seqlen is not None),
              (f"--max-memory {budget_text}", args.max_memory is not None), (f"--threads {args.threads}", args.threads != 2),
-             ("--distributed" if distributed else "--no-distributed", args.distributed is not None)]
+             ("--distributed" if distributed else "--no-distributed", args.distributed is not None),
+             ("--no-activations", not args.activations)]
     command = " ".join(["python benchmarks/scale.py", *(f for f, on in flags if on), "--write-results"])
     report("scale", "Scale: pruning models larger than memory (sequential onloading)", intro, text, command,
            args.write_results)

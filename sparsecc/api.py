@@ -145,13 +145,20 @@ def _timings(results) -> dict[str, float]:
 
 
 def prune_folder(model_dir, recipe, batches, out, *, tokenizer=None, compress: bool = False, max_memory=None,
-                 overwrite: bool = False, progress: bool = True, before_publish=None) -> Report:
+                 activations: str = "memory", offload_folder=None, device=None, overwrite: bool = False,
+                 progress: bool = True, before_publish=None) -> Report:
     """Prune the transformers model in folder `model_dir` into folder `out` without loading it whole
     (sequential onloading): the model is built on the meta device, and each decoder block is read
     from the weight files (memory-mapped), calibrated on the outputs of the blocks already pruned,
     pruned, written as one shard of `out` and freed. Peak memory is one block, its statistics and
     the calibration activations, whatever the depth; `max_memory` (bytes or "24GiB") refuses a run
-    whose estimate exceeds it before any weight is read. The checkpoint equals `sparsify_` +
+    whose estimate exceeds it before any weight is read. `activations` keeps the calibration hidden
+    states between blocks "memory" (as computed), "bf16"/"fp16" (half of fp32's bytes; statistics of
+    the rounded inputs) or "disk" (one file per batch in `offload_folder`, else a temporary folder;
+    one batch in memory at a time, the same checkpoint). `device` ("cuda", "cuda:1"; default the CPU)
+    is where each block is read to and calibrated, with its statistics, the activations and the
+    parts outside the blocks (read there for the probe and the end only); the batches may be on the
+    CPU; `max_memory` then budgets that device. The checkpoint equals `sparsify_` +
     `save_pruned` of the whole model (tensor for tensor; its files are split by block), and `out`
     is written all or nothing. Per-block linear techniques only (magnitude, Wanda, SparseGPT, OBS,
     GPTQ, RTN; N:M; joint quantization): the others are refused by name. `batches=None`: data-free
@@ -163,19 +170,25 @@ def prune_folder(model_dir, recipe, batches, out, *, tokenizer=None, compress: b
     from .io.folders import check_output_dir, writing_folder
     from .io.lazy import LazyModel
     from .io.onload import BlockFiles
-    from .passes.memory import fmt_bytes, onload_peak_bytes, parse_bytes
+    from .passes.memory import fmt_bytes, map_large_allocations, onload_peak_bytes, parse_bytes
+    from .passes.activations import Activations, check_mode
     from .passes.analysis import CollectHessians, CollectInputStats
     from .passes.transform.prune import ApplyRecipe
     from .techniques.configs import technique_for
 
     out = Path(out)
     check_output_dir(out, overwrite)
+    check_mode(activations, offload_folder)
+    device = _onload_device(device)
     budget = parse_bytes(max_memory) if max_memory is not None else None
-    lazy = LazyModel(model_dir)
+    lazy = LazyModel(model_dir, device)
     model = lazy.model
     data = batches is not None
     comm = current_comm()
     batches_list, local, ids = _shared_batches(model, batches, comm) if data else ([_example_batch(model)], None, None)
+    if data and device.type != "cpu":  # checked as given (the model is on meta), then moved where it runs
+        batches_list = [_to_device(b, device) for b in batches_list]
+        local = [batches_list[i] for i in ids]
     setup = describe(batches_list, getattr(batches, "setup", None)) if data else {"data": "none (data-free)"}
     if len(recipe_stages(recipe)) > 1:
         raise WholeModelError("LayerDropConfig cannot run block by block yet (it renumbers the blocks): load the model "
@@ -198,18 +211,22 @@ def prune_folder(model_dir, recipe, batches, out, *, tokenizer=None, compress: b
     hessians = [n for n, c in pipe.targets.items() if "hessian" in technique_for(c).needs(c)]
     act_bytes = max((p.dtype.itemsize for p in model.parameters() if p.is_floating_point()), default=4)
     need, parts = onload_peak_bytes(captured, hessians, {b: lazy.nbytes(b) for b in blocks},
-                                    lazy.nbytes(outside=tuple(blocks)), batches_list, act_bytes)
+                                    lazy.nbytes(outside=tuple(blocks)), batches_list, act_bytes,
+                                    activations=activations)
     if budget is not None and need > budget:
         detail = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in parts.items() if k not in ("block", "phase"))
         raise CalibrationError(f"pruning {lazy.path} block by block needs ~{fmt_bytes(need)} at its peak "
                                f"({parts['block']}, {parts['phase']}: {detail}), more than max_memory {fmt_bytes(budget)}; lower "
-                               "the number or length of the calibration samples, or use WandaConfig (no Hessians)")
+                               "the number or length of the calibration samples, keep the activations on disk (activations='disk'; --activations disk), "
+                               "or use WandaConfig (no Hessians)")
+    map_large_allocations()  # keeps the resident set flat over the blocks (passes/memory.py)
     lazy.materialise("", outside=tuple(blocks))
     # Under torch.distributed every rank loads and calibrates each block on its share of the batches;
     # rank 0 alone writes, and publishes the folder only once every rank has finished.
     with (writing_folder(out) if comm.rank == 0 else nullcontext()) as tmp:
         files = BlockFiles(lazy, blocks, tmp, compress)
         pipe.source, pipe.keep = files, set()
+        pipe.activations = Activations(activations, offload_folder)
         result = pipe.run(model, local, comm=comm, batch_ids=ids)
         report = Report(result.rows, setup, result.timings, result.scopes)
         try:
@@ -228,6 +245,27 @@ def prune_folder(model_dir, recipe, batches, out, *, tokenizer=None, compress: b
             raise
         comm.agree(True, "writing the checkpoint")
     return report
+
+
+def _onload_device(device) -> torch.device:
+    """prune_folder's `device` checked: the CPU (None) or an available CUDA device."""
+    try:
+        dev = torch.device("cpu" if device is None else device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a device; use 'cpu' or 'cuda'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: no CUDA device is available here; leave device out to use the CPU")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r}: onloading runs on 'cpu' or 'cuda'")
+    return dev
+
+
+def _to_device(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _on_meta(batch) -> dict:

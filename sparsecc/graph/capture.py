@@ -127,6 +127,8 @@ def _recorder(gm: fx.GraphModule, example_inputs):
         producers = feeding_linears(gl.node, gl.node.args[gl.x_index], set(by_node))
         fed[gl.node] = [by_node[p].module for p in producers or ()]
 
+    # the graph node each linear reads: linears reading the same one in the same run share their input
+    inputs = {gl.node: x.name if isinstance(x := gl.node.args[gl.x_index], fx.Node) else None for gl in linears}
     gated = find_gated([gl for gl in linears if gl.module])
     heads = find_heads(gm, [gl for gl in linears if gl.module])
     attention = [module_path(n) for n in gm.graph.nodes
@@ -135,8 +137,8 @@ def _recorder(gm: fx.GraphModule, example_inputs):
     def run(*args):
         seen = getattr(_session, "seen", None)
         if seen is not None:
-            seen.append((gm, [(gl.module, args[gl.input_index], gl.transposed, fed[gl.node]) for gl in linears],
-                         gated, attention, heads))
+            seen.append((gm, [(gl.module, args[gl.input_index], gl.transposed, fed[gl.node], inputs[gl.node])
+                              for gl in linears], gated, attention, heads))
         return gm.forward(*args)
 
     return run
@@ -155,6 +157,9 @@ class Captured:
     attention: list[str] = field(default_factory=list)  # modules calling scaled_dot_product_attention
     heads: dict[str, AttentionHeads] = field(default_factory=dict)  # attention modules with separate q/k/v/o (heads.py)
     plain: dict[str, PlainMLP] = field(default_factory=dict)  # down(act(up(x))) MLPs, by name
+    # linear sites that always read the same input tensor (q/k/v, gate/up), in call order; each site
+    # in such a group maps to its group (sites called once per forward, within one decoder block)
+    same_input: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def block_of(self, site: str) -> int | None:
         for i, b in enumerate(self.blocks):
@@ -259,6 +264,13 @@ def capture(model: nn.Module, batch) -> Captured:
     gated: dict[str, GatedMLP] = {}
     attention: list[str] = []
     found_heads: list[tuple] = []
+    calls_of: dict[str, int] = {}  # module -> how many linear calls it made
+    read: dict[tuple, list[str]] = {}  # (graph run, input node) -> the modules reading it
+    for run, (gm, calls, found, attn, hs) in enumerate(seen):
+        for mod, *_, node in calls:
+            calls_of[mod] = calls_of.get(mod, 0) + 1
+            if node is not None:
+                read.setdefault((run, node), []).append(mod)
     for gm, calls, found, attn, hs in seen:
         if gm not in graphs:
             graphs.append(gm)
@@ -266,7 +278,7 @@ def capture(model: nn.Module, batch) -> Captured:
         found_heads += [h for h in hs if h not in found_heads]
         for g in filter(None, (gated_mlp(*f) for f in found)):
             gated.setdefault(g.name, g)
-        for mod, tensor, transposed, producers in calls:
+        for mod, tensor, transposed, producers, _ in calls:
             names = by_storage.get(_storage_key(tensor), [])
             # the alias owned by the calling module (a tied lm_head calls with embed_tokens.weight)
             owned = [n for n in names if n.rpartition(".")[0] == mod]
@@ -291,7 +303,23 @@ def capture(model: nn.Module, batch) -> Captured:
     gated_downs = {f"{n}.{g.down}" for n, g in gated.items()}
     plain = {p.name: p for p in (plain_mlp(ps[0], c) for c, ps in feeds.items()
                                  if len(ps) == 1 and c not in gated_downs and ps[0] in sites) if p is not None}
-    return Captured(model, graphs, sites, find_blocks(model, sites), skipped, gated, attention, heads, plain)
+    blocks = find_blocks(model, sites)
+    return Captured(model, graphs, sites, blocks, skipped, gated, attention, heads, plain,
+                    _input_groups(read.values(), sites, calls_of, blocks))
+
+
+def _input_groups(readers, sites: dict, calls_of: dict[str, int], blocks: list[str]) -> dict[str, tuple[str, ...]]:
+    """{site: its group} for groups of 2+ sites reading one graph node, each called once per forward
+    (a module called twice sees two inputs) and all in one decoder block (or all outside them)."""
+    def block(name):
+        return next((b for b in blocks if name.startswith(b + ".")), None)
+
+    out: dict[str, tuple[str, ...]] = {}
+    for mods in readers:
+        group = tuple(dict.fromkeys(m for m in mods if m in sites and calls_of[m] == 1))
+        if len(group) >= 2 and len({block(m) for m in group}) == 1:
+            out |= dict.fromkeys(group, group)
+    return out
 
 
 def _storage_key(t: torch.Tensor) -> tuple:

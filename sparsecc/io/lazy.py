@@ -8,7 +8,7 @@
 The weights are read with safetensors' `safe_open` from the file the folder's index names for
 each tensor (`model.safetensors`, or the shards of `model.safetensors.index.json`), and assigned
 to the module as they are (memory-mapped, copy-on-write: pruning writes only the pages it
-changes). Buffers the files do not hold (rotary `inv_freq`) are made by the model's own
+changes), or, for a GPU `device`, copied to it as read. Buffers the files do not hold (rotary `inv_freq`) are made by the model's own
 `_init_weights`, as `from_pretrained` makes them. Sizes come from the files' headers, so the
 memory a run needs is known before any weight is read.
 """
@@ -24,10 +24,12 @@ from ..errors import PlanError
 from .checkpoint import _header, _model_files, model_class
 
 class LazyModel:
-    """The model of a transformers folder on the meta device, materialised one part at a time."""
+    """The model of a transformers folder on the meta device, materialised one part at a time on
+    `device` (the CPU: memory-mapped; a GPU: read from the files straight to it)."""
 
-    def __init__(self, path):
+    def __init__(self, path, device="cpu"):
         self.path = Path(path)
+        self.device = torch.device(device)
         cls, config = model_class(self.path)
         self.files = _model_files(self.path)
         self.where: dict[str, Path] = {}      # tensor name -> its file
@@ -64,7 +66,7 @@ class LazyModel:
                 if file is None:
                     continue  # tied to another tensor, or a buffer made below
                 if file not in opened:
-                    opened[file] = safe_open(str(file), framework="pt")
+                    opened[file] = safe_open(str(file), framework="pt", device=str(self.device))
                 t = opened[file].get_tensor(lead + key)
                 if tuple(t.shape) != tuple(meta.shape):
                     raise PlanError(f"{str(file)!r}: {lead + key} is {list(t.shape)}, but the model of config.json "
@@ -89,7 +91,7 @@ class LazyModel:
         """Buffers that no file holds (non-persistent: rotary inv_freq), made as from_pretrained makes them."""
         for sub in module.modules():
             if any(b.is_meta for b in sub.buffers(recurse=False)) and not any(True for _ in sub.parameters(recurse=False)):
-                sub.to_empty(device="cpu", recurse=False)
+                sub.to_empty(device=self.device, recurse=False)
                 self.model._init_weights(sub)
 
     def release(self, prefix: str = "", outside: tuple[str, ...] = ()) -> None:

@@ -86,14 +86,14 @@ class BlockFiles:
         keys = [key for key in self.lazy.where if part(key)]  # exactly the tensors the source folder has
         shard = _name("model.safetensors", k, self.parts)
         weights = {key: torch.empty(0, dtype=state[key].dtype) if key in fields["compressed"]
-                   else state[key].detach().contiguous() for key in keys}
+                   else state[key].detach().contiguous().cpu() for key in keys}  # from a GPU: copied back
         save_file(weights, str(self.tmp / shard), {"format": "pt"})
         self.total += sum(t.numel() * t.element_size() for t in weights.values())
         self.weight_map |= {key: shard for key in keys}
         for kind, table in tensors.items():
             if table:
                 self.files[kind].append(_name(kind, k, self.parts))
-                save_file(table, str(self.tmp / self.files[kind][-1]))
+                save_file({k: v.cpu() for k, v in table.items()}, str(self.tmp / self.files[kind][-1]))
 
 
 def _name(file: str, k: int, n: int) -> str:

@@ -101,13 +101,22 @@ class Plan:
         path = Path(path)
         check_output_dir(path, overwrite)
         tensors: dict[str, torch.Tensor] = {}
+        stored: set[int] = set()
+
+        def own(t: torch.Tensor) -> torch.Tensor:  # safetensors stores no two names on one storage
+            t = t.detach().contiguous().cpu()      # (linears reading one input share one Hessian)
+            if t.untyped_storage().data_ptr() in stored:
+                t = t.clone()
+            stored.add(t.untyped_storage().data_ptr())
+            return t
+
         for site, dec in self.decisions.items():
             for k, t in dec.items():
-                tensors[f"decision/{site}/{k}"] = t.detach().contiguous().cpu()
+                tensors[f"decision/{site}/{k}"] = own(t)
         for art, table in self.stats.items():
             for site, stat in table.items():
                 for k, t in stat.tensors().items():
-                    tensors[f"stats/{art}/{site}/{k}"] = t.detach().contiguous().cpu()
+                    tensors[f"stats/{art}/{site}/{k}"] = own(t)
         doc = {"format": FORMAT, "sites": {n: s.to_dict() for n, s in self.sites.items()},
                "modules": self.modules, "configs": {n: c.to_dict() for n, c in self.configs.items()},
                "order": list(self.decisions), "setup": self.setup, "rows": self.rows, "meta": self.meta}

@@ -105,7 +105,17 @@ class BlockRunner:
         self.source = getattr(ctx, "source", None)
         self.blocks = [self.model.get_submodule(b) for b in cap.blocks]
         self.calls: list[list] = []
-        self.hidden: list[torch.Tensor] = []
+        self.hidden = ctx.activations.fresh()  # the current block's inputs, per batch (activations.py)
+        try:
+            self._start(needs_data)
+        except BaseException:
+            self.close()
+            raise
+        if needs_data and cap.blocks and not self.sequential:
+            warnings.warn(f"{type(self.model).__name__}: blocks {cap.blocks[0]}... do not feed each other "
+                          "directly; calibrating the whole model at once instead of block by block")
+
+    def _start(self, needs_data: bool) -> None:
         if self.source is not None:
             if not self.blocks:
                 raise CalibrationError(f"{type(self.model).__name__} has no decoder blocks to load one at a time; "
@@ -115,9 +125,10 @@ class BlockRunner:
                 self._probe_stubs()
             return
         self.sequential = needs_data and bool(self.blocks) and self._probe()
-        if needs_data and cap.blocks and not self.sequential:
-            warnings.warn(f"{type(self.model).__name__}: blocks {cap.blocks[0]}... do not feed each other "
-                          "directly; calibrating the whole model at once instead of block by block")
+
+    def close(self) -> None:
+        """Free the hidden states kept (on disk: delete their files)."""
+        self.hidden.close()
 
     @torch.no_grad()  # the hidden states kept must not hold the embeddings through an autograd graph
     def _probe(self) -> bool:
@@ -259,7 +270,9 @@ class BlockRunner:
                     self.source.load(k, names[k])
                 yield Scope(names[k], Sites(in_block, holds), lambda k=k: self._run_block(k))
                 if self.needs_data:
-                    self.hidden = self._run_block(k)  # outputs after this block's transforms
+                    outs = self._run_block(k, self.hidden.fresh())  # outputs after this block's transforms
+                    self.hidden.drop()
+                    self.hidden = outs
                     self.calls[k] = None  # free what block k needed
                 if self.source is not None:
                     self.source.done(k, names[k], [r for r in self.ctx.rows if holds(r["module"])])
@@ -287,13 +300,15 @@ class BlockRunner:
         return any(not self.sequential or self.ctx.captured.block_of(n + ".") is None for n in self.relevant)
 
     @torch.no_grad()
-    def _run_block(self, k: int) -> list[torch.Tensor]:
-        outs = []
+    def _run_block(self, k: int, outs=None):
+        """Run block k on every batch; its outputs go into `outs` (an Activations) when given."""
         for b, call in enumerate(self.calls[k]):
             slot, args, kwargs = call
             args, kwargs = _with_hidden(slot, args, kwargs, self.hidden[b])
             self.ctx.set_batch(b, token_mask(self.ctx.batches[b]))
-            outs.append(hidden_of(self.blocks[k](*args, **kwargs)))
+            out = hidden_of(self.blocks[k](*args, **kwargs))
+            if outs is not None:
+                outs.append(out)
         return outs
 
     @torch.no_grad()

@@ -29,6 +29,23 @@ def return_freed_memory() -> None:
         pass
 
 
+MMAP_THRESHOLD = 16 * 2 ** 20  # 4 MiB: flat too, but ~10% slower (a Hessian update's bands are 4 + 8 MiB)
+
+
+def map_large_allocations(threshold: int = MMAP_THRESHOLD) -> None:
+    """Have glibc's malloc give every allocation of `threshold` bytes or more its own mapping, returned
+    to the system as soon as it is freed (mallopt M_MMAP_THRESHOLD; elsewhere nothing). By default the
+    threshold floats up to 32 MiB as large blocks are freed, and a block's Hessians, inverses and
+    activations then land in the heap, whose free space fragments: the resident set creeps up block
+    after block while what is live stays flat (8 blocks of a 1536-wide Llama: 737 -> 813 MiB; with
+    16 MiB: 560 -> 578 MiB). Process-wide and kept (glibc cannot restore the floating threshold);
+    large tensors then cost an mmap and page faults, ~4% of the time there."""
+    try:
+        ctypes.CDLL(None).mallopt(-3, int(threshold))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def fmt_bytes(n: float) -> str:
     """"1.24 GiB", "310 MiB", "12 KiB": an amount of memory for messages."""
     if n < 1024:
@@ -58,9 +75,13 @@ def hessian_peak_bytes(captured, names, hessian_bytes: int = 4) -> tuple[int, st
     and a description of where the peak is."""
     per_scope: dict[int | None, int] = defaultdict(int)
     solve = 0
+    groups = set()
     for name in names:
         site = captured.sites[name]
-        per_scope[captured.block_of(name)] += site.in_features ** 2 * hessian_bytes
+        group = captured.same_input.get(name, (name,))  # linears reading one input share one H
+        if group not in groups:
+            groups.add(group)
+            per_scope[captured.block_of(name)] += site.in_features ** 2 * hessian_bytes
         solve = max(solve, (2 * site.in_features ** 2 + 2 * site.out_features * site.in_features) * 4)
     if not per_scope:
         return 0, ""
@@ -81,7 +102,7 @@ def check_hessian_memory(captured, names, device: torch.device, hessian_bytes: i
 
 
 def onload_peak_bytes(captured, hessian_names, block_bytes: dict[str, int], rest_bytes: int, batches: list,
-                      act_bytes: int, hessian_bytes: int = 8) -> tuple[int, dict]:
+                      act_bytes: int, hessian_bytes: int = 8, activations: str = "memory") -> tuple[int, dict]:
     """Peak bytes of sequential onloading (api.prune_folder), known before any weight is read: the
     largest of its phases (the interpreter and its libraries not counted).
 
@@ -92,6 +113,8 @@ def onload_peak_bytes(captured, hessian_names, block_bytes: dict[str, int], rest
       collecting, its Hessians and one batch's transients; solving linear j, the Hessians not yet
       used (each goes once its linear is pruned) and j's solve (H in fp32, its damped inverse and
       Cholesky factor, W's working copy, mask and undo copy).
+    `activations` is how the hidden states are kept (passes/activations.py): "bf16"/"fp16" count 2
+    bytes an element (and one batch back in the model's dtype), "disk" one batch in memory.
 
     Returns (bytes, {"block": where the peak is, "phase": what runs then, part: bytes, ...})."""
     from collections import Counter
@@ -107,7 +130,8 @@ def onload_peak_bytes(captured, hessian_names, block_bytes: dict[str, int], rest
         by_block[captured.block_of(site.name)].append(site)
     first = by_block.get(0) or list(captured.sites.values())
     hidden = Counter(s.in_features for s in first).most_common(1)[0][0] if first else 0  # what the blocks pass on
-    acts = sum(tokens) * hidden * act_bytes  # one copy: the blocks' inputs
+    one = max(tokens, default=0) * hidden * act_bytes  # one batch's hidden states, as the blocks compute them
+    acts = {"memory": sum(tokens) * hidden * act_bytes, "disk": one}.get(activations, sum(tokens) * hidden * 2 + one)
     rest_out = sum(s.out_features for s in by_block.get(None, []))
     best = (rest_bytes + acts + max(tokens, default=0) * rest_out * 4,
             {"block": "outside the blocks", "phase": "the probe and the rest of the model",
@@ -117,14 +141,25 @@ def onload_peak_bytes(captured, hessian_names, block_bytes: dict[str, int], rest
         params = block_bytes.get(block, 0)
         # one batch in the block: every linear's output (fp32 at most) and the attention scores
         transient = max(tokens, default=0) * (sum(s.out_features for s in sites) * 4 + seq * 4 * max(1, hidden // 64))
-        held = [s.in_features ** 2 * hessian_bytes if s.name in hessians else 0 for s in sites]
-        phases = [("collecting statistics", sum(held), acts + transient),
+        # one H per group of linears reading one input: made fp32 (compact) at its first linear's
+        # solve, freed after its last one's
+        group = {s.name: captured.same_input.get(s.name, (s.name,)) for s in sites if s.name in hessians}
+        size = {g: next(s.in_features for s in sites if s.name in g) ** 2 for g in group.values()}
+        first, last = {}, {}
+        for j, s in enumerate(sites):
+            if s.name in group:
+                first.setdefault(group[s.name], j)
+                last[group[s.name]] = j
+        phases = [("collecting statistics", sum(size.values()) * hessian_bytes, acts + transient),
                   ("computing its outputs", 0, 2 * acts + transient)]
         for j, s in enumerate(sites):
-            if held[j]:  # cutting H to fp32 (both held a moment), then the solve on it
-                solve = max(held[j] + s.in_features ** 2 * 4,
-                            3 * s.in_features ** 2 * 4 + s.out_features * s.in_features * (4 + 1 + act_bytes))
-                phases.append((f"solving {s.name}", sum(held[j + 1:]) + solve, acts))
+            if s.name not in group:
+                continue
+            mine = group[s.name]
+            others = sum(n * (hessian_bytes if first[g] > j else 4) for g, n in size.items() if g != mine and last[g] > j)
+            solve = max((hessian_bytes + 4) * size[mine] if first[mine] == j else 0,  # fp64 sums and fp32 H a moment
+                        3 * size[mine] * 4 + s.out_features * s.in_features * (4 + 1 + act_bytes))
+            phases.append((f"solving {s.name}", others + solve, acts))
         for phase, stats, activations in phases:
             if params + stats + activations > best[0]:
                 best = (params + stats + activations, {"block": block, "phase": phase, "block parameters": params,

@@ -25,6 +25,7 @@ from ..errors import CalibrationError, PipelineError
 from ..graph.calibration import describe, validate_batches
 from ..graph.capture import Captured, capture
 from ..techniques.transaction import Transaction
+from .activations import Activations
 from .analysis import PRODUCERS
 from .base import AnalysisPass, Pass, TransformPass
 from .blockwise import BlockRunner, slot_value, hidden_of, hidden_slot
@@ -54,6 +55,7 @@ class PassContext:
     source: Any = None                         # onloading: where the blocks come from (Pipeline.source)
     keep: set[str] | None = None               # what is kept of a finished block (Pipeline.keep)
     later: set[str] = field(default_factory=set)  # artefacts that passes after the running one need
+    activations: Activations = field(default_factory=Activations)  # how hidden states are kept (activations.py)
 
     def __post_init__(self):
         self.tx = Transaction(self.model)
@@ -142,6 +144,7 @@ class Pipeline:
         #: what a run keeps of each decoder block once it is done (artefact names, "decisions"); the
         #: rest is dropped block by block (None: keep everything, e.g. to read result.stats)
         self.keep: set[str] | None = None
+        self.activations = Activations()  # how block-sequential runs keep the hidden states (activations.py)
 
     @classmethod
     def from_recipe(cls, model: torch.nn.Module, recipe, batches, *, data: bool = True, debug: bool = False,
@@ -229,7 +232,7 @@ class Pipeline:
         try:
             captured = captured or self.captured or capture(model, batches_list[0])
             ctx = PassContext(model, captured, batches_list, self.debug, comm=comm or Comm(), batch_ids=batch_ids)
-            ctx.source, ctx.keep = self.source, self.keep
+            ctx.source, ctx.keep, ctx.activations = self.source, self.keep, self.activations
             if self.source is not None:
                 ctx.tx.unsaved = self.source.holds
             if tx is not None:  # the run keeps its own log: its parameters are saved by this stage's names
@@ -292,6 +295,12 @@ class Pipeline:
                 break
         runner = BlockRunner(ctx, needs_data=any(isinstance(p, AnalysisPass) for p in passes), relevant=relevant,
                              done_with_blocks=any(isinstance(p, TransformPass) for p in passes))
+        try:
+            return self._run_scopes(ctx, runner, stages, passes, timings, desc)
+        finally:
+            runner.close()  # the hidden states kept (on disk: their files)
+
+    def _run_scopes(self, ctx, runner, stages, passes, timings, desc) -> list[str]:
         scopes: list[str] = []
         done: list[str] = []
         total = runner.num_scopes()

@@ -2,6 +2,7 @@
 
     sparsecc demo                                   the embedded offline default (README)
     sparsecc prune MODEL_DIR --recipe R --calib TEXT --out OUT [--overwrite] [--compress] [--max-memory 24GiB]
+                   [--activations memory|bf16|fp16|disk] [--offload-folder DIR] [--device cuda]
     torchrun --nproc_per_node=N -m sparsecc prune ...   calibration shared by N processes (gloo / NCCL)
     sparsecc eval MODEL_DIR --text FILE             perplexity the way the seeds compute it
     sparsecc bench [--quick] [--only NAMES]         the benchmarks that run on this machine
@@ -153,6 +154,7 @@ def _seqlen(args, config) -> int:
 
 def prune(args) -> int:
     import sparsecc
+    from ..io.checkpoint import META
     from ..io.folders import check_output_dir
     from ..passes.memory import parse_bytes
 
@@ -167,6 +169,15 @@ def prune(args) -> int:
                          "choose another folder")
     recipe = sparsecc.load_recipe(args.recipe)
     budget = parse_bytes(args.max_memory) if args.max_memory is not None else None
+    if args.offload_folder is not None and args.activations != "disk":
+        raise ValueError("--offload-folder is where --activations disk writes; add --activations disk or leave it out")
+    whole = ["--no-onload"] * args.no_onload + ["--save-plan"] * args.save_plan
+    onload = [f"--device {args.device}"] * (args.device not in (None, "cpu")) + \
+        [f"--activations {args.activations}"] * (args.activations != "memory")
+    if onload and (whole or (model_dir / META).is_file()):
+        raise ValueError(f"{onload[0]} applies to onloading (one block at a time), which "
+                         + (f"{' and '.join(whole)} turns off; leave out one or the other" if whole else
+                            f"a sparsecc checkpoint does not get (it is loaded whole); leave out {onload[0].split()[0]}"))
     rank = _join_ranks()
     try:
         return _prune(args, recipe, budget, rank, model_dir)
@@ -203,7 +214,7 @@ def _prune(args, recipe, budget, rank, model_dir) -> int:
         try:
             report = _prune_onloaded(args, recipe, budget)
         except WholeModelError as e:
-            if budget is not None:
+            if budget is not None or args.activations != "memory" or args.device not in (None, "cpu"):
                 raise
             if not rank:
                 print(f"sparsecc prune: loading the whole model ({e})", file=sys.stderr)
@@ -257,8 +268,9 @@ def _prune_onloaded(args, recipe, budget):
     staged = []  # the JSON report, staged while the folder is complete but not yet in place
     try:
         report = sparsecc.prune_folder(args.model_dir, recipe, batches, args.out, tokenizer=tok,
-                                       compress=args.compress, max_memory=budget, overwrite=args.overwrite,
-                                       progress=not args.quiet, before_publish=(
+                                       compress=args.compress, max_memory=budget, activations=args.activations,
+                                       offload_folder=args.offload_folder, device=args.device,
+                                       overwrite=args.overwrite, progress=not args.quiet, before_publish=(
                                            lambda report: staged.append(_staged(args.json, report.to_json())))
                                        if args.json else None)
         if staged:
@@ -390,6 +402,13 @@ def main(argv=None) -> int:
     pr.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
     pr.add_argument("--max-memory", default=None, metavar="SIZE", help="refuse, before any work, a run whose "
                     "estimated peak exceeds SIZE (e.g. 24GiB; tensors only, the process itself takes ~0.5 GiB more)")
+    pr.add_argument("--activations", choices=("memory", "bf16", "fp16", "disk"), default="memory",
+                    help="how onloading keeps the calibration hidden states between blocks: as computed (default), "
+                    "in half precision (half of fp32's bytes), or on disk (one batch in memory at a time)")
+    pr.add_argument("--offload-folder", default=None, metavar="DIR", help="where --activations disk writes its "
+                    "temporary files (default: the system's temporary folder); deleted at the end")
+    pr.add_argument("--device", default=None, help="where onloading reads, calibrates and prunes each block: cpu "
+                    "(default) or cuda (under torchrun: each rank's own GPU); --max-memory then budgets that device")
     pr.add_argument("--no-onload", action="store_true", help="load the whole model first (by default a plain "
                     "model folder is read one decoder block at a time, when the recipe allows)")
     pr.add_argument("--nsamples", type=count, default=128, help="calibration windows (default 128)")

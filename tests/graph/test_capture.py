@@ -150,3 +150,31 @@ def test_feeders_found_and_permuting_them_keeps_function(family, make_model, bat
         w.copy_(w[:, perm].clone())
         after = m(batches[0]).logits
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
+def test_linears_reading_one_input_are_grouped(make_model, batches):
+    """q/k/v and gate/up read one tensor; o, down and GPT-2's fused c_attn read their own."""
+    from sparsecc.graph.capture import capture
+    groups = {f: set(capture(make_model(f), batches[0]).same_input.values()) for f in ("llama", "opt", "gpt2")}
+    attn, mlp = "model.layers.1.self_attn.", "model.layers.1.mlp."
+    assert (attn + "q_proj", attn + "k_proj", attn + "v_proj") in groups["llama"]
+    assert (mlp + "gate_proj", mlp + "up_proj") in groups["llama"] and len(groups["llama"]) == 4  # 2 per block
+    assert {len(g) for g in groups["opt"]} == {3} and len(groups["opt"]) == 2
+    assert groups["gpt2"] == set()
+
+
+def test_a_module_called_twice_shares_with_nothing():
+    from torch import nn
+
+    from sparsecc.graph.capture import capture
+
+    class TwoCalls(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x) + self.c(x) + self.a(x * 2)  # a also reads another input
+
+    captured = capture(TwoCalls(), torch.randn(2, 8))
+    assert set(captured.same_input.values()) == {("b", "c")}

@@ -184,7 +184,9 @@ def test_recipes_that_need_the_whole_model_are_refused_by_name(recipe, make_mode
     assert list(tmp_path.iterdir()) == [src]
 
 
-def test_a_failure_midway_leaves_nothing_and_keeps_an_existing_output(make_model, batches, tmp_path, monkeypatch):
+@pytest.mark.parametrize("activations", ["memory", "disk"])
+def test_a_failure_midway_leaves_nothing_and_keeps_an_existing_output(activations, make_model, batches, tmp_path,
+                                                                      monkeypatch):
     src = _folder(make_model, tmp_path)
     out = tmp_path / "out"
     out.mkdir()
@@ -199,9 +201,11 @@ def test_a_failure_midway_leaves_nothing_and_keeps_an_existing_output(make_model
     monkeypatch.setattr(BlockFiles, "done", failing)
     with pytest.raises(RuntimeError, match="disk went away"):
         sparsecc.prune_folder(src, {"default": WandaConfig(sparsity=0.5)}, batches, out, overwrite=True,
-                              progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama-src", "out"]
+                              activations=activations, progress=False,
+                              offload_folder=tmp_path / "offload" if activations == "disk" else None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["llama-src", "out"] + ["offload"] * (activations == "disk"))
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert activations == "memory" or list((tmp_path / "offload").iterdir()) == []  # the activations' files deleted
 
 
 def test_a_corrupt_weight_is_named_when_its_block_is_read(make_model, batches, tmp_path):
@@ -215,3 +219,109 @@ def test_a_corrupt_weight_is_named_when_its_block_is_read(make_model, batches, t
     with pytest.raises(sparsecc.PlanError, match=f"{name} holds NaN"):
         sparsecc.prune_folder(src, {"default": WandaConfig(sparsity=0.5)}, batches, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_activations_on_disk_give_the_same_checkpoint_and_leave_no_file(make_model, batches, tmp_path, monkeypatch):
+    src = _folder(make_model, tmp_path)
+    recipe = {"default": SparseGPTConfig(sparsity=0.5), "lm_head": None}
+    sparsecc.prune_folder(src, recipe, batches, tmp_path / "memory", progress=False)
+    offload = tmp_path / "offload"
+    seen = []
+    done = BlockFiles.done
+
+    def spy_done(self, k, name, rows):  # block k's outputs are on disk, none of them in memory
+        files = sorted(offload.rglob("*.safetensors"))
+        seen.append(len(files))
+        done(self, k, name, rows)
+
+    monkeypatch.setattr(BlockFiles, "done", spy_done)
+    sparsecc.prune_folder(src, recipe, batches, tmp_path / "disk", activations="disk", offload_folder=offload,
+                          progress=False)
+    assert seen == [len(batches)] * 4  # each block's outputs, one file per batch, its inputs deleted
+    assert list(offload.iterdir()) == []
+    assert _hashes(tmp_path / "disk")[0] == _hashes(tmp_path / "memory")[0]
+
+
+def test_half_precision_activations_give_nearly_the_same_masks(make_model, batches, tmp_path):
+    src = _folder(make_model, tmp_path)
+    recipe = {"default": SparseGPTConfig(sparsity=0.5), "lm_head": None}
+    sparsecc.prune_folder(src, recipe, batches, tmp_path / "fp32", progress=False)
+    sparsecc.prune_folder(src, recipe, batches, tmp_path / "bf16", activations="bf16", progress=False)
+    a, b = (sparsecc.load_pruned(tmp_path / d)[0].state_dict() for d in ("fp32", "bf16"))
+    pruned = [k for k in a if ".layers." in k and k.endswith("proj.weight")]
+    agree = sum(((a[k] == 0) == (b[k] == 0)).sum().item() for k in pruned) / sum(a[k].numel() for k in pruned)
+    assert all((b[k] == 0).float().mean() == 0.5 for k in pruned)
+    assert 0.9 < agree < 1.0  # the inputs were rounded: a few masks move, most stay
+
+
+@pytest.mark.parametrize("kw, match", [({"activations": "cpu"}, r"activations='cpu' is not one of memory, bf16"),
+                                       ({"offload_folder": "x"}, r"only used with activations='disk'")])
+def test_bad_activation_settings_are_refused_before_any_work(kw, match, make_model, batches, tmp_path, monkeypatch):
+    src = _folder(make_model, tmp_path)
+    monkeypatch.setattr(lazy_mod, "safe_open", lambda *a, **k: pytest.fail("a weight was read"))
+    with pytest.raises(ValueError, match=match):
+        sparsecc.prune_folder(src, {"default": WandaConfig(sparsity=0.5)}, batches, tmp_path / "out", progress=False,
+                              **kw)
+    assert list(tmp_path.iterdir()) == [src]
+
+
+def test_the_estimate_counts_the_activations_as_they_are_kept(make_model, batches, tmp_path):
+    from sparsecc.passes.memory import onload_peak_bytes
+    src = _folder(make_model, tmp_path)
+    lazy = LazyModel(src)
+    captured = capture(lazy.model, {"input_ids": batches[0].to("meta"), "use_cache": False})
+    names = [n for n in captured.sites if n != "lm_head"]
+    blocks = {b: lazy.nbytes(b) for b in captured.blocks}
+    rest = lazy.nbytes(outside=tuple(captured.blocks))
+    acts = {mode: onload_peak_bytes(captured, names, blocks, rest, batches, 4, activations=mode)[1]
+            for mode in ("memory", "bf16", "disk")}
+    hidden = lazy.model.config.hidden_size
+    tokens = sum(b.numel() for b in batches)
+    one = batches[0].numel() * hidden * 4
+    kept = {"memory": tokens * hidden * 4, "bf16": tokens * hidden * 2 + one, "disk": one}  # the blocks' inputs
+    assert len({(a["block"], a["phase"]) for a in acts.values()}) == 1  # the same phase, the activations apart
+    copies = 2 if acts["disk"]["phase"] == "computing its outputs" else 1  # inputs and outputs, or inputs
+    assert [a["activations"] - acts["disk"]["activations"] for a in acts.values()] == \
+        [copies * (kept[m] - one) for m in acts]
+
+
+@pytest.mark.parametrize("device, match", [("meta", r"onloading runs on 'cpu' or 'cuda'"),
+                                           ("gpu", r"device='gpu' is not a device"),
+                                           pytest.param("cuda", r"no CUDA device is available here", marks=
+                                                        pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA"))])
+def test_a_device_that_cannot_run_onloading_is_refused(device, match, make_model, batches, tmp_path, monkeypatch):
+    src = _folder(make_model, tmp_path)
+    monkeypatch.setattr(lazy_mod, "safe_open", lambda *a, **k: pytest.fail("a weight was read"))
+    with pytest.raises(ValueError, match=match):
+        sparsecc.prune_folder(src, {"default": WandaConfig(sparsity=0.5)}, batches, tmp_path / "out", device=device,
+                              progress=False)
+    assert list(tmp_path.iterdir()) == [src]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("activations", ["memory", "disk"])
+def test_onloading_on_the_gpu_matches_the_cpu_and_fits_its_estimate(activations, make_model, batches, tmp_path):
+    """Each block read to the GPU, calibrated and pruned there, written from it: the masks of the CPU run
+    (up to a few near-ties: the GPU's sums round differently), and the device's peak within the estimate."""
+    from sparsecc.passes.memory import onload_peak_bytes
+    src = _folder(make_model, tmp_path)
+    recipe = {"default": SparseGPTConfig(sparsity=0.5), "lm_head": None}
+    sparsecc.prune_folder(src, recipe, batches, tmp_path / "cpu", progress=False)
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    sparsecc.prune_folder(src, recipe, batches, tmp_path / "gpu", device="cuda", activations=activations,
+                          progress=False)
+    peak = torch.cuda.max_memory_allocated() - base
+    assert torch.cuda.memory_allocated() - base < 2 ** 20  # nothing left on the device
+    a, b = (sparsecc.load_pruned(tmp_path / d)[0].state_dict() for d in ("cpu", "gpu"))
+    assert all(t.device.type == "cpu" for t in b.values())
+    pruned = [k for k in a if ".layers." in k and k.endswith("proj.weight")]
+    agree = sum(((a[k] == 0) == (b[k] == 0)).sum().item() for k in pruned) / sum(a[k].numel() for k in pruned)
+    assert agree > 0.98 and all((b[k] == 0).float().mean() == 0.5 for k in pruned)
+    lazy = LazyModel(src)
+    captured = capture(lazy.model, {"input_ids": batches[0].to("meta"), "use_cache": False})
+    need, _ = onload_peak_bytes(captured, [n for n in captured.sites if n != "lm_head"],
+                                {b: lazy.nbytes(b) for b in captured.blocks}, lazy.nbytes(outside=tuple(captured.blocks)),
+                                batches, 4, activations=activations)
+    assert peak <= 1.5 * need, (peak, need)

@@ -123,7 +123,8 @@ def _save(out: str, name: str, fn) -> None:
         (open(f"{out}/{name}.json", "w")).write(json.dumps({"error": type(e).__name__, "message": str(e)}))
         return
     if res.get("state") is not None:
-        save_file({k: v.contiguous() for k, v in res["state"].items()}, f"{out}/{name}.safetensors")
+        save_file({k: v.contiguous().clone() for k, v in res["state"].items()},  # shared Hessians: one copy each
+                  f"{out}/{name}.safetensors")
     rows = [{k: v for k, v in r.items() if k != "seconds"} if isinstance(r, dict) else r for r in res["rows"]]
     open(f"{out}/{name}.json", "w").write(json.dumps({"rows": rows, "setup": res.get("setup")}, default=str))
 

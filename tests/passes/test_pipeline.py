@@ -176,3 +176,28 @@ def test_a_progress_bar_only_where_blocks_are_calibrated(recipe, bar, make_model
     sparsecc.sparsify_(make_model("llama"), recipe, batches, progress=True)
     err = capsys.readouterr().err
     assert (bar in err and "block" in err) if bar else err == "", err
+
+
+def test_linears_reading_one_input_share_one_hessian(make_model, batches):
+    m = make_model("llama")
+    res = Pipeline([CollectHessians()], progress=False).run(m, batches)
+    h = res.stats["hessian"]
+    attn, mlp = "model.layers.0.self_attn.", "model.layers.0.mlp."
+    assert h[attn + "q_proj"] is h[attn + "k_proj"] is h[attn + "v_proj"] and h[mlp + "gate_proj"] is h[mlp + "up_proj"]
+    assert len({id(v) for v in h.values()}) == 9  # 4 per block and lm_head's, of 15 linears
+    x = []  # the H that k_proj would collect alone
+    handle = m.get_submodule(attn + "k_proj").register_forward_pre_hook(lambda mod, a: x.append(a[0].reshape(-1, 64)))
+    for b in batches:
+        m(b)
+    handle.remove()
+    xs = torch.cat(x).double()
+    assert torch.allclose(h[attn + "k_proj"].xtx, xs.t() @ xs, rtol=1e-5, atol=1e-4) and h[attn + "k_proj"].count == xs.shape[0]
+    only_k = Pipeline([CollectHessians(modules=[attn + "k_proj"])], progress=False).run(m, batches)
+    assert torch.equal(only_k.stats["hessian"][attn + "k_proj"].xtx, h[attn + "k_proj"].xtx)  # collected by k itself
+
+
+def test_a_plan_stores_shared_hessians_once_per_name(make_model, batches, tmp_path):
+    res = Pipeline([CollectHessians()], progress=False).run(make_model("llama"), batches)
+    plan = sparsecc.Plan.load(sparsecc.Plan.from_result(res, {}).save(tmp_path / "plan"))
+    q, v = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"
+    assert torch.equal(plan.stats["hessian"][q].xtx, plan.stats["hessian"][v].xtx)

@@ -383,3 +383,27 @@ def test_torchrun_two_processes_write_the_one_process_checkpoint(model_dir, text
     a, b = (json.loads((tmp_path / d / "sparsecc.json").read_text()) for d in ("one", "two"))
     assert {k: v for t in a["sha256"].values() for k, v in t.items()} == \
         {k: v for t in b["sha256"].values() for k, v in t.items()}
+
+
+def test_activations_on_disk_give_the_default_checkpoint(model_dir, texts, tmp_path, capsys):
+    args = ["--recipe", texts / "recipe.yaml", "--calib", texts / "calib.txt", "--nsamples", 4, "--quiet"]
+    code, _, err = run(capsys, "prune", model_dir, "--out", tmp_path / "memory", *args)
+    assert code == 0, err
+    code, _, err = run(capsys, "prune", model_dir, "--out", tmp_path / "disk", "--activations", "disk",
+                       "--offload-folder", tmp_path / "offload", *args)
+    assert code == 0, err
+    assert list((tmp_path / "offload").iterdir()) == []
+    memory, disk = (json.loads((tmp_path / d / "sparsecc.json").read_text())["sha256"] for d in ("memory", "disk"))
+    assert memory == disk
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--offload-folder", "off"], r"--offload-folder is where --activations disk writes"),
+    (["--activations", "bf16", "--no-onload"], r"--activations bf16 applies to onloading .*--no-onload turns off"),
+    (["--activations", "ram"], r"invalid choice: 'ram'"),
+    (["--device", "cuda", "--save-plan"], r"--device cuda applies to onloading .*--save-plan turns off")])
+def test_bad_activation_options_are_refused(extra, match, model_dir, texts, tmp_path, capsys):
+    code, _, err = run(capsys, "prune", model_dir, "--recipe", texts / "recipe.yaml", "--calib", texts / "calib.txt",
+                       "--out", tmp_path / "out", *extra)
+    assert code == 2 and re.search(match, err), err
+    assert not (tmp_path / "out").exists()

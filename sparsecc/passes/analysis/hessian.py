@@ -6,6 +6,10 @@ order and grouping of the batches (one process, or N ranks all-reducing their su
 while an entry's n partials span less than ~2^29/n in magnitude (true of the tests' models, bit for
 bit; an entry whose partials cancel to tiny values could round). An fp32 accumulator rounds at every
 addition, differently for each order.
+
+Linears that read the same input (q/k/v, gate/up: `Captured.same_input`) have the same H: it is
+collected once, by the first of them the pass observes, and the others' entries are that object
+(a Llama block then sums and holds 4 matrices instead of 7). It is freed with the last of them.
 """
 from __future__ import annotations
 
@@ -77,6 +81,18 @@ class CollectHessians(AnalysisPass):
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"Hessian dtype must be torch.float32 or torch.float64, got {dtype}")
         self.dtype = dtype  # of each batch's XᵀX (the sum is fp64); fp64 partials sum exactly in no order
+        self.collector: dict[str, str] = {}  # observed site -> the site whose H it shares (collects it)
+
+    def setup(self, ctx) -> None:
+        super().setup(ctx)
+        self.collector = {}
+        for name in ctx.captured.sites:  # call order: the first observed site of a group collects
+            group = [s for s in ctx.captured.same_input.get(name, (name,)) if s in self.observed]
+            if name in self.observed:
+                self.collector[name] = group[0] if group else name
+
+    def wants(self, site: str) -> bool:
+        return super().wants(site) and self.collector.get(site, site) == site
 
     def observe(self, ctx, site, x):
         table = ctx.stats.setdefault("hessian", {})
@@ -95,6 +111,10 @@ class CollectHessians(AnalysisPass):
                 h = table.get(name) or HessianStats.empty(site.in_features, site.weight(ctx.model).device)
                 comm.sum_exact_(h.xtx)  # exact: sums of fp32 partials in fp64 (see the top)
                 h.count, table[name] = count, h
-        for name in names:  # one order on every rank, whichever module ran first
-            if name in table:
-                table[name] = table.pop(name)
+        names = set(names)
+        held = {n: table[c] for n, c in self.collector.items() if c in names and c in table}
+        held |= {n: table[n] for n in names if n in table}
+        for name in ctx.captured.sites:  # one order on every rank, whichever module ran first
+            if name in held:
+                table.pop(name, None)
+                table[name] = held[name]

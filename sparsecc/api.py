@@ -171,14 +171,14 @@ def prune_folder(model_dir, recipe, batches, out, *, tokenizer=None, compress: b
     from .io.lazy import LazyModel
     from .io.onload import BlockFiles
     from .passes.memory import fmt_bytes, map_large_allocations, onload_peak_bytes, parse_bytes
-    from .passes.activations import Activations, check_mode
+    from .passes.activations import Activations, check_activations
     from .passes.analysis import CollectHessians, CollectInputStats
     from .passes.transform.prune import ApplyRecipe
     from .techniques.configs import technique_for
 
     out = Path(out)
     check_output_dir(out, overwrite)
-    check_mode(activations, offload_folder)
+    check_activations(activations, offload_folder)
     device = _onload_device(device)
     budget = parse_bytes(max_memory) if max_memory is not None else None
     lazy = LazyModel(model_dir, device)

@@ -23,7 +23,7 @@ MODES = ("memory", "bf16", "fp16", "disk")
 _CAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def check_mode(mode: str, folder=None) -> str:
+def check_activations(mode: str, folder=None) -> str:
     """`mode` if it is one of MODES (else ValueError naming them); `folder` only goes with "disk"."""
     if mode not in MODES:
         raise ValueError(f"activations={mode!r} is not one of {', '.join(MODES)}")
@@ -38,7 +38,7 @@ class Activations:
     (the files too)."""
 
     def __init__(self, mode: str = "memory", folder=None, _root: Path | None = None, _gen: int = 0):
-        self.mode = check_mode(mode, folder)
+        self.mode = check_activations(mode, folder)
         self.folder = folder
         self._root, self._gen = _root, _gen
         self._items: list = []  # tensors, or (path, dtype) for "disk"
@@ -72,12 +72,6 @@ class Activations:
 
     def __len__(self) -> int:
         return len(self._items)
-
-    def nbytes(self) -> int:
-        """Bytes held in memory (files not counted)."""
-        if self.mode == "disk":
-            return 0
-        return sum((t if self.mode == "memory" else t[0]).nbytes for t in self._items)
 
     def drop(self) -> None:
         """Free this list (its files: the others of the folder stay)."""

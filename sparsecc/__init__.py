@@ -3,6 +3,7 @@
     plan = sparsecc.calibrate(model, batches, recipe)       # analysis passes -> Plan
     sparsecc.sparsify_(model, plan)                          # or sparsify_(model, recipe, batches)
     sparsecc.prune_folder(folder, recipe, batches, out)      # a model larger than memory, block by block
+    sparsecc.finetune_(model, batches, steps=200)            # recover what pruning cost, zeros kept
     model = torch.compile(model, backend="sparsecc")
 """
 __version__ = "0.1.0"
@@ -10,7 +11,8 @@ __version__ = "0.1.0"
 # Public names -> the submodule defining them, imported on first use (PEP 562), so that
 # `import sparsecc` and `sparsecc --help` do not import torch.
 _SOURCES = {
-    "calibrate": ".api", "sparsify_": ".api", "prune_folder": ".api", "sparsecc_backend": ".backend",
+    "calibrate": ".api", "sparsify_": ".api", "prune_folder": ".api", "finetune_": ".finetune",
+    "FinetuneReport": ".finetune", "merge_adapters_": ".finetune", "sparsecc_backend": ".backend",
     "CalibrationSet": ".graph.calibration", "sample_batches": ".graph.calibration", "load_pruned": ".io.checkpoint", "checkpoint_size": ".io.checkpoint",
     "save_pruned": ".io.checkpoint", "CSRLinear": ".techniques.packing", "NMLinear": ".techniques.packing", "QuantLinear": ".techniques.packing",
     "compress_csr_": ".techniques.packing", "compress_nm_": ".techniques.packing", "pack_": ".techniques.packing", "Captured": ".graph.capture",
@@ -19,7 +21,7 @@ _SOURCES = {
     "dump_recipe": ".io.recipes", "load_recipe": ".io.recipes", "Report": ".io.report",
     "kv_cache_lengths": ".techniques.attention", "activation_sparsity": ".techniques.cats",
     **dict.fromkeys(["CalibrationError", "CaptureError", "PipelineError", "PlanError", "RecipeError",
-                     "SparseccError", "WholeModelError", "DistributedError"], ".errors"),
+                     "SparseccError", "WholeModelError", "DistributedError", "FinetuneError"], ".errors"),
     **dict.fromkeys(["AnalysisPass", "ApplyRecipe", "CollectHessians", "CollectInputStats", "Pass", "Pipeline",
                      "PipelineResult", "TransformPass"], ".passes"),
     **dict.fromkeys(["MoEConfig", "MoEMLP", "SparseMoEConfig", "moe_load_balance", "AttentionSinkConfig",
@@ -57,8 +59,8 @@ __all__ = [
     "AnalysisPass", "ApplyRecipe", "AttentionSinkConfig", "SlidingWindowConfig", "CATSConfig", "CATSMLP", "CalibrationError", "CalibrationSet", "CaptureError", "Captured",
     "CSRLinear", "CollectHessians", "GPTQConfig", "RTNConfig", "CollectInputStats", "LayerDropConfig", "LinearSite", "MagnitudeConfig", "MoEConfig", "MoEMLP", "SparseMoEConfig", "NMLinear", "OBSConfig", "Pass", "QuantLinear",
     "PruningConfig", "SparseGPTConfig", "StructuredConfig", "WandaConfig", "Pipeline",
-    "PipelineError", "PipelineResult", "Plan", "PlanError", "RecipeError", "Report", "SparseccError", "WholeModelError", "DistributedError",
+    "PipelineError", "PipelineResult", "Plan", "PlanError", "RecipeError", "Report", "SparseccError", "WholeModelError", "DistributedError", "FinetuneError", "FinetuneReport",
     "SparsityConfig", "Technique", "TransformPass", "calibrate", "activation_sparsity", "capture", "checkpoint_size", "compress_csr_", "compress_nm_", "config_from_dict", "dump_recipe", "kv_cache_lengths",
-    "load_pruned", "load_recipe", "moe_load_balance", "pack_", "prune", "prune_folder", "register_technique", "sample_batches", "save_pruned", "sparsecc_backend",
+    "finetune_", "load_pruned", "load_recipe", "merge_adapters_", "moe_load_balance", "pack_", "prune", "prune_folder", "register_technique", "sample_batches", "save_pruned", "sparsecc_backend",
     "sparsify_",
 ]

@@ -32,3 +32,8 @@ class WholeModelError(RecipeError):
 class DistributedError(SparseccError, RuntimeError):
     """A distributed run (torch.distributed, world size > 1) cannot go on: the ranks were given
     different batches, a pass cannot be sharded yet, or another rank failed."""
+
+
+class FinetuneError(SparseccError, ValueError):
+    """A fine-tuning run cannot start or resume: bad settings, a model with nothing pruned, a
+    checkpoint folder of another run."""

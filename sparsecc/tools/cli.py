@@ -1,9 +1,11 @@
-"""Command line: `sparsecc demo | prune | eval | bench`.
+"""Command line: `sparsecc demo | prune | finetune | eval | bench`.
 
     sparsecc demo                                   the embedded offline default (README)
     sparsecc prune MODEL_DIR --recipe R --calib TEXT --out OUT [--overwrite] [--compress] [--max-memory 24GiB]
                    [--activations memory|bf16|fp16|disk] [--offload-folder DIR] [--device cuda]
     torchrun --nproc_per_node=N -m sparsecc prune ...   calibration shared by N processes (gloo / NCCL)
+    sparsecc finetune PRUNED_DIR --text FILE --out OUT [--steps 200] [--method full|lora] [--teacher DENSE_DIR]
+                   [--eval-text FILE] [--checkpoint-dir DIR]   training that keeps every pruned weight zero
     sparsecc eval MODEL_DIR --text FILE             perplexity the way the seeds compute it
     sparsecc bench [--quick] [--only NAMES]         the benchmarks that run on this machine
 
@@ -305,6 +307,73 @@ def size_line(size: dict) -> str:
     return line
 
 
+def finetune(args) -> int:
+    import sparsecc
+    from ..io.checkpoint import META, read_meta, save_pruned
+    from ..io.folders import check_output_dir
+    from ..io.report import Report
+    from .local_models import load_local_model, read_text, tokenize
+
+    check_output_dir(args.out, args.overwrite)  # the outputs before any work
+    _check_output("--out", args.out, makes_parents=True)
+    out, model_dir = Path(args.out).resolve(), Path(args.model_dir).resolve()
+    if out in (model_dir, *model_dir.parents):
+        raise ValueError(f"--out {args.out!r} would replace the model being fine-tuned ({args.model_dir!r}); "
+                         "choose another folder")
+    if args.checkpoint_dir and out in (c := Path(args.checkpoint_dir).resolve(), *c.parents):
+        raise ValueError(f"--checkpoint-dir {args.checkpoint_dir!r} lies in --out, which is written whole; put it "
+                         "beside it")
+    model, tok = load_local_model(args.model_dir, args.tokenizer)
+    meta = read_meta(model_dir) if (model_dir / META).is_file() else {}
+    teacher = load_local_model(args.teacher, args.tokenizer or args.model_dir)[0] if args.teacher else None
+    seqlen = _seqlen(args, model.config)
+    train = _windows(tokenize(tok, read_text(args.text), what=f"text {args.text!r}"), seqlen, f"--text {args.text!r}")
+    if args.eval_text:
+        held = _windows(tokenize(tok, read_text(args.eval_text), what=f"text {args.eval_text!r}"), seqlen,
+                        f"--eval-text {args.eval_text!r}")
+    elif len(train) >= 10:  # the last tenth of the text, kept out of training
+        train, held = train[:len(train) - len(train) // 10], train[len(train) - len(train) // 10:]
+    else:
+        held = None
+    report = sparsecc.finetune_(
+        model, list(train.split(args.batch_size)), steps=args.steps, lr=args.lr, method=args.method, rank=args.rank,
+        teacher=teacher, distill_weight=args.distill_weight, temperature=args.temperature,
+        eval_batches=list(held.split(args.batch_size)) if held is not None else None, merge=True,
+        checkpoint_dir=args.checkpoint_dir, allow_dense=args.allow_dense, seed=args.seed, progress=not args.quiet)
+    rows = [dict(r) for r in meta.get("rows", [])]
+    params = dict(model.named_parameters())
+    for r in rows:  # a quantized weight that rounded to zero adds a zero: the rows say what the weights are now
+        if r.get("param") in params and r.get("shape"):
+            r["sparsity"] = float((params[r["param"]] == 0).float().mean())
+    result = {"finetune": report.to_dict(), "model": str(args.model_dir), "text": str(args.text),
+              "eval_text": str(args.eval_text) if args.eval_text else ("last tenth of --text" if held is not None else None),
+              "seqlen": seqlen, "batch_size": args.batch_size}
+    staged = _staged(args.json, json.dumps(result, indent=2, default=str)) if args.json else None
+    try:
+        save_pruned(model, args.out, Report(rows, {**meta.get("setup", {}), "finetune": {
+            k: v for k, v in result.items() if k != "finetune"} | {k: v for k, v in report.to_dict().items()
+                                                                   if k != "losses"}}),
+                    recipe=sparsecc.load_recipe(meta["recipe"]) if meta.get("recipe") else None, tokenizer=tok, compress=args.compress or bool(meta.get("compressed")),
+                    overwrite=args.overwrite)
+        if staged:
+            os.replace(staged, args.json)
+    finally:
+        if staged:
+            staged.unlink(missing_ok=True)
+    print(report.table())
+    print(f"\nwrote {out}")
+    return 0
+
+
+def _windows(ids, seqlen: int, what: str):
+    """[n, seqlen] non-overlapping windows of a token stream (the remainder dropped)."""
+    n = ids.numel() // seqlen
+    if n == 0:
+        raise ValueError(f"{what} has {ids.numel()} tokens, fewer than one window of {seqlen}; give a longer text"
+                         f"{f' or pass --seqlen {ids.numel()}' if ids.numel() >= 2 else ''}")
+    return ids[:n * seqlen].view(n, seqlen)
+
+
 def evaluate(args) -> int:
     from .evaluate import perplexity
     from .local_models import load_local_model, read_text, tokenize
@@ -417,6 +486,32 @@ def main(argv=None) -> int:
     pr.add_argument("--seed", type=natural, default=0)
     pr.add_argument("--json", default=None, help="also write the per-layer report as JSON here")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
+    ft = sub.add_parser("finetune", help="fine-tune a pruned model folder on text, every pruned weight kept zero "
+                        "(N:M patterns and quantization grids too); write a checkpoint")
+    ft.add_argument("model_dir", help="a sparsecc checkpoint (from `sparsecc prune`) or a save_pretrained folder")
+    ft.add_argument("--text", required=True, help="training text: a file, or a folder of .txt files")
+    ft.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    ft.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once the new one is complete)")
+    ft.add_argument("--steps", type=count, default=200, help="optimizer steps (default 200)")
+    ft.add_argument("--method", choices=("full", "lora"), default="full", help="train every weight (default), or "
+                    "LoRA adapters merged as (W + BA) * mask")
+    ft.add_argument("--rank", type=count, default=8, help="LoRA rank (default 8)")
+    ft.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-4 full, 1e-3 LoRA)")
+    ft.add_argument("--teacher", default=None, metavar="DIR", help="the dense model folder: distil on its logits")
+    ft.add_argument("--distill-weight", type=float, default=0.5, help="share of the distillation loss (default 0.5)")
+    ft.add_argument("--temperature", type=float, default=2.0, help="distillation temperature (default 2)")
+    ft.add_argument("--eval-text", default=None, help="held-out text for the perplexity before/after (default: "
+                    "the last tenth of --text, kept out of training)")
+    ft.add_argument("--checkpoint-dir", default=None, metavar="DIR", help="save the run's state here every 50 steps; "
+                    "the same command resumes from it")
+    ft.add_argument("--allow-dense", action="store_true", help="fine-tune a model with nothing pruned, as dense")
+    ft.add_argument("--compress", action="store_true", help="store pruned/quantized weights compressed")
+    ft.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
+    ft.add_argument("--seqlen", type=at_least(2), default=None, help="window length (default: the model's context, at most 2048)")
+    ft.add_argument("--batch-size", type=count, default=8, help="windows per step (default 8)")
+    ft.add_argument("--seed", type=natural, default=0)
+    ft.add_argument("--json", default=None, help="also write the fine-tuning report as JSON here")
+    ft.add_argument("--quiet", action="store_true", help="no progress bars")
     ev = sub.add_parser("eval", help="perplexity of a local model folder (or sparsecc checkpoint) on a text file")
     ev.add_argument("model_dir")
     ev.add_argument("--text", required=True, help="a text file, or a folder of .txt files")
@@ -458,7 +553,7 @@ def main(argv=None) -> int:
         if getattr(args, "quiet", False):
             from transformers.utils import logging as hf_logging
             hf_logging.disable_progress_bar()
-        return {"demo": demo, "prune": prune, "eval": evaluate, "bench": bench}[args.cmd](args)
+        return {"demo": demo, "prune": prune, "finetune": finetune, "eval": evaluate, "bench": bench}[args.cmd](args)
     except KeyboardInterrupt:
         print(f"sparsecc {args.cmd}: interrupted; nothing was written", file=sys.stderr)
         return 130

@@ -407,3 +407,37 @@ def test_bad_activation_options_are_refused(extra, match, model_dir, texts, tmp_
                        "--out", tmp_path / "out", *extra)
     assert code == 2 and re.search(match, err), err
     assert not (tmp_path / "out").exists()
+
+
+def test_finetune_keeps_the_checkpoints_zeros_and_reports_held_out_perplexity(model_dir, texts, tmp_path, capsys):
+    pruned, out = tmp_path / "pruned", tmp_path / "ft"
+    code, _, err = run(capsys, "prune", model_dir, "--recipe", texts / "recipe.yaml", "--calib", texts / "calib.txt",
+                       "--out", pruned, "--nsamples", 8, "--quiet", "--compress")
+    assert code == 0, err
+    code, stdout, err = run(capsys, "finetune", pruned, "--text", texts / "calib.txt", "--eval-text", texts / "test.txt",
+                            "--out", out, "--steps", 4, "--seqlen", 64, "--batch-size", 4, "--teacher", model_dir,
+                            "--quiet", "--json", tmp_path / "ft.json")
+    assert code == 0, err
+    assert "held-out perplexity" in stdout and "distilled" in stdout
+    before, _ = sparsecc.load_pruned(pruned)
+    after, meta = sparsecc.load_pruned(out)  # load_pruned checks every weight against its mask
+    assert meta["compressed"] and meta["setup"]["finetune"]["steps"] == 4
+    changed = 0
+    for (n, a), b in zip(after.named_parameters(), before.parameters()):
+        if n.endswith("proj.weight"):
+            assert torch.equal(a == 0, b == 0), n
+            changed += not torch.equal(a, b)
+    assert changed == 14
+    report = json.loads((tmp_path / "ft.json").read_text())["finetune"]
+    assert report["eval_after"]["tokens"] > 0 and len(report["losses"]) == 4
+
+
+def test_finetune_refuses_bad_input_in_one_line_and_writes_nothing(model_dir, texts, tmp_path, capsys):
+    out = tmp_path / "ft"
+    code, _, err = run(capsys, "finetune", model_dir, "--text", texts / "calib.txt", "--out", out, "--steps", 2, "--quiet")
+    one_line_error(code, err, "finetune", "nothing pruned.*allow_dense")
+    code, _, err = run(capsys, "finetune", model_dir, "--text", texts / "short.txt", "--out", out, "--quiet")
+    one_line_error(code, err, "finetune", "--text.*fewer than one window of 128")
+    code, _, err = run(capsys, "finetune", model_dir, "--text", texts / "calib.txt", "--out", out, "--steps", 0)
+    assert code == 2 and "--steps" in err
+    assert not out.exists()

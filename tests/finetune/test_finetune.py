@@ -1,0 +1,232 @@
+"""finetune_: every pruned weight stays exactly zero, N:M patterns and quantization grids hold,
+LoRA merges into what the model computed, distillation, resuming, and bad input leaving the
+model as it was."""
+import copy
+import warnings
+
+import pytest
+import torch
+from torch.nn.utils import parametrize
+
+import sparsecc
+from sparsecc.errors import FinetuneError
+from sparsecc.finetune import loop
+from sparsecc.finetune.weights import is_linear
+from sparsecc.prune.quantize import grid_of
+
+from conftest import VOCAB
+
+
+@pytest.fixture
+def text():
+    """A repeating token stream (learnable in a few steps), cut into 4 batches of [2, 16]."""
+    g = torch.Generator().manual_seed(3)
+    motif = torch.randint(0, VOCAB, (24,), generator=g)
+    stream = motif.repeat(6)
+    return [stream[i * 32:(i + 1) * 32].view(2, 16) for i in range(4)]
+
+
+def _pruned(make_model, batches, family="llama", **cfg):
+    model = make_model(family)
+    sparsecc.sparsify_(model, {"default": sparsecc.WandaConfig(**cfg), "lm_head": None}, batches, progress=False)
+    return model
+
+
+def _zeros(model):
+    """{weight name: its zeros} of the pruned linears."""
+    return {f"{n}.weight": m.weight.detach() == 0 for n, m in model.named_modules()
+            if is_linear(m) and m is not model.get_output_embeddings() and bool((m.weight == 0).any())}
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_every_zero_stays_zero_and_the_nm_pattern_holds(make_model, batches, text, family, method):
+    model = _pruned(make_model, batches, family, pattern="2:4")
+    zeros = _zeros(model)
+    assert len(zeros) >= 6
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    report = sparsecc.finetune_(model, text, steps=12, lr=3e-3, method=method, rank=4, progress=False)
+    params = dict(model.named_parameters())
+    assert set(params) == set(before)  # no reparameterisation left behind
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+    for n, z in zeros.items():
+        w = params[n].detach()
+        assert torch.equal(w == 0, z), n  # the same zeros: none filled, none added
+        view = w if w.shape[1] % 4 == 0 else w.t()  # Conv1D stores [in, out]
+        per_group = (view.t() if family == "gpt2" else view).reshape(-1, 4) != 0
+        assert int(per_group.sum(-1).max()) <= 2, n
+    changed = [n for n in zeros if not torch.equal(params[n], before[n])]
+    assert len(changed) == len(zeros)  # every pruned linear was trained
+    assert report.frozen_zeros == sum(int(z.sum()) for z in zeros.values())
+    assert report.pruned_linears == len(zeros)
+    assert report.losses[-1] < report.losses[0]
+    emb = model.get_input_embeddings().weight
+    assert torch.equal(emb, before[next(n for n in before if n.endswith("embed_tokens.weight") or
+                                        n.endswith("wte.weight") or n.endswith("embed_tokens.weight"))]) \
+        == (method == "lora")  # LoRA trains only the adapters
+
+
+def test_lora_merges_into_what_the_model_computed_and_counts_its_cost(make_model, batches, text):
+    model = _pruned(make_model, batches, sparsity=0.5)
+    zeros = _zeros(model)
+    report = sparsecc.finetune_(model, text, steps=8, lr=1e-2, method="lora", rank=4, merge=False, progress=False)
+    assert not report.merged and report.adapter_params > 0
+    adapted = [m for m in model.modules() if parametrize.is_parametrized(m)]
+    assert len(adapted) == 14  # every linear of the 2 blocks, lm_head not
+    x = text[0]
+    with torch.no_grad():
+        with_adapters = model(x).logits
+    assert sparsecc.merge_adapters_(model) == 14
+    with torch.no_grad():
+        merged = model(x).logits
+    torch.testing.assert_close(merged, with_adapters, rtol=1e-5, atol=1e-5)
+    for n, z in _zeros(model).items():
+        assert torch.equal(z, zeros[n])
+    # rank 4 on 14 linears: 4 * (in + out) each
+    expected = sum(4 * sum(m.weight.shape) for m in model.modules()
+                   if isinstance(m, torch.nn.Linear) and m is not model.lm_head)
+    assert report.adapter_params == expected
+
+
+def test_a_quantized_linear_stays_on_its_grid(make_model, batches, text):
+    model = make_model()
+    sparsecc.sparsify_(model, {"default": sparsecc.SparseGPTConfig(sparsity=0.5, bits=4, group_size=32),
+                               "lm_head": None}, batches, progress=False)
+    zeros = _zeros(model)
+    grids = {n: grid_of(m) for n, m in model.named_modules() if grid_of(m) is not None}
+    assert len(grids) == 14
+    report = sparsecc.finetune_(model, text, steps=15, lr=3e-3, progress=False)
+    assert report.quantized_linears == 14
+    moved = 0
+    for n, old in grids.items():
+        m = model.get_submodule(n)
+        new = grid_of(m)
+        assert new.matches(m.weight) and torch.equal(new.scales, old.scales)  # same grid, new codes
+        moved += int((new.unpacked() != old.unpacked()).sum())
+    assert moved > 0
+    now = _zeros(model)
+    for n, z in zeros.items():  # a kept weight may round to the level 0 now, a pruned one never leaves it
+        assert bool(now[n][z].all())
+
+
+def test_structured_and_cats_models_fine_tune(make_model, batches, text):
+    model = make_model()
+    sparsecc.sparsify_(model, {"re:.*mlp": sparsecc.StructuredConfig(0.5)}, batches, progress=False)
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    report = sparsecc.finetune_(model, text, steps=6, lr=3e-3, progress=False)
+    assert report.rewritten_modules == 2 and report.pruned_linears == 0
+    assert {n: p.shape for n, p in model.named_parameters()} == shapes
+
+    model = make_model()
+    sparsecc.sparsify_(model, {"re:.*mlp": sparsecc.CATSConfig(sparsity=0.5)}, batches, progress=False)
+    cats = [m for m in model.modules() if isinstance(m, sparsecc.CATSMLP)]
+    before = cats[0].down_proj.weight.detach().clone() if hasattr(cats[0], "down_proj") else None
+    report = sparsecc.finetune_(model, text, steps=6, lr=3e-3, progress=False)
+    assert report.rewritten_modules == 2 and report.losses[-1] < report.losses[0]
+    assert [m for m in model.modules() if isinstance(m, sparsecc.CATSMLP)] == cats
+    if before is not None:
+        assert not torch.equal(cats[0].down_proj.weight, before)
+
+
+def test_distillation_from_an_identical_teacher_starts_at_the_lm_loss_share(make_model, batches, text):
+    model = _pruned(make_model, batches, sparsity=0.5)
+    teacher = copy.deepcopy(model)
+    ce = loop._step_loss(model, text[0], None, 0.5, 2.0)
+    both = loop._step_loss(model, text[0], teacher, 0.5, 2.0)
+    assert both.item() == pytest.approx(0.5 * ce.item(), rel=1e-5)  # KL(p || p) = 0
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(20)  # a sharper teacher: far from the student
+    first = loop._step_loss(model, text[0], teacher, 1.0, 1.0).item()
+    report = sparsecc.finetune_(model, text, steps=10, lr=1e-2, teacher=teacher, distill_weight=1.0, temperature=1.0,
+                                progress=False)
+    assert report.teacher and report.losses[0] == pytest.approx(first, rel=1e-4)
+    assert loop._step_loss(model, text[0], teacher, 1.0, 1.0).item() < 0.5 * first  # pulled toward the teacher
+    assert teacher.training is False and model.training is False
+
+
+def test_held_out_evaluation_before_and_after(make_model, batches, text):
+    model = _pruned(make_model, batches, sparsity=0.5)
+    report = sparsecc.finetune_(model, text[:3], steps=20, lr=3e-3, eval_batches=text[3:], progress=False)
+    assert report.eval_after["ppl"] < report.eval_before["ppl"]
+    assert report.eval_after["tokens"] == 2 * 15
+    assert "held-out perplexity" in str(report)
+
+
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(make_model, batches, text, tmp_path, monkeypatch):
+    base = _pruned(make_model, batches, sparsity=0.5)
+    whole = copy.deepcopy(base)
+    sparsecc.finetune_(whole, text, steps=10, lr=3e-3, progress=False)
+
+    model = copy.deepcopy(base)
+    real, calls = loop._step_loss, []
+
+    def dies_at_step_7(*a, **kw):
+        calls.append(1)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(loop, "_step_loss", dies_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        sparsecc.finetune_(model, text, steps=10, lr=3e-3, checkpoint_dir=tmp_path / "ck", save_every=4,
+                           progress=False)
+    monkeypatch.setattr(loop, "_step_loss", real)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, dict(base.named_parameters())[n])  # the interrupted call undid itself
+    report = sparsecc.finetune_(model, text, steps=10, lr=3e-3, checkpoint_dir=tmp_path / "ck", save_every=4,
+                                progress=False)
+    assert report.resumed_from == 4 and len(report.losses) == 10
+    for n, p in model.named_parameters():
+        assert torch.equal(p, dict(whole.named_parameters())[n]), n
+    with pytest.raises(FinetuneError, match="another run's state.*lr"):
+        sparsecc.finetune_(copy.deepcopy(base), text, steps=10, lr=1e-3, checkpoint_dir=tmp_path / "ck",
+                           progress=False)
+
+
+def _refused(model, match, *args, **kw):
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(FinetuneError, match=match):
+        sparsecc.finetune_(model, *args, progress=False, **kw)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+
+
+def test_bad_input_is_refused_and_leaves_the_model_as_it_was(make_model, batches, text):
+    dense = make_model()
+    _refused(dense, "nothing pruned.*allow_dense=True", text, steps=2)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        sparsecc.finetune_(dense, text, steps=2, allow_dense=True, progress=False)
+    assert any("dense" in str(x.message) for x in w)
+
+    model = _pruned(make_model, batches, sparsity=0.5)
+    _refused(model, "rank 65 is larger than .*<= 64", text, steps=2, method="lora", rank=65)
+    _refused(model, "steps must be a positive int, got 0", text, steps=0)
+    _refused(model, "steps must be a positive int", text, steps=-3)
+    _refused(model, "method must be one of", text, method="qlora")
+    _refused(model, "lr must be a positive number", text, lr=-1.0)
+    _refused(model, "distill_weight must be in", text, distill_weight=1.5)
+    _refused(model, "no next token.*longer text", [t[:, :1] for t in text], steps=2)
+    _refused(model, "fine-tuning batches: .*vocabulary", [torch.full((1, 8), VOCAB + 5)], steps=2)
+    _refused(model, "teacher's logits", text, steps=2, teacher=make_model("gpt2").__class__(
+        type(make_model("gpt2").config)(vocab_size=VOCAB + 1, n_embd=32, n_layer=1, n_head=2, n_positions=64)))
+
+
+def test_a_failure_mid_run_undoes_everything(make_model, batches, text, monkeypatch):
+    model = _pruned(make_model, batches, sparsity=0.5)
+    model.model.norm.weight.requires_grad_(False)  # a user's frozen parameter stays frozen
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    real, calls = loop._step_loss, []
+
+    def nan_at_step_3(*a, **kw):
+        calls.append(1)
+        loss = real(*a, **kw)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(loop, "_step_loss", nan_at_step_3)
+    with pytest.raises(FinetuneError, match="loss is nan at step 2: lower lr"):
+        sparsecc.finetune_(model, text, steps=5, lr=3e-3, progress=False)
+    params = dict(model.named_parameters())
+    assert set(params) == set(before)
+    assert all(torch.equal(p, before[n]) for n, p in params.items())
+    assert not params["model.norm.weight"].requires_grad and params["lm_head.weight"].requires_grad

@@ -27,7 +27,7 @@ _SOURCES = {
     **dict.fromkeys(["MoEConfig", "MoEMLP", "SparseMoEConfig", "moe_load_balance", "AttentionSinkConfig",
                      "SlidingWindowConfig", "CATSConfig", "CATSMLP", "LayerDropConfig", "MagnitudeConfig", "OBSConfig",
                      "PruningConfig", "SparseGPTConfig", "StructuredConfig", "WandaConfig", "GPTQConfig",
-                     "RTNConfig"], ".techniques"),
+                     "RTNConfig", "L0Config"], ".techniques"),
 }
 
 
@@ -57,7 +57,7 @@ def __dir__():
 
 __all__ = [
     "AnalysisPass", "ApplyRecipe", "AttentionSinkConfig", "SlidingWindowConfig", "CATSConfig", "CATSMLP", "CalibrationError", "CalibrationSet", "CaptureError", "Captured",
-    "CSRLinear", "CollectHessians", "GPTQConfig", "RTNConfig", "CollectInputStats", "LayerDropConfig", "LinearSite", "MagnitudeConfig", "MoEConfig", "MoEMLP", "SparseMoEConfig", "NMLinear", "OBSConfig", "Pass", "QuantLinear",
+    "CSRLinear", "CollectHessians", "GPTQConfig", "RTNConfig", "CollectInputStats", "L0Config", "LayerDropConfig", "LinearSite", "MagnitudeConfig", "MoEConfig", "MoEMLP", "SparseMoEConfig", "NMLinear", "OBSConfig", "Pass", "QuantLinear",
     "PruningConfig", "SparseGPTConfig", "StructuredConfig", "WandaConfig", "Pipeline",
     "PipelineError", "PipelineResult", "Plan", "PlanError", "RecipeError", "Report", "SparseccError", "WholeModelError", "DistributedError", "FinetuneError", "FinetuneReport",
     "SparsityConfig", "Technique", "TransformPass", "calibrate", "activation_sparsity", "capture", "checkpoint_size", "compress_csr_", "compress_nm_", "config_from_dict", "dump_recipe", "kv_cache_lengths",

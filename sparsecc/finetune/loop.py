@@ -40,7 +40,7 @@ class FinetuneReport:
     steps: int
     lr: float
     trainable: int                  # parameters trained (LoRA: the adapters')
-    pruned_linears: int             # linears with frozen zeros (>= 1% of their weights)
+    pruned_tensors: int             # weights with frozen zeros (>= 1%): linears, MoE experts
     quantized_linears: int
     rewritten_modules: int          # modules a sparsecc rewrite replaced or shrank (CATS, structured, ...)
     frozen_zeros: int               # weights held at exactly zero
@@ -65,7 +65,7 @@ class FinetuneReport:
             f", rank {self.rank}" if self.rank else "") + (
             f", distilled (weight {self.distill_weight:g}, T {self.temperature:g})" if self.teacher else "")
         lines = [head, f"  trained {self.trainable:,} parameters; {self.frozen_zeros:,} pruned weights kept at zero in "
-                       f"{self.pruned_linears} linears" + (f"; {self.quantized_linears} quantized linears kept on their "
+                       f"{self.pruned_tensors} weight tensors" + (f"; {self.quantized_linears} quantized linears kept on their "
                                                            "grids" if self.quantized_linears else "")]
         if self.losses:
             k = max(1, min(10, len(self.losses) // 5))
@@ -114,7 +114,8 @@ def finetune_(model: nn.Module, batches, *, steps: int = 100, lr: float | None =
     if teacher is not None:
         _check_teacher(model, teacher, batches[0])
     targets = weights.find_targets(model, lora=method == "lora")
-    summary = weights.pruned_summary(model, targets)
+    others = weights.other_masks(model, targets)
+    summary = weights.pruned_summary(model, targets, others)
     if not any(summary.values()):
         if not allow_dense:
             raise FinetuneError("the model has nothing pruned (no linear with zeros, no quantization grid, no sparsecc "
@@ -141,8 +142,11 @@ def finetune_(model: nn.Module, batches, *, steps: int = 100, lr: float | None =
         run["model"] = resume.fingerprint(saved)
     state = resume.load(folder, run) if folder is not None else None
     was_training, teacher_training = model.training, teacher.training if teacher is not None else False
+    hooks = []
     try:
         trained = weights.attach(targets, rank, alpha, seed)
+        if method == "full":
+            hooks = weights.mask_gradients(model, others)
         trainable = _trainable(model, method, trained, grads)
         opt = _optimizer(trainable, lr, weight_decay)
         start, losses = 0, []
@@ -182,7 +186,7 @@ def finetune_(model: nn.Module, batches, *, steps: int = 100, lr: float | None =
         if merged:
             weights.merge(targets)
         merge_s = time.perf_counter() - tm
-        frozen = _check_zeros(targets)
+        frozen = _check_zeros(targets, model, others)
         for n, p in model.named_parameters():
             p.requires_grad_(grads.get(n, True))
         after = _evaluate(model, eval_batches) if eval_batches is not None else None
@@ -190,6 +194,8 @@ def finetune_(model: nn.Module, batches, *, steps: int = 100, lr: float | None =
         _rollback(model, targets, saved, grads)
         raise
     finally:
+        for h in hooks:
+            h.remove()
         model.train(was_training)
         if teacher is not None:
             teacher.train(teacher_training)
@@ -333,17 +339,17 @@ def _evaluate(model: nn.Module, batches: list) -> dict:
     return {"loss": loss, "ppl": math.exp(loss), "tokens": sum(c for _, c in parts)}
 
 
-def _check_zeros(targets: list) -> int:
+def _check_zeros(targets: list, model: nn.Module, others: dict) -> int:
     """Count the weights held at zero, and check every one is still exactly zero."""
+    params = dict(model.named_parameters())
+    masks = [(t.name, t.module.weight, t.mask) for t in targets if t.mask is not None]
+    masks += [(n, params[n], m) for n, m in others.items()]
     total = 0
-    for t in targets:
-        if t.mask is None:
-            continue
-        w = t.module.weight.detach()
-        moved = int((w[~t.mask] != 0).sum())
+    for name, w, keep in masks:
+        moved = int((w.detach()[~keep] != 0).sum())
         if moved:
-            raise FinetuneError(f"{t.name}: {moved} pruned weights became nonzero (a sparsecc bug; please report it)")
-        total += int((~t.mask).sum())
+            raise FinetuneError(f"{name}: {moved} pruned weights became nonzero (a sparsecc bug; please report it)")
+        total += int((~keep).sum())
     return total
 
 

@@ -73,10 +73,33 @@ def find_targets(model: nn.Module, lora: bool) -> list[Target]:
     return out
 
 
-def pruned_summary(model: nn.Module, targets: list[Target]) -> dict:
-    """How the model was pruned, as far as its modules show it: {"masked": linears with >= 1% zeros,
-    "quantized": linears with a grid, "rewritten": modules a sparsecc rewrite replaced or shrank}."""
-    return {"masked": sum(t.pruned for t in targets), "quantized": sum(t.grid is not None for t in targets),
+def other_masks(model: nn.Module, targets: list[Target]) -> dict[str, torch.Tensor]:
+    """{name: keep-mask} of the pruned parameters outside the linears (an MoE's expert tensors):
+    at least 2-D, not an embedding, >= 1% exact zeros. A full run masks their gradients
+    (`mask_gradients`): with a zero gradient AdamW's moments and update stay zero, so they stay zero."""
+    skip = {id(t.module.weight) for t in targets}
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        emb = getattr(model, get)() if hasattr(model, get) else None
+        if emb is not None and getattr(emb, "weight", None) is not None:
+            skip.add(id(emb.weight))
+    out = {}
+    for name, p in model.named_parameters():
+        if p.dim() >= 2 and id(p) not in skip and float((p.detach() == 0).float().mean()) >= PRUNED_SHARE:
+            out[name] = p.detach() != 0
+    return out
+
+
+def mask_gradients(model: nn.Module, masks: dict[str, torch.Tensor]) -> list:
+    """Hooks zeroing the pruned entries of each masked parameter's gradient; remove them after the run."""
+    params = dict(model.named_parameters())
+    return [params[n].register_hook(lambda g, m=m: g * m.to(g.dtype)) for n, m in masks.items()]
+
+
+def pruned_summary(model: nn.Module, targets: list[Target], others: dict) -> dict:
+    """How the model was pruned, as far as its modules show it: {"masked": linears (and other
+    tensors) with >= 1% zeros, "quantized": linears with a grid, "rewritten": modules a sparsecc
+    rewrite replaced or shrank}."""
+    return {"masked": sum(t.pruned for t in targets) + len(others), "quantized": sum(t.grid is not None for t in targets),
             "rewritten": sum(REWRITTEN in m.__dict__ for m in model.modules())}
 
 

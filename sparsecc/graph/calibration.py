@@ -136,6 +136,12 @@ def describe(batches: list, setup: dict | None = None) -> dict:
 def batch_loss(model: nn.Module, batch, needed_by: str) -> tuple[float, int]:
     """(sum, count) of the next-token cross-entropy over the batch's real tokens (a target counts
     when it and the token before it are not padding); `needed_by` names the caller in errors."""
+    total, count = token_loss(model, batch, needed_by)
+    return float(total), count
+
+
+def token_loss(model: nn.Module, batch, needed_by: str) -> tuple[torch.Tensor, int]:
+    """`batch_loss` as a tensor (the sum, in the autograd graph when gradients are on), and the count."""
     import torch.nn.functional as F
 
     from .capture import forward_model
@@ -149,7 +155,7 @@ def batch_loss(model: nn.Module, batch, needed_by: str) -> tuple[float, int]:
     mask = token_mask(batch)
     keep = torch.ones_like(ids[:, 1:], dtype=torch.bool) if mask is None else mask[:, 1:] & mask[:, :-1]
     ce = F.cross_entropy(logits[:, :-1][keep].float(), ids[:, 1:][keep], reduction="sum")
-    return float(ce), int(keep.sum())
+    return ce, int(keep.sum())
 
 
 def mean_loss(parts: list[tuple[float, int]], needed_by: str) -> float:

@@ -19,7 +19,9 @@ the score summed over the unit's columns c of the consumer (down / o), whose inp
                the mean of what the removed units fed the consumer goes into its bias, so the
                output's mean over the calibration tokens is kept;
 - "bonsai":    relevance from forward passes only: the calibration loss of `samples` randomly
-               masked sub-models regressed on their masks (passes/analysis/unit_relevance.py).
+               masked sub-models regressed on their masks (passes/analysis/unit_relevance.py);
+- L0Config (techniques/l0.py, a config of its own): hard-concrete gates learned on the calibration
+               batches toward the target size, their log_alpha the score (passes/analysis/unit_gates.py).
 
 Widths: every targeted module loses `sparsity` of its units by default; `layerwise="global"` ranks
 the units of all modules sharing the config together instead (FLAP's adaptive structure search:
@@ -146,14 +148,15 @@ class StructuredTechnique(ModuleRewrite):
                               f"{[type(lin).__name__ for lin in linears.values()]} (prune before packing)")
         kept, total, what, none = _count(config, spec, _units(spec, linears))
         fix = "; or unit='kv_group' to remove whole groups" if what.startswith("query") else ""
+        share = getattr(config, "SHARE", "sparsity")  # the field holding the share removed (L0Config: target)
         if kept == total and config.sparsity > 0:
-            raise RecipeError(f"{name}: sparsity {config.sparsity} of {total} {what} removes nothing; use a "
-                              f"sparsity of at least {0.5 / total:.4f}{fix}")
+            raise RecipeError(f"{name}: {share} {config.sparsity} of {total} {what} removes nothing; use a "
+                              f"{share} of at least {0.5 / total:.4f}{fix}")
         if kept < 1:
-            raise RecipeError(f"{name}: sparsity {config.sparsity} would leave {none} (of {total}); use a sparsity "
+            raise RecipeError(f"{name}: {share} {config.sparsity} would leave {none} (of {total}); use a {share} "
                               f"below {1 - 0.5 / total:.4f}{fix}")
         if fix and abs(total - kept - total * config.sparsity) > 1e-6:  # heads per group: too coarse to round
-            raise RecipeError(f"{name}: sparsity {config.sparsity} of {total} {what} is no whole number of heads; "
+            raise RecipeError(f"{name}: {share} {config.sparsity} of {total} {what} is no whole number of heads; "
                               f"use a multiple of {1 / total:.4f}{fix}")
 
     def plan(self, config, model, name, spec, stats):
@@ -256,6 +259,8 @@ def unit_scores(config: StructuredConfig, spec, linears: dict, stats: dict) -> t
     width = shrink.width(spec)
     if config.score == "bonsai":
         return stats["unit_relevance"].float().to(w.device)
+    if config.score == "l0":  # the learned gates' log_alpha (techniques/l0.py)
+        return stats["unit_gates"].float().to(w.device)
     if config.score == "magnitude":
         col = w.abs().sum(0)
         for child in shrink.producers(spec):

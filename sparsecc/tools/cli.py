@@ -234,18 +234,24 @@ def _prune(args, recipe, budget, rank, model_dir) -> int:
         report = sparsecc.sparsify_(model, recipe, batches, progress=not args.quiet)
     if rank:  # under torchrun rank 0 writes
         return 0
-    # The JSON is written first, beside its place, and published only once the checkpoint is
-    # complete: whichever write fails, neither is left behind.
-    staged = _staged(args.json, report.to_json()) if args.json else None
+    out = _with_json(args, report.to_json(), lambda: save_pruned(
+        model, args.out, report, recipe=recipe, tokenizer=tok, plan=plan, compress=args.compress,
+        overwrite=args.overwrite))
+    return _done(args, report, out)
+
+
+def _with_json(args, text: str, save):
+    """save() (which writes the output folder), with `text` going to --json: written first beside its
+    place and published only once the folder is complete, so whichever write fails, neither is left."""
+    staged = _staged(args.json, text) if args.json else None
     try:
-        out = save_pruned(model, args.out, report, recipe=recipe, tokenizer=tok, plan=plan, compress=args.compress,
-                          overwrite=args.overwrite)
+        out = save()
         if staged:
             os.replace(staged, args.json)
     finally:
         if staged:
             staged.unlink(missing_ok=True)
-    return _done(args, report, out)
+    return out
 
 
 def _calibration(args, tok, config):
@@ -348,18 +354,12 @@ def finetune(args) -> int:
     result = {"finetune": report.to_dict(), "model": str(args.model_dir), "text": str(args.text),
               "eval_text": str(args.eval_text) if args.eval_text else ("last tenth of --text" if held is not None else None),
               "seqlen": seqlen, "batch_size": args.batch_size}
-    staged = _staged(args.json, json.dumps(result, indent=2, default=str)) if args.json else None
-    try:
-        save_pruned(model, args.out, Report(rows, {**meta.get("setup", {}), "finetune": {
-            k: v for k, v in result.items() if k != "finetune"} | {k: v for k, v in report.to_dict().items()
-                                                                   if k != "losses"}}),
-                    recipe=sparsecc.load_recipe(meta["recipe"]) if meta.get("recipe") else None, tokenizer=tok, compress=args.compress or bool(meta.get("compressed")),
-                    overwrite=args.overwrite)
-        if staged:
-            os.replace(staged, args.json)
-    finally:
-        if staged:
-            staged.unlink(missing_ok=True)
+    setup = {**meta.get("setup", {}), "finetune": {k: v for k, v in result.items() if k != "finetune"}
+             | {k: v for k, v in report.to_dict().items() if k != "losses"}}
+    recipe = sparsecc.load_recipe(meta["recipe"]) if meta.get("recipe") else None
+    _with_json(args, json.dumps(result, indent=2, default=str), lambda: save_pruned(
+        model, args.out, Report(rows, setup), recipe=recipe, tokenizer=tok,
+        compress=args.compress or bool(meta.get("compressed")), overwrite=args.overwrite))
     print(report.table())
     print(f"\nwrote {out}")
     return 0
@@ -410,6 +410,8 @@ def _benchmarks(quick: bool) -> dict:
             "structured_quality": q("--model", "tiny", "--nsamples", "16"),
             "layer_drop_quality": q("--model", "tiny", "--nsamples", "8", "--drop", "1"),
             "quant_quality": q("--model", "tiny", "--nsamples", "16"),
+            "l0_quality": q("--model", "tiny", "--nsamples", "16", "--steps", "20"),
+            "finetune_quality": q("--model", "tiny", "--nsamples", "16", "--steps", "20", "--eval-windows", "64"),
             "e2e": q("--quick", "--models", "ref", "--threads", "1"),  # the compiled row is most of its minute
             "streaming": q("--model", "tiny", "--factor", "4", "--streams", "1"),
             "scale": q("--quick"),

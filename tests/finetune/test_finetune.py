@@ -58,7 +58,7 @@ def test_every_zero_stays_zero_and_the_nm_pattern_holds(make_model, batches, tex
     changed = [n for n in zeros if not torch.equal(params[n], before[n])]
     assert len(changed) == len(zeros)  # every pruned linear was trained
     assert report.frozen_zeros == sum(int(z.sum()) for z in zeros.values())
-    assert report.pruned_linears == len(zeros)
+    assert report.pruned_tensors == len(zeros)
     assert report.losses[-1] < report.losses[0]
     emb = model.get_input_embeddings().weight
     assert torch.equal(emb, before[next(n for n in before if n.endswith("embed_tokens.weight") or
@@ -114,7 +114,7 @@ def test_structured_and_cats_models_fine_tune(make_model, batches, text):
     sparsecc.sparsify_(model, {"re:.*mlp": sparsecc.StructuredConfig(0.5)}, batches, progress=False)
     shapes = {n: p.shape for n, p in model.named_parameters()}
     report = sparsecc.finetune_(model, text, steps=6, lr=3e-3, progress=False)
-    assert report.rewritten_modules == 2 and report.pruned_linears == 0
+    assert report.rewritten_modules == 2 and report.pruned_tensors == 0
     assert {n: p.shape for n, p in model.named_parameters()} == shapes
 
     model = make_model()
@@ -230,3 +230,16 @@ def test_a_failure_mid_run_undoes_everything(make_model, batches, text, monkeypa
     assert set(params) == set(before)
     assert all(torch.equal(p, before[n]) for n, p in params.items())
     assert not params["model.norm.weight"].requires_grad and params["lm_head.weight"].requires_grad
+
+
+def test_a_pruned_moe_keeps_its_experts_zeros(make_model, batches, text):
+    model = _pruned(make_model, batches, sparsity=0.5)
+    sparsecc.sparsify_(model, {"re:.*mlp": sparsecc.MoEConfig(num_experts=4, top_k=2)}, batches, progress=False)
+    experts = {n: p.detach() == 0 for n, p in model.named_parameters() if ".w_" in n}
+    assert len(experts) == 6 and all(float(z.float().mean()) > 0.3 for z in experts.values())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    report = sparsecc.finetune_(model, text, steps=6, lr=3e-3, progress=False)
+    for n, z in experts.items():
+        p = model.get_parameter(n)
+        assert bool((p[z] == 0).all()) and not torch.equal(p, before[n]), n
+    assert report.pruned_tensors == 8 + 6  # q/k/v/o of 2 blocks, and the experts' 3 tensors of 2 MoE MLPs

@@ -76,6 +76,12 @@ def test_plans_and_checkpoints_carry_the_shrunk_model(make_model, batches, tmp_p
     model = make_model("llama")
     recipe = {MLPS: sparsecc.StructuredConfig(0.5, score="flap", update="refit"),
               "re:.*self_attn\\..*": sparsecc.WandaConfig(0.5)}
+    check_plan_and_checkpoint(model, recipe, batches, tmp_path)
+
+
+def check_plan_and_checkpoint(model, recipe, batches, tmp_path):
+    """A saved Plan replays the recipe exactly, and the checkpoint reloads the shrunk model (the MLPs
+    of block 1 at 64 channels)."""
     plan = sparsecc.Plan.load(sparsecc.calibrate(model, batches, recipe, progress=False).save(tmp_path / "plan"))
     direct, replayed = copy.deepcopy(model), copy.deepcopy(model)
     report = sparsecc.sparsify_(direct, recipe, batches, progress=False)

@@ -9,6 +9,7 @@
     channel_stats      CollectChannelStats       structured pruning of MLP channels (FLAP, Wanda-SP, refit)
     unit_sparsity      CollectUnitBudget         structured pruning's per-module widths (whole model, dense)
     unit_relevance     CollectUnitRelevance      structured pruning's score="bonsai" (whole model, dense, forwards only)
+    unit_gates         CollectUnitGates          L0Config's learned hard-concrete gates (whole model, dense, weights frozen)
     block_influence    CollectBlockInfluence     LayerDropConfig: ShortGPT's Block Influence or loss increase (whole model, dense)
 """
 from .block_influence import CollectBlockInfluence
@@ -19,15 +20,17 @@ from .input_stats import CollectInputStats, InputStats
 from .outliers import CollectOutlierRatios, LayerSparsity
 from .router_stats import CollectRouterStats
 from .unit_budget import CollectUnitBudget
+from .unit_gates import CollectUnitGates
 from .unit_relevance import CollectUnitRelevance
 
 #: artefact -> the pass that produces it
 PRODUCERS = {"input_stats": CollectInputStats, "hessian": CollectHessians, "layer_sparsity": CollectOutlierRatios,
              "gate_activations": CollectGateActivations, "router_stats": CollectRouterStats,
              "channel_stats": CollectChannelStats, "unit_sparsity": CollectUnitBudget,
-             "unit_relevance": CollectUnitRelevance, "block_influence": CollectBlockInfluence}
+             "unit_relevance": CollectUnitRelevance, "unit_gates": CollectUnitGates,
+             "block_influence": CollectBlockInfluence}
 #: artefact -> its statistic type, for the artefacts a Plan keeps (small, per module)
 STAT_TYPES = {"input_stats": InputStats, "hessian": HessianStats, "layer_sparsity": LayerSparsity}
 
 __all__ = ["PRODUCERS", "STAT_TYPES", "ChannelStats", "CollectBlockInfluence", "CollectChannelStats", "CollectGateActivations", "CollectHessians", "CollectInputStats",
-           "CollectOutlierRatios", "CollectRouterStats", "CollectUnitBudget", "CollectUnitRelevance", "GateSamples", "HessianStats", "InputStats", "LayerSparsity"]
+           "CollectOutlierRatios", "CollectRouterStats", "CollectUnitBudget", "CollectUnitGates", "CollectUnitRelevance", "GateSamples", "HessianStats", "InputStats", "LayerSparsity"]

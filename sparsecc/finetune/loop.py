@@ -106,6 +106,9 @@ def finetune_(model: nn.Module, batches, *, steps: int = 100, lr: float | None =
     leaves the model as it was."""
     _check_settings(steps, lr, method, rank, alpha, distill_weight, temperature, weight_decay, warmup, grad_clip,
                     save_every)
+    if torch.is_inference_mode_enabled():
+        raise FinetuneError("finetune_ trains with autograd, which torch.inference_mode() switches off: call it "
+                            "outside that block")
     lr = DEFAULT_LR[method] if lr is None else float(lr)
     alpha = 2.0 * rank if alpha is None else float(alpha)
     warmup = min(steps // 10, 100) if warmup is None else warmup
@@ -142,7 +145,7 @@ def finetune_(model: nn.Module, batches, *, steps: int = 100, lr: float | None =
         run["model"] = resume.fingerprint(saved)
     state = resume.load(folder, run) if folder is not None else None
     was_training, teacher_training = model.training, teacher.training if teacher is not None else False
-    hooks = []
+    hooks, grad_mode = [], torch.is_grad_enabled()
     try:
         trained = weights.attach(targets, rank, alpha, seed)
         if method == "full":
@@ -165,6 +168,7 @@ def finetune_(model: nn.Module, batches, *, steps: int = 100, lr: float | None =
             bar = tqdm(bar, desc=f"fine-tuning ({method})", unit="step", initial=start, total=steps)
         order = _Order(len(batches), seed)
         for step in bar:
+            torch.set_grad_enabled(True)  # also under a caller's torch.no_grad(); restored below
             for group in opt.param_groups:
                 group["lr"] = lr * _lr_factor(step, steps, warmup)
             loss = _step_loss(model, batches[order[step]], teacher, distill_weight, temperature)
@@ -194,6 +198,7 @@ def finetune_(model: nn.Module, batches, *, steps: int = 100, lr: float | None =
         _rollback(model, targets, saved, grads)
         raise
     finally:
+        torch.set_grad_enabled(grad_mode)
         for h in hooks:
             h.remove()
         model.train(was_training)

@@ -55,6 +55,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .. import techniques as _techniques  # noqa: F401  (registers the built-in techniques by name)
 from .. import __version__
@@ -91,6 +92,10 @@ def save_pruned(model: nn.Module, path, report, *, recipe=None, tokenizer=None, 
     `max_shard_size` (e.g. "5GB") is save_pretrained's: the model's weights in several files."""
     path = Path(path)
     check_output_dir(path, overwrite)
+    adapted = [n for n, m in model.named_modules() if parametrize.is_parametrized(m)]
+    if adapted:
+        raise PlanError(f"{adapted[0]} still carries a parametrization (LoRA adapters kept by "
+                        "finetune_(merge=False)?): merge them first with sparsecc.merge_adapters_(model)")
     params = dict(model.named_parameters(remove_duplicate=False))
     tensors, fields = checked_part(model, report.rows, params, compress)
     meta = checkpoint_meta(model, report, recipe) | fields

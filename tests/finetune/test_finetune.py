@@ -66,7 +66,7 @@ def test_every_zero_stays_zero_and_the_nm_pattern_holds(make_model, batches, tex
         == (method == "lora")  # LoRA trains only the adapters
 
 
-def test_lora_merges_into_what_the_model_computed_and_counts_its_cost(make_model, batches, text):
+def test_lora_merges_into_what_the_model_computed_and_counts_its_cost(make_model, batches, text, tmp_path):
     model = _pruned(make_model, batches, sparsity=0.5)
     zeros = _zeros(model)
     report = sparsecc.finetune_(model, text, steps=8, lr=1e-2, method="lora", rank=4, merge=False, progress=False)
@@ -76,6 +76,9 @@ def test_lora_merges_into_what_the_model_computed_and_counts_its_cost(make_model
     x = text[0]
     with torch.no_grad():
         with_adapters = model(x).logits
+    with pytest.raises(sparsecc.PlanError, match="merge_adapters_"):
+        sparsecc.save_pruned(model, tmp_path / "out", sparsecc.Report([]))
+    assert not (tmp_path / "out").exists()
     assert sparsecc.merge_adapters_(model) == 14
     with torch.no_grad():
         merged = model(x).logits
@@ -202,6 +205,11 @@ def test_bad_input_is_refused_and_leaves_the_model_as_it_was(make_model, batches
     model = _pruned(make_model, batches, sparsity=0.5)
     _refused(model, "rank 65 is larger than .*<= 64", text, steps=2, method="lora", rank=65)
     _refused(model, "steps must be a positive int, got 0", text, steps=0)
+    with torch.inference_mode():
+        _refused(model, "inference_mode", text, steps=2)
+    with torch.no_grad():  # training turns gradients on for itself, and back off after
+        sparsecc.finetune_(copy.deepcopy(model), text, steps=2, progress=False)
+        assert not torch.is_grad_enabled()
     _refused(model, "steps must be a positive int", text, steps=-3)
     _refused(model, "method must be one of", text, method="qlora")
     _refused(model, "lr must be a positive number", text, lr=-1.0)

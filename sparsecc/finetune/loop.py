@@ -9,8 +9,9 @@ with λ = `distill_weight` when a `teacher` (the dense model) is given, else L =
 warm-up then cosine decay to a tenth of `lr`, gradient norm clipped. The weights are trained through
 weights.py's reparameterisation W_used = Q(W + s·B A) ⊙ M, so masks, N:M patterns and
 quantization grids hold at every step, and the end state is exactly what the model computed.
-Batch k of the run is `batches[perm_e[k mod n]]`, perm_e a seeded permutation per epoch e, so a run
-resumed from its `checkpoint_dir` draws the batches an uninterrupted one would.
+Batch k of the run is `batches[perm_e[k mod n]]`, perm_e a seeded permutation per epoch e, and step k
+seeds the random draws of its forward (dropout) with (seed, k), so a run resumed from its
+`checkpoint_dir` draws what an uninterrupted one would.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from torch import nn
 from ..errors import CalibrationError, FinetuneError
 from ..graph.calibration import batch_loss, mean_loss, token_mask, validate_batches
 from ..graph.capture import forward_model
+from ..prune.quantize import grid_of
 from . import resume, weights
 
 METHODS = ("full", "lora")
@@ -116,6 +118,14 @@ def finetune_(model: nn.Module, batches, *, steps: int = 100, lr: float | None =
     eval_batches = _checked_batches(model, eval_batches, "evaluation") if eval_batches is not None else None
     if teacher is not None:
         _check_teacher(model, teacher, batches[0])
+    where = weights.packed(model)
+    if where is not None:
+        raise FinetuneError(f"{where} is packed (pack_ / compress_*): its weights are no longer trainable tensors; "
+                            "fine-tune before packing, then pack the result")
+    half = next((n for n, p in model.named_parameters() if p.dtype == torch.float16), None)
+    if half is not None:
+        raise FinetuneError(f"{half} is float16, in which AdamW's updates underflow: fine-tune in float32 or "
+                            "bfloat16 (model.float() or model.to(torch.bfloat16))")
     targets = weights.find_targets(model, lora=method == "lora")
     others = weights.other_masks(model, targets)
     summary = weights.pruned_summary(model, targets, others)
@@ -139,12 +149,15 @@ def finetune_(model: nn.Module, batches, *, steps: int = 100, lr: float | None =
     t0 = time.perf_counter()
     before = _evaluate(model, eval_batches) if eval_batches is not None else None
     params = dict(model.named_parameters())
-    saved = {n: p.detach().clone() for n, p in params.items()}
+    saved = {n: p.detach().to("cpu", copy=True) for n, p in params.items()}  # the undo copy, off the device
     grads = {n: p.requires_grad for n, p in params.items()}
     if folder is not None:
         run["model"] = resume.fingerprint(saved)
     state = resume.load(folder, run) if folder is not None else None
     was_training, teacher_training = model.training, teacher.training if teacher is not None else False
+    devices = sorted({p.device.index or 0 for p in params.values() if p.is_cuda})
+    rng = torch.random.fork_rng(devices=devices)  # each step seeds its own dropout; the caller's RNG is kept
+    rng.__enter__()
     hooks, grad_mode = [], torch.is_grad_enabled()
     try:
         trained = weights.attach(targets, rank, alpha, seed)
@@ -169,6 +182,7 @@ def finetune_(model: nn.Module, batches, *, steps: int = 100, lr: float | None =
         order = _Order(len(batches), seed)
         for step in bar:
             torch.set_grad_enabled(True)  # also under a caller's torch.no_grad(); restored below
+            torch.manual_seed(seed * 1_000_003 + step)  # dropout's draws: a function of the step (resumable)
             for group in opt.param_groups:
                 group["lr"] = lr * _lr_factor(step, steps, warmup)
             loss = _step_loss(model, batches[order[step]], teacher, distill_weight, temperature)
@@ -191,13 +205,14 @@ def finetune_(model: nn.Module, batches, *, steps: int = 100, lr: float | None =
             weights.merge(targets)
         merge_s = time.perf_counter() - tm
         frozen = _check_zeros(targets, model, others)
-        for n, p in model.named_parameters():
-            p.requires_grad_(grads.get(n, True))
+        for n, p in model.named_parameters():  # an unmerged adapter's frozen weight stays frozen
+            p.requires_grad_(grads.get(n, not n.endswith(".original")))
         after = _evaluate(model, eval_batches) if eval_batches is not None else None
     except BaseException:
         _rollback(model, targets, saved, grads)
         raise
     finally:
+        rng.__exit__(None, None, None)
         torch.set_grad_enabled(grad_mode)
         for h in hooks:
             h.remove()
@@ -248,15 +263,21 @@ def _checked_batches(model: nn.Module, batches, what: str) -> list:
         raise FinetuneError(f"{what} batches: {e}".replace("calibration batch", "batch")) from None
     for i, b in enumerate(batches):
         ids = b if torch.is_tensor(b) else b.get("input_ids")
-        if ids is None or ids.dim() != 2 or ids.shape[1] < 2:
+        mask = token_mask(b)
+        if ids is None or ids.dim() != 2 or ids.shape[1] < 2 or (
+                mask is not None and not bool((mask[:, 1:] & mask[:, :-1]).any())):
             raise FinetuneError(f"{what} batch {i} has no next token to predict (token ids [batch, seq] with seq >= 2 "
-                                "needed): give longer text")
+                                "real tokens needed): give longer text")
     return batches
 
 
 def _check_teacher(model: nn.Module, teacher: nn.Module, batch) -> None:
     if not isinstance(teacher, nn.Module):
         raise FinetuneError(f"teacher must be a torch module (the dense model), got {type(teacher).__name__}")
+    mine, theirs = (next(m.parameters()).device for m in (model, teacher))
+    if mine != theirs:
+        raise FinetuneError(f"the teacher is on {theirs} and the model on {mine}: put them on one device "
+                            f"(teacher.to({str(mine)!r}))")
     probe = batch[:1] if torch.is_tensor(batch) else {k: v[:1] if torch.is_tensor(v) else v for k, v in batch.items()}
     with torch.no_grad():
         s, t = _logits(forward_model(model, probe)), _logits(forward_model(teacher, probe))
@@ -275,6 +296,9 @@ def _trainable(model: nn.Module, method: str, trained: list, grads: dict) -> lis
             p.requires_grad_(True)
         return trained
     ids = {id(p) for p in trained}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and grid_of(head) is not None:  # a quantized lm_head stays on its grid: frozen
+        ids.add(id(head.weight))
     rest = [p for n, p in model.named_parameters() if id(p) not in ids and grads.get(n, True)
             and "parametrizations." not in n]
     return [p for p in trained if p.requires_grad] + rest

@@ -3,10 +3,11 @@
     <folder>/state.json           format, the run's settings and the model's fingerprint, the step
                                   reached, the losses so far
     <folder>/trained.safetensors  the trained tensors (weights, or LoRA factors), "p<i>" in order
-    <folder>/optimizer.safetensors  AdamW's moments, "p<i>.exp_avg" / "p<i>.exp_avg_sq", and "step"
+    <folder>/optimizer.safetensors  AdamW's state of each: "p<i>.exp_avg", "p<i>.exp_avg_sq", "p<i>.step"
 
-A run resumes only from a folder made by the same run (settings and fingerprint equal, the step
-not past the run's end); anything else is refused, naming the difference. Batches are drawn from
+A run resumes only from a folder made by the same run (settings, `steps` included since the
+schedule depends on it, and the model's fingerprint equal); anything else is refused, naming the
+difference. Batches are drawn from
 the step number alone, so a resumed run gives the weights an uninterrupted one gives.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ STATE, TRAINED, OPTIM = "state.json", "trained.safetensors", "optimizer.safetens
 def fingerprint(params: dict[str, torch.Tensor]) -> str:
     """sha256 over the names, shapes, dtypes and bytes of the model's tensors when the run starts."""
     h = hashlib.sha256()
-    for name, t in params.items():
+    for name, t in sorted(params.items()):
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
@@ -37,17 +38,13 @@ def fingerprint(params: dict[str, torch.Tensor]) -> str:
 def save(folder: Path, run: dict, step: int, losses: list[float], params: list[torch.Tensor], opt) -> None:
     """Write the run's state after `step` steps (replacing the folder's previous state)."""
     trained = {f"p{i}": p.detach().cpu().contiguous() for i, p in enumerate(params)}
-    moments, steps = {}, set()
+    moments = {}
     for i, p in enumerate(params):
         st = opt.state.get(p, {})
-        for key in ("exp_avg", "exp_avg_sq"):
+        for key in ("exp_avg", "exp_avg_sq", "step"):  # a tensor without a gradient yet has no state
             if key in st:
-                moments[f"p{i}.{key}"] = st[key].detach().cpu().contiguous()
-        if "step" in st:
-            steps.add(float(st["step"]))
-    if len(steps) > 1:
-        raise FinetuneError(f"the optimizer's parameters are at different steps {sorted(steps)}; cannot checkpoint")
-    moments["step"] = torch.tensor([steps.pop() if steps else 0.0])
+                moments[f"p{i}.{key}"] = torch.as_tensor(st[key]).detach().cpu().reshape(-1).contiguous() \
+                    if key == "step" else st[key].detach().cpu().contiguous()
     state = {"format": FORMAT, "run": run, "step": step, "losses": losses}
     with writing_folder(folder) as tmp:
         save_file(trained, str(tmp / TRAINED))
@@ -72,22 +69,18 @@ def load(folder: Path, run: dict) -> dict | None:
     if state.get("format") != FORMAT:
         raise FinetuneError(f"{str(folder)!r} holds state format {state.get('format')}, this sparsecc reads {FORMAT}")
     saved = state.get("run", {})
-    diff = sorted(k for k in set(saved) | set(run) if k != "steps" and saved.get(k) != run.get(k))
+    diff = sorted(k for k in set(saved) | set(run) if saved.get(k) != run.get(k))
     if diff:
         what = ", ".join(f"{k}: saved {saved.get(k)!r}, now {run.get(k)!r}" for k in diff[:3])
         raise FinetuneError(f"{str(folder)!r} holds another run's state ({what}); use a new checkpoint_dir, or the "
                             "same model and settings to resume")
-    if state["step"] > run["steps"]:
-        raise FinetuneError(f"{str(folder)!r} is at step {state['step']}, past this run's steps={run['steps']}; "
-                            f"pass steps >= {state['step']}")
     return {"step": state["step"], "losses": state["losses"], "trained": trained, "moments": moments}
 
 
 def restore_optimizer(opt, params: list[torch.Tensor], moments: dict[str, torch.Tensor]) -> None:
     """Put AdamW's saved moments and step back for `params` (in the order they were saved)."""
-    step = moments["step"]
     for i, p in enumerate(params):
         if f"p{i}.exp_avg" in moments:
-            opt.state[p] = {"step": step.reshape(()).clone().float(),
+            opt.state[p] = {"step": moments[f"p{i}.step"].reshape(()).clone().float(),
                             "exp_avg": moments[f"p{i}.exp_avg"].to(p.device, p.dtype),
                             "exp_avg_sq": moments[f"p{i}.exp_avg_sq"].to(p.device, p.dtype)}

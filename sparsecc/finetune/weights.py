@@ -7,7 +7,8 @@ model computes with exactly the weight it will end with:
 
 - M, the keep-mask, is W ≠ 0 when the run starts: a pruned weight's gradient is M-masked, so
   its optimizer state stays zero, it never moves, and W_used is exactly zero there (N:M groups
-  keep their pattern, since no zero ever becomes nonzero).
+  keep their pattern, since no zero ever becomes nonzero). A quantized weight at the grid's level 0
+  counts as pruned too: the model does not say which zeros pruning made.
 - s·B A is LoRA's low-rank update (seed 000 / Hu et al. 2021: A random, B zero, s = alpha/rank),
   for method="lora" only; W is then frozen. Merging writes W_used into the weight.
 - Q rounds onto the linear's quantization grid (`prune.quantize.QuantGrid`: scales and zero
@@ -51,6 +52,8 @@ class Target:
     mask: torch.Tensor | None
     grid: QuantGrid | None
     lora: bool
+    order: tuple = ()          # the module's parameter names in order (parametrize moves `weight` last)
+    requires_grad: bool = True  # the weight's flag before the run
 
     @property
     def pruned(self) -> bool:
@@ -69,19 +72,23 @@ def find_targets(model: nn.Module, lora: bool) -> list[Target]:
         w = m.weight.detach()
         zeros = w == 0
         mask = ~zeros if bool(zeros.any()) else None
-        out.append(Target(name, m, mask, grid_of(m), lora))
+        out.append(Target(name, m, mask, grid_of(m), lora, tuple(m._parameters), m.weight.requires_grad))
     return out
 
 
+def packed(model: nn.Module) -> str | None:
+    """The name of a linear `pack_` / `compress_*` replaced (its weights are no longer trainable
+    tensors), if any."""
+    from ..techniques.packing import CSRLinear, NMLinear, QuantLinear
+
+    return next((n for n, m in model.named_modules() if isinstance(m, (NMLinear, CSRLinear, QuantLinear))), None)
+
+
 def other_masks(model: nn.Module, targets: list[Target]) -> dict[str, torch.Tensor]:
-    """{name: keep-mask} of the pruned parameters outside the linears (an MoE's expert tensors):
-    at least 2-D, not an embedding, >= 1% exact zeros. A full run masks their gradients
+    """{name: keep-mask} of the pruned parameters the targets leave out (lm_head, embeddings, an
+    MoE's expert tensors): at least 2-D, >= 1% exact zeros. A full run masks their gradients
     (`mask_gradients`): with a zero gradient AdamW's moments and update stay zero, so they stay zero."""
     skip = {id(t.module.weight) for t in targets}
-    for get in ("get_input_embeddings", "get_output_embeddings"):
-        emb = getattr(model, get)() if hasattr(model, get) else None
-        if emb is not None and getattr(emb, "weight", None) is not None:
-            skip.add(id(emb.weight))
     out = {}
     for name, p in model.named_parameters():
         if p.dim() >= 2 and id(p) not in skip and float((p.detach() == 0).float().mean()) >= PRUNED_SHARE:
@@ -134,6 +141,7 @@ class TrainedWeight(nn.Module):
         self.transposed = not isinstance(target.module, nn.Linear)
         self.register_buffer("mask", None if target.mask is None else target.mask.to(w.dtype), persistent=False)
         self.grid = target.grid
+        self.requires_grad = target.requires_grad  # restored on the merged weight
         if target.lora:
             out_f, in_f = out_in(target.module, w).shape
             # A ~ N(0, 1/in): the update's first factor random, its second zero, so training starts at W
@@ -199,7 +207,7 @@ def merge(targets: list[Target]) -> None:
                 w.copy_(value)
                 t.module.__dict__[QUANTIZED] = make_grid(codes, p.grid.scales, p.grid.zeros, p.grid.bits,
                                                          p.grid.group_size, p.grid.sym)
-        t.module.weight.requires_grad_(True)
+        _settle(t.module, t.order, p.requires_grad)
 
 
 def detach_all(targets: list[Target]) -> None:
@@ -208,9 +216,20 @@ def detach_all(targets: list[Target]) -> None:
     for t in targets:
         if parametrize.is_parametrized(t.module, "weight"):
             parametrize.remove_parametrizations(t.module, "weight", leave_parametrized=False)
-        t.module.weight.requires_grad_(True)
+        _settle(t.module, t.order, t.requires_grad)
         if t.grid is not None:
             t.module.__dict__[QUANTIZED] = t.grid
+
+
+def _settle(module: nn.Module, order: tuple, requires_grad: bool) -> None:
+    """After the reparameterisation is off: the weight's gradient flag as it was, and the module's
+    parameters in their order (parametrize re-adds `weight` last; state dicts and fingerprints keep order)."""
+    module.weight.requires_grad_(requires_grad)
+    params = module._parameters
+    if order and set(order) == set(params):
+        kept = {k: params[k] for k in order}
+        params.clear()
+        params.update(kept)
 
 
 def adapters(model: nn.Module) -> list[tuple[str, nn.Module]]:

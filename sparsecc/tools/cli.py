@@ -320,6 +320,9 @@ def finetune(args) -> int:
     from ..io.report import Report
     from .local_models import load_local_model, read_text, tokenize
 
+    if args.teacher is None and (args.distill_weight is not None or args.temperature is not None):
+        raise ValueError("--distill-weight and --temperature set the distillation from --teacher; add --teacher "
+                         "DENSE_DIR or leave them out")
     check_output_dir(args.out, args.overwrite)  # the outputs before any work
     _check_output("--out", args.out, makes_parents=True)
     out, model_dir = Path(args.out).resolve(), Path(args.model_dir).resolve()
@@ -343,7 +346,8 @@ def finetune(args) -> int:
         held = None
     report = sparsecc.finetune_(
         model, list(train.split(args.batch_size)), steps=args.steps, lr=args.lr, method=args.method, rank=args.rank,
-        teacher=teacher, distill_weight=args.distill_weight, temperature=args.temperature,
+        teacher=teacher, distill_weight=0.5 if args.distill_weight is None else args.distill_weight,
+        temperature=2.0 if args.temperature is None else args.temperature,
         eval_batches=list(held.split(args.batch_size)) if held is not None else None, merge=True,
         checkpoint_dir=args.checkpoint_dir, allow_dense=args.allow_dense, seed=args.seed, progress=not args.quiet)
     rows = [dict(r) for r in meta.get("rows", [])]
@@ -500,8 +504,9 @@ def main(argv=None) -> int:
     ft.add_argument("--rank", type=count, default=8, help="LoRA rank (default 8)")
     ft.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-4 full, 1e-3 LoRA)")
     ft.add_argument("--teacher", default=None, metavar="DIR", help="the dense model folder: distil on its logits")
-    ft.add_argument("--distill-weight", type=float, default=0.5, help="share of the distillation loss (default 0.5)")
-    ft.add_argument("--temperature", type=float, default=2.0, help="distillation temperature (default 2)")
+    ft.add_argument("--distill-weight", type=float, default=None, help="with --teacher: share of the distillation "
+                    "loss (default 0.5)")
+    ft.add_argument("--temperature", type=float, default=None, help="with --teacher: distillation temperature (default 2)")
     ft.add_argument("--eval-text", default=None, help="held-out text for the perplexity before/after (default: "
                     "the last tenth of --text, kept out of training)")
     ft.add_argument("--checkpoint-dir", default=None, metavar="DIR", help="save the run's state here every 50 steps; "
@@ -557,7 +562,10 @@ def main(argv=None) -> int:
             hf_logging.disable_progress_bar()
         return {"demo": demo, "prune": prune, "finetune": finetune, "eval": evaluate, "bench": bench}[args.cmd](args)
     except KeyboardInterrupt:
-        print(f"sparsecc {args.cmd}: interrupted; nothing was written", file=sys.stderr)
+        kept = getattr(args, "checkpoint_dir", None)
+        kept = kept if kept and (Path(kept) / "state.json").is_file() else None
+        print(f"sparsecc {args.cmd}: interrupted; nothing was written" + (
+            f" but the run's state in {kept} (the same command resumes from it)" if kept else ""), file=sys.stderr)
         return 130
     except (SparseccError, OSError, ValueError) as e:  # bad input, files, disk: the message names the fix
         if args.traceback:

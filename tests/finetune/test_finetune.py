@@ -155,8 +155,9 @@ def test_held_out_evaluation_before_and_after(make_model, batches, text):
     assert "held-out perplexity" in str(report)
 
 
-def test_a_resumed_run_ends_where_an_uninterrupted_one_does(make_model, batches, text, tmp_path, monkeypatch):
-    base = _pruned(make_model, batches, sparsity=0.5)
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # gpt2: dropout 0.1, biases
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(make_model, batches, text, tmp_path, monkeypatch, family):
+    base = _pruned(make_model, batches, family, sparsity=0.5)
     whole = copy.deepcopy(base)
     sparsecc.finetune_(whole, text, steps=10, lr=3e-3, progress=False)
 
@@ -174,6 +175,7 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(make_model, batches,
         sparsecc.finetune_(model, text, steps=10, lr=3e-3, checkpoint_dir=tmp_path / "ck", save_every=4,
                            progress=False)
     monkeypatch.setattr(loop, "_step_loss", real)
+    assert list(model.state_dict()) == list(base.state_dict())  # the same order too
     for n, p in model.named_parameters():
         assert torch.equal(p, dict(base.named_parameters())[n])  # the interrupted call undid itself
     report = sparsecc.finetune_(model, text, steps=10, lr=3e-3, checkpoint_dir=tmp_path / "ck", save_every=4,
@@ -181,6 +183,9 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(make_model, batches,
     assert report.resumed_from == 4 and len(report.losses) == 10
     for n, p in model.named_parameters():
         assert torch.equal(p, dict(whole.named_parameters())[n]), n
+    with pytest.raises(FinetuneError, match="another run's state.*steps: saved 10, now 12"):
+        sparsecc.finetune_(copy.deepcopy(base), text, steps=12, lr=3e-3, checkpoint_dir=tmp_path / "ck",
+                           warmup=1, progress=False)
     with pytest.raises(FinetuneError, match="another run's state.*lr"):
         sparsecc.finetune_(copy.deepcopy(base), text, steps=10, lr=1e-3, checkpoint_dir=tmp_path / "ck",
                            progress=False)
@@ -218,6 +223,22 @@ def test_bad_input_is_refused_and_leaves_the_model_as_it_was(make_model, batches
     _refused(model, "fine-tuning batches: .*vocabulary", [torch.full((1, 8), VOCAB + 5)], steps=2)
     _refused(model, "teacher's logits", text, steps=2, teacher=make_model("gpt2").__class__(
         type(make_model("gpt2").config)(vocab_size=VOCAB + 1, n_embd=32, n_layer=1, n_head=2, n_positions=64)))
+
+
+def test_a_pruned_lm_head_keeps_its_zeros_and_refusals_of_fp16_packed_and_padding(make_model, batches, text):
+    model = make_model()
+    sparsecc.sparsify_(model, {"default": sparsecc.WandaConfig(0.5)}, batches, progress=False)  # lm_head too
+    head = model.lm_head.weight.detach() == 0
+    assert float(head.float().mean()) == 0.5
+    report = sparsecc.finetune_(model, text, steps=4, lr=3e-3, progress=False)
+    assert torch.equal(model.lm_head.weight == 0, head) and report.pruned_tensors == 15
+    _refused(copy.deepcopy(model).half(), "float16.*bfloat16", text, steps=2)
+    packed = copy.deepcopy(model)
+    assert sparsecc.pack_(packed, format="csr", min_sparsity=0.4)
+    with pytest.raises(FinetuneError, match="packed.*fine-tune before packing"):
+        sparsecc.finetune_(packed, text, steps=2, progress=False)
+    pad = {"input_ids": text[0], "attention_mask": torch.zeros_like(text[0])}
+    _refused(model, "batch 0 has no next token", [pad], steps=2)
 
 
 def test_a_failure_mid_run_undoes_everything(make_model, batches, text, monkeypatch):

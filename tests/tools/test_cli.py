@@ -438,6 +438,8 @@ def test_finetune_refuses_bad_input_in_one_line_and_writes_nothing(model_dir, te
     one_line_error(code, err, "finetune", "nothing pruned.*allow_dense")
     code, _, err = run(capsys, "finetune", model_dir, "--text", texts / "short.txt", "--out", out, "--quiet")
     one_line_error(code, err, "finetune", "--text.*fewer than one window of 128")
+    code, _, err = run(capsys, "finetune", model_dir, "--text", texts / "calib.txt", "--out", out, "--temperature", 3)
+    one_line_error(code, err, "finetune", "--temperature.*--teacher")
     code, _, err = run(capsys, "finetune", model_dir, "--text", texts / "calib.txt", "--out", out, "--steps", 0)
     assert code == 2 and "--steps" in err
     assert not out.exists()

@@ -100,10 +100,12 @@ class CollectUnitGates(AnalysisPass):
         def hook(name):
             def pre(mod, args):
                 z = current.get(name)
-                return args if z is None else (args[0] * z.to(args[0].dtype), *args[1:])
+                return args if z is None else (args[0] * z.to(args[0]), *args[1:])  # its dtype and device
             return pre
 
         frozen = [(p, p.requires_grad) for p in model.parameters()]
+        was_training = model.training
+        model.eval()  # no dropout: the gates' noise is the only randomness (deterministic given the seed)
         handles = [lin.register_forward_pre_hook(hook(n)) for n, (lin, *_) in layout.items()]
         show = self.progress if self.progress is not None else getattr(ctx, "progress", False)
         bar = tqdm(range(self.steps), desc="sparsecc (L0 gates)", unit="step", disable=not show, leave=False)
@@ -141,6 +143,7 @@ class CollectUnitGates(AnalysisPass):
                 h.remove()
             for p, flag in frozen:
                 p.requires_grad_(flag)
+            model.train(was_training)
         learned = log_alpha.detach().float().cpu()
         final = expected_l0(learned)
         table = ctx.stats.setdefault("unit_gates", {})

@@ -18,8 +18,8 @@ share of the units with the lowest scores in every module (the same count as Str
 changed by the training; only the final removal changes the model.
 
 All L0 configs of one recipe train together in one run: its steps are the largest `steps`, its
-learning rates and seed the first config's. Layers (gates over whole blocks) are not learned here:
-LayerDropConfig removes blocks, in a stage of its own.
+learning rates and seed the first config's. Layers (gates over whole blocks) are learned by
+LayerDropConfig(score="l0") (techniques/layer_drop.py), in a stage of its own, with the same gates.
 """
 from __future__ import annotations
 
@@ -60,29 +60,36 @@ class L0Config(SparsityConfig):
         if isinstance(self.target, bool) or not isinstance(self.target, (int, float)) or not 0 < self.target < 1:
             raise RecipeError(f"L0Config.target is the share of units removed, in (0, 1); got {self.target!r} "
                               "(0.5 removes half of each module's channels or heads)")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise RecipeError(f"L0Config.steps is the number of gate-training steps, an integer >= 1; got "
-                              f"{self.steps!r} (e.g. steps=200)")
-        for name in ("lr", "lambda_lr"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise RecipeError(f"L0Config.{name} must be a positive number, got {value!r} (e.g. {name}="
-                                  f"{getattr(type(self), name)})")
-        if isinstance(self.init_keep, bool) or not isinstance(self.init_keep, (int, float)) or \
-                not 0 < self.init_keep < 1:
-            raise RecipeError(f"L0Config.init_keep is each gate's starting probability of being open, in (0, 1); "
-                              f"got {self.init_keep!r} (e.g. 0.95)")
-        if isinstance(self.warmup, bool) or not isinstance(self.warmup, (int, float)) or not 0 <= self.warmup <= 1:
-            raise RecipeError(f"L0Config.warmup is the share of the steps over which the target size is approached, "
-                              f"in [0, 1]; got {self.warmup!r} (e.g. 0.5)")
+        check_gate_fields(self)
         if self.update not in UPDATES:
             raise RecipeError(f"L0Config.update must be None or 'refit', got {self.update!r}")
         if not 0 <= self.damp < 1:
             raise RecipeError(f"L0Config.damp must be in [0, 1), got {self.damp!r}")
         if self.unit not in UNITS:
             raise RecipeError(f"L0Config.unit must be one of {UNITS}, got {self.unit!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise RecipeError(f"L0Config.seed must be an integer >= 0, got {self.seed!r}")
+
+
+def check_gate_fields(config) -> None:
+    """The hard-concrete gate-training fields shared by L0Config and LayerDropConfig(score="l0"):
+    steps, lr, lambda_lr, init_keep, warmup, seed; one-line RecipeErrors naming the field."""
+    who = type(config).__name__
+    if isinstance(config.steps, bool) or not isinstance(config.steps, int) or config.steps < 1:
+        raise RecipeError(f"{who}.steps is the number of gate-training steps, an integer >= 1; got "
+                          f"{config.steps!r} (e.g. steps={type(config).steps})")
+    for name in ("lr", "lambda_lr"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise RecipeError(f"{who}.{name} must be a positive number, got {value!r} (e.g. {name}="
+                              f"{getattr(type(config), name)})")
+    if isinstance(config.init_keep, bool) or not isinstance(config.init_keep, (int, float)) or \
+            not 0 < config.init_keep < 1:
+        raise RecipeError(f"{who}.init_keep is each gate's starting probability of being open, in (0, 1); "
+                          f"got {config.init_keep!r} (e.g. 0.95)")
+    if isinstance(config.warmup, bool) or not isinstance(config.warmup, (int, float)) or not 0 <= config.warmup <= 1:
+        raise RecipeError(f"{who}.warmup is the share of the steps over which the target size is approached, "
+                          f"in [0, 1]; got {config.warmup!r} (e.g. 0.5)")
+    if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
+        raise RecipeError(f"{who}.seed must be an integer >= 0, got {config.seed!r} (e.g. seed=0)")
 
 
 @register_technique(L0Config)

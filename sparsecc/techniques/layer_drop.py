@@ -9,8 +9,13 @@ The `n` blocks that matter least are removed:
   - score="bi": Block Influence, ShortGPT eq. (1): BI_i = 1 - E_{X,t}[cos(X_{i,t}, X_{i+1,t})],
     X_i the hidden state entering block i and X_{i+1} the one leaving it, averaged over the
     calibration tokens; a block that barely turns the hidden state is redundant;
-  - score="loss": the increase of the calibration next-token loss when that block alone is skipped.
-Both are measured on the dense model (passes/analysis/block_influence.py). The remaining blocks are
+  - score="loss": the increase of the calibration next-token loss when that block alone is skipped;
+  - score="l0": a learned hard-concrete gate per block (L0 regularisation, Louizos et al. 2018, as
+    Sheared-LLaMA, Xia et al. 2024, learns which layers to remove): each block's output becomes
+    x + z_i (block(x) - x), the weights frozen, and log_alpha trained `steps` steps on the calibration
+    batches to minimise the next-token loss plus a Lagrangian driving the expected number of blocks
+    kept to L - n; the learned log_alpha is the score.
+All are measured on the dense model (passes/analysis/block_influence.py). The remaining blocks are
 renumbered: the container holds them as 0..L-n-1, every `layer_idx` attribute inside them (the
 KV cache's layer index in transformers) and the config (`num_hidden_layers`, per-layer lists such
 as `layer_types`) follow, so the KV cache, `generate`, `save_pretrained` and a plain
@@ -30,10 +35,11 @@ import torch
 from torch import nn
 
 from .configs import SparsityConfig, register_technique
+from .l0 import check_gate_fields
 from ..errors import PlanError, RecipeError
 from .rewrites import ModuleRewrite
 
-SCORES = ("bi", "loss")
+SCORES = ("bi", "loss", "l0")
 #: config lists with one entry per decoder block, sliced with the blocks
 PER_LAYER_FIELDS = ("layer_types", "no_rope_layers")
 #: config flags under which a block computes differently at another index (GPT-2 scales attention by 1/(idx+1))
@@ -42,11 +48,24 @@ INDEX_DEPENDENT_FLAGS = ("scale_attn_by_inverse_layer_idx",)
 
 @dataclass(frozen=True)
 class LayerDropConfig(SparsityConfig):
-    """Remove the `n` decoder blocks with the lowest Block Influence ("bi") or loss increase ("loss")."""
+    """Remove the `n` decoder blocks with the lowest Block Influence ("bi"), loss increase ("loss") or
+    learned hard-concrete gate log_alpha ("l0").
+
+    The other fields are only read with score="l0" (passes/analysis/block_influence.py): `steps`
+    gate-training steps (one calibration batch each, cycling), Adam's `lr` on the gates' log_alpha and
+    `lambda_lr` on the Lagrange multipliers, each gate's starting P(z != 0) `init_keep`, the share of
+    the steps (`warmup`) over which the target number of blocks kept is annealed from init_keep * L to
+    L - n, and the `seed` of the gates' noise (the scores are deterministic given it)."""
 
     TARGET = "blocks"
     n: int = 1
     score: str = "bi"
+    steps: int = 100
+    lr: float = 0.1
+    lambda_lr: float = 0.5
+    init_keep: float = 0.95
+    warmup: float = 0.5
+    seed: int = 0
 
     def validate(self) -> None:
         if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
@@ -55,6 +74,7 @@ class LayerDropConfig(SparsityConfig):
             near = difflib.get_close_matches(str(self.score), SCORES, n=1)
             raise RecipeError(f"LayerDropConfig.score must be one of {list(SCORES)}, got {self.score!r}"
                               + (f"; did you mean {near[0]!r}?" if near else ""))
+        check_gate_fields(self)  # steps, lr, lambda_lr, init_keep, warmup, seed (read with score="l0")
 
 
 @dataclass(frozen=True)

@@ -280,3 +280,116 @@ def test_command_line_recipe_drops_blocks(tiny_zoo, tmp_path, capsys):
     loaded, meta = sparsecc.load_pruned(tmp_path / "out")
     assert loaded.config.num_hidden_layers == len(loaded.model.layers) == 1
     assert meta["rows"][0]["technique"] == "LayerDropConfig" and len(meta["rows"]) == 1 + 7
+
+
+# score="l0": learned hard-concrete gates over whole blocks (issue 17's layer gates)
+
+def l0(n, **kw):
+    return {"model.layers": sparsecc.LayerDropConfig(n=n, score="l0", **{"steps": 20, **kw})}
+
+
+def test_l0_drops_exactly_n_blocks_and_the_model_runs_and_generates():
+    model, batches = llama4(), calib()
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.train()  # the gates train in eval mode; the mode is restored
+    plan = sparsecc.calibrate(model, batches, l0(2), progress=False)
+    assert model.training and {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    scores, drop = plan.decisions["model.layers"]["scores"], plan.decisions["model.layers"]["drop"]
+    assert scores.shape == (4,) and bool(torch.isfinite(scores).all())
+    assert drop.tolist() == sorted(scores.argsort()[:2].tolist())  # the two lowest log_alpha
+    model.eval()
+    dropped = copy.deepcopy(model)
+    (row,) = sparsecc.sparsify_(dropped, l0(2), batches, progress=False).rows
+    assert row["dropped"] == drop.tolist() and len(dropped.model.layers) == dropped.config.num_hidden_layers == 2
+    x = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(logits(dropped, x), logits(with_skipped(model, row["dropped"]), x), rtol=1e-5, atol=1e-5)
+    out = dropped.generate(x[:1, :6], max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 10)
+
+
+def test_l0_scores_are_deterministic_given_the_seed_and_depend_on_it():
+    batches = calib()
+
+    def scores(**kw):
+        return sparsecc.calibrate(llama4(), batches, l0(1, **kw), progress=False).decisions["model.layers"]["scores"]
+
+    a, b = scores(seed=3), scores(seed=3)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, scores(seed=4))
+
+
+def test_l0_gates_match_the_module_docstring_and_reach_the_target(monkeypatch):
+    """E (the expected number of blocks kept) is driven from init_keep * L toward L - n."""
+    from sparsecc.passes.analysis import block_influence
+    model, batches = llama4(), calib()
+    history = []
+    real = block_influence.gated_blocks
+    monkeypatch.setattr(block_influence, "gated_blocks",
+                        lambda *a, **k: real(*a, **{**k, "history": history}))
+    sparsecc.calibrate(model, batches, l0(2, steps=120, warmup=0.25), progress=False)
+    assert len(history) == 120 and abs(history[0][1] - 0.95 * 4) < 0.1
+    assert abs(history[-1][1] - 2) < 0.5
+
+
+@pytest.mark.parametrize("block", [0, 1])
+def test_l0_drops_a_block_that_does_nothing_in_a_trained_model(block, tiny_zoo, tiny_streams):
+    model = copy.deepcopy(tiny_zoo[0])
+    with torch.no_grad():  # the block's residual branches write zeros: it is the identity
+        model.model.layers[block].self_attn.o_proj.weight.zero_()
+        model.model.layers[block].mlp.down_proj.weight.zero_()
+    batches = sparsecc.sample_batches(tiny_streams[0], 8, 64, seed=0, batch_size=4)
+    plan = sparsecc.calibrate(model, batches, l0(1, steps=30), progress=False)
+    assert plan.decisions["model.layers"]["drop"].tolist() == [block]
+
+
+def test_l0_bad_config_is_one_line_naming_the_fix():
+    for bad, field in ((dict(steps=0), "steps"), (dict(steps=2.5), "steps"), (dict(steps=True), "steps"),
+                       (dict(lr=0), "lr"), (dict(lr=-1.0), "lr"), (dict(lambda_lr="x"), "lambda_lr"),
+                       (dict(init_keep=1.0), "init_keep"), (dict(init_keep=0), "init_keep"),
+                       (dict(warmup=1.5), "warmup"), (dict(warmup=-0.1), "warmup"),
+                       (dict(seed=-1), "seed"), (dict(seed=1.0), "seed")):
+        with pytest.raises(sparsecc.RecipeError, match=rf"LayerDropConfig\.{field}\b.*e\.g\.") as e:
+            sparsecc.LayerDropConfig(n=1, score="l0", **bad)
+        assert "\n" not in str(e.value)
+    with pytest.raises(sparsecc.RecipeError, match="LayerDropConfig.steps"):
+        sparsecc.load_recipe({"model.layers": {"method": "layerdrop", "n": 1, "score": "l0", "steps": 0}})
+
+
+def test_l0_failure_changes_nothing_and_restores_grad_flags_and_mode(monkeypatch, state_tools):
+    from sparsecc.passes.analysis import block_influence
+    snapshot, same_state = state_tools
+    model, batches = llama4(), calib()
+    model.model.layers[1].mlp.up_proj.weight.requires_grad_(False)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.train()
+    before = snapshot(model)
+    calls = []
+    real = block_influence.token_loss
+
+    def fail(*a, **k):
+        calls.append(1)
+        if len(calls) > 3:
+            raise RuntimeError("boom")
+        return real(*a, **k)
+
+    monkeypatch.setattr(block_influence, "token_loss", fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        sparsecc.sparsify_(model, l0(1), batches, progress=False)
+    assert model.training and {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert all(not m._forward_hooks for m in model.modules())
+    assert same_state(model, before) and len(model.model.layers) == 4
+    with torch.inference_mode(), pytest.raises(sparsecc.CalibrationError, match="inference_mode"):
+        sparsecc.sparsify_(model, l0(1), batches, progress=False)
+    assert same_state(model, before) and len(model.model.layers) == 4
+
+
+def test_l0_recipe_round_trips_with_its_fields():
+    cfg = sparsecc.LayerDropConfig(n=2, score="l0", steps=7, lr=0.05, lambda_lr=0.2, init_keep=0.9, warmup=0.3, seed=5)
+    data = sparsecc.dump_recipe({"model.layers": cfg})
+    assert {k: data["model.layers"][k] for k in ("steps", "lr", "lambda_lr", "init_keep", "warmup", "seed")} == \
+        dict(steps=7, lr=0.05, lambda_lr=0.2, init_keep=0.9, warmup=0.3, seed=5)
+    assert sparsecc.load_recipe(data)["model.layers"] == cfg
+    import json
+    assert sparsecc.load_recipe(json.loads(json.dumps(data)))["model.layers"] == cfg
+    short = sparsecc.load_recipe({"model.layers": {"method": "layerdrop", "n": 1, "score": "l0"}})["model.layers"]
+    assert short == sparsecc.LayerDropConfig(n=1, score="l0") and short.steps == 100 and short.seed == 0

@@ -10,7 +10,7 @@
     unit_sparsity      CollectUnitBudget         structured pruning's per-module widths (whole model, dense)
     unit_relevance     CollectUnitRelevance      structured pruning's score="bonsai" (whole model, dense, forwards only)
     unit_gates         CollectUnitGates          L0Config's learned hard-concrete gates (whole model, dense, weights frozen)
-    block_influence    CollectBlockInfluence     LayerDropConfig: ShortGPT's Block Influence or loss increase (whole model, dense)
+    block_influence    CollectBlockInfluence     LayerDropConfig: ShortGPT's Block Influence, loss increase or L0 block gates (whole model, dense)
 """
 from .block_influence import CollectBlockInfluence
 from .channel_stats import ChannelStats, CollectChannelStats

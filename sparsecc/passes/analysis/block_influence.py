@@ -12,17 +12,33 @@ score="loss": the mean next-token cross-entropy over the calibration tokens with
 skipped (its output replaced by its input), minus the dense model's: one forward over the batches
 per block, in `finish`.
 
+score="l0": learned hard-concrete gates (L0 regularisation; Louizos et al. 2018, Sheared-LLaMA, Xia
+et al. 2024), in `finish`, with every weight frozen (requires_grad off, restored) and the model in
+eval mode (restored): one gate z_i ~ HardConcrete(log_alpha_i) per block (prune/hard_concrete.py,
+noise from a torch.Generator seeded with `seed`), the block's output hidden state replaced by
+x + z_i (block(x) - x) (x its input, a forward hook); Adam (`lr`, unit_gates.py's betas) descends on
+log_alpha, starting at P(z != 0) = `init_keep`, for `steps` steps of one calibration batch each
+(cycling), on the mean next-token loss + lambda1 (E - T) + lambda2 (E - T)², E = the expected number
+of blocks kept (sum of P(z != 0)) and T = L - n, annealed linearly from init_keep * L over the first
+`warmup` share of the steps; the multipliers (from 0) ascend with `lambda_lr`. The score is the
+learned log_alpha (higher = keep). Cost: `steps` forwards and backwards of one batch.
+
 ctx.stats["block_influence"][container] = {block name: score}; lower = removed first.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ...errors import CalibrationError
-from ...graph.calibration import batch_loss, mean_loss
+from ...graph.calibration import batch_loss, mean_loss, token_loss
+from ...prune.hard_concrete import expected_l0, lagrangian, log_alpha_for, sample_gates
 from ..base import AnalysisPass
-from ..blockwise import slot_value, hidden_slot
+from ..blockwise import hidden_of, hidden_slot, slot_value
+from .unit_gates import GateOptimiser, annealed, frozen_eval, require_autograd
+
+L0 = "LayerDropConfig(score='l0')"
 
 
 class CollectBlockInfluence(AnalysisPass):
@@ -57,6 +73,10 @@ class CollectBlockInfluence(AnalysisPass):
                 if any(self._cos.get(b, (0, 0))[1] == 0 for b in spec.blocks):
                     raise CalibrationError(f"{container}: a block never ran on the calibration batches")
                 table[container] = {b: 1.0 - self._cos[b][0] / self._cos[b][1] for b in spec.blocks}
+            elif cfg.score == "l0":
+                show = getattr(ctx, "progress", False)
+                learned = gated_blocks(ctx.model, ctx.batches, spec.blocks, cfg, progress=show)
+                table[container] = dict(zip(spec.blocks, learned.tolist()))
             else:
                 dense = skipped_loss(ctx.model, ctx.batches)
                 table[container] = {b: skipped_loss(ctx.model, ctx.batches, skip=b) - dense for b in spec.blocks}
@@ -84,3 +104,57 @@ def skipped_loss(model, batches, skip: str | None = None) -> float:
             handle.remove()
 
 
+
+
+def gated_blocks(model, batches, blocks, cfg, progress: bool = False, history: list | None = None) -> torch.Tensor:
+    """The learned log_alpha (float32 CPU, one per block of `blocks`, module names) of hard-concrete
+    gates x + z (block(x) - x) trained toward len(blocks) - cfg.n blocks kept (the module docstring).
+    Each step's (loss, E) is appended to `history` where given. No weight is written."""
+    require_autograd(L0)
+    if not batches:
+        raise CalibrationError(f"{L0} needs calibration batches")
+    mods = [model.get_submodule(b) for b in blocks]
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    count, keep = len(mods), float(len(mods) - cfg.n)
+    log_alpha = torch.full((count,), log_alpha_for(cfg.init_keep), device=device, requires_grad=True)
+    lambdas = torch.zeros(2, device=device, requires_grad=True)
+    opt = GateOptimiser(log_alpha, lambdas, cfg.lr, cfg.lambda_lr)
+    g = torch.Generator().manual_seed(cfg.seed)
+    current: list[torch.Tensor | None] = [None]
+
+    def hook(i, name):
+        def gate(mod, args, kwargs, out):
+            slot, y = hidden_slot(args, kwargs), hidden_of(out)
+            if slot is None or y is None:
+                raise CalibrationError(f"{name} takes or returns no hidden-state tensor (first argument or "
+                                       f"hidden_states=), so {L0} cannot gate it")
+            x = slot_value(slot, args, kwargs)
+            z = current[0][i].to(y)
+            gated = x + z * (y - x)
+            return (gated, *out[1:]) if isinstance(out, (tuple, list)) else gated
+        return gate
+
+    handles = [m.register_forward_hook(hook(i, b), with_kwargs=True) for i, (b, m) in enumerate(zip(blocks, mods))]
+    bar = tqdm(range(cfg.steps), desc="sparsecc (L0 block gates)", unit="step", disable=not progress, leave=False)
+    try:
+        with frozen_eval(model):
+            for step in bar:
+                current[0] = sample_gates(log_alpha, generator=g)
+                total, n_tokens = token_loss(model, batches[step % len(batches)], L0)
+                if n_tokens == 0:
+                    raise CalibrationError(f"{L0} needs calibration sequences of 2 real tokens at least "
+                                           "(a next-token loss)")
+                loss = total / n_tokens
+                expected = expected_l0(log_alpha).sum()
+                target = annealed(cfg.init_keep * count, keep, step, cfg.steps, cfg.warmup)  # toward L - n
+                opt.step(loss + lagrangian(expected, target, lambdas[0], lambdas[1]))
+                loss, expected = float(loss.detach()), float(expected.detach())
+                if history is not None:
+                    history.append((loss, expected))
+                bar.set_postfix(loss=f"{loss:.3f}", kept=f"{expected:.2f}", target=f"{keep:.0f}")
+    finally:
+        bar.close()
+        current[0] = None
+        for h in handles:
+            h.remove()
+    return log_alpha.detach().float().cpu()

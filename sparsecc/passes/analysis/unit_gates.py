@@ -25,6 +25,8 @@ weights' requires_grad is switched off for the run and restored; no weight is wr
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from tqdm.auto import tqdm
 
@@ -39,6 +41,54 @@ WHO = "L0Config"
 #: Adam's betas for log_alpha: less momentum than the default 0.9, so the expected size settles on the
 #: target instead of swinging around it (the multipliers keep the default)
 BETAS = (0.5, 0.999)
+
+
+def require_autograd(who: str) -> None:
+    """A one-line CalibrationError where torch.inference_mode() would keep the gates from training."""
+    if torch.is_inference_mode_enabled():
+        raise CalibrationError(f"{who} trains gates with autograd, which torch.inference_mode() switches off: "
+                               "call sparsify_ / calibrate outside it (torch.no_grad() is fine)")
+
+
+@contextmanager
+def frozen_eval(model):
+    """The model in eval mode (no dropout: the gates' noise is the only randomness, deterministic given
+    the seed) with every parameter's requires_grad off; both restored on exit, also on an error."""
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    model.eval()
+    try:
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            yield
+    finally:
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def annealed(start, end, step: int, steps: int, warmup: float):
+    """The target size at `step` (0-based): linear from `start` to `end` over the first `warmup` share
+    of the `steps`, then `end` (Sheared-LLaMA's target warm-up)."""
+    ramp = min(1.0, (step + 1) / max(warmup * steps, 1))
+    return start + (end - start) * ramp
+
+
+class GateOptimiser:
+    """Adam descending on the gates' log_alpha (`lr`, betas BETAS) and ascending on the Lagrange
+    multipliers (`lambda_lr`): `step(objective)` backpropagates the objective and moves both."""
+
+    def __init__(self, log_alpha: torch.Tensor, lambdas: torch.Tensor, lr: float, lambda_lr: float):
+        self.descent = torch.optim.Adam([log_alpha], lr=lr, betas=BETAS)
+        self.ascent = torch.optim.Adam([lambdas], lr=lambda_lr, maximize=True)
+
+    def step(self, objective: torch.Tensor) -> None:
+        self.descent.zero_grad(set_to_none=True)
+        self.ascent.zero_grad(set_to_none=True)
+        objective.backward()
+        self.descent.step()
+        self.ascent.step()
 
 
 def gate_layout(config, spec, in_features: int) -> tuple[int, int, int]:
@@ -78,9 +128,7 @@ class CollectUnitGates(AnalysisPass):
     def finish(self, ctx):
         if not self.targets:
             return
-        if torch.is_inference_mode_enabled():
-            raise CalibrationError(f"{WHO} trains gates with autograd, which torch.inference_mode() switches off: "
-                                   "call sparsify_ / calibrate outside it (torch.no_grad() is fine)")
+        require_autograd(WHO)
         model, batches = ctx.model, ctx.batches
         layout = {}  # module -> (consumer linear, columns per gate, gates, kept share)
         for name, (cfg, spec) in self.targets.items():
@@ -92,8 +140,7 @@ class CollectUnitGates(AnalysisPass):
         log_alpha = torch.full((sum(sizes),), log_alpha_for(self.init_keep), device=device, requires_grad=True)
         lambdas = torch.zeros(2, len(layout), device=device, requires_grad=True)  # lambda1, lambda2 per module
         keep = torch.tensor([t for *_, t in layout.values()], device=device)
-        opt = torch.optim.Adam([log_alpha], lr=self.lr, betas=BETAS)
-        ascent = torch.optim.Adam([lambdas], lr=self.lambda_lr, maximize=True)
+        opt = GateOptimiser(log_alpha, lambdas, self.lr, self.lambda_lr)
         g = torch.Generator().manual_seed(self.seed)
         current: dict[str, torch.Tensor] = {}
 
@@ -103,17 +150,12 @@ class CollectUnitGates(AnalysisPass):
                 return args if z is None else (args[0] * z.to(args[0]), *args[1:])  # its dtype and device
             return pre
 
-        frozen = [(p, p.requires_grad) for p in model.parameters()]
-        was_training = model.training
-        model.eval()  # no dropout: the gates' noise is the only randomness (deterministic given the seed)
         handles = [lin.register_forward_pre_hook(hook(n)) for n, (lin, *_) in layout.items()]
         show = self.progress if self.progress is not None else getattr(ctx, "progress", False)
         bar = tqdm(range(self.steps), desc="sparsecc (L0 gates)", unit="step", disable=not show, leave=False)
         self.history = []
         try:
-            for p, _ in frozen:
-                p.requires_grad_(False)
-            with torch.enable_grad():
+            with frozen_eval(model):
                 for step in bar:
                     z = sample_gates(log_alpha, generator=g)
                     for m, part in zip(layout, z.split(sizes)):
@@ -124,14 +166,8 @@ class CollectUnitGates(AnalysisPass):
                                                "(a next-token loss)")
                     loss = total / count
                     expected = torch.stack([e.mean() for e in expected_l0(log_alpha).split(sizes)])
-                    ramp = min(1.0, (step + 1) / max(self.warmup * self.steps, 1))
-                    target = self.init_keep + (keep - self.init_keep) * ramp  # annealed toward T
-                    objective = loss + lagrangian(expected, target, lambdas[0], lambdas[1]).sum()
-                    opt.zero_grad(set_to_none=True)
-                    ascent.zero_grad(set_to_none=True)
-                    objective.backward()
-                    opt.step()
-                    ascent.step()
+                    target = annealed(self.init_keep, keep, step, self.steps, self.warmup)  # toward T
+                    opt.step(loss + lagrangian(expected, target, lambdas[0], lambdas[1]).sum())
                     loss, expected = float(loss.detach()), expected.detach()
                     self.history.append((loss, float((expected - keep).abs().mean())))
                     bar.set_postfix(loss=f"{loss:.3f}", kept=f"{float(expected.mean()):.3f}",
@@ -141,9 +177,6 @@ class CollectUnitGates(AnalysisPass):
             current.clear()
             for h in handles:
                 h.remove()
-            for p, flag in frozen:
-                p.requires_grad_(flag)
-            model.train(was_training)
         learned = log_alpha.detach().float().cpu()
         final = expected_l0(learned)
         table = ctx.stats.setdefault("unit_gates", {})

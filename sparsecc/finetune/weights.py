@@ -40,7 +40,7 @@ def is_linear(module: nn.Module) -> bool:
 
 def out_in(module: nn.Module, w: torch.Tensor) -> torch.Tensor:
     """The weight viewed [out, in] (Conv1D stores it transposed)."""
-    return w if isinstance(module, nn.Linear) else w.t()
+    return out_in_t(w, not isinstance(module, nn.Linear))
 
 
 @dataclass
@@ -167,6 +167,7 @@ class TrainedWeight(nn.Module):
 
 
 def out_in_t(w: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """w [out, in] from its stored layout, or back (a transpose is its own inverse)."""
     return w.t() if transposed else w
 
 

@@ -160,10 +160,13 @@ def prune_folder(model_dir, recipe, batches, out, *, tokenizer=None, compress: b
     parts outside the blocks (read there for the probe and the end only); the batches may be on the
     CPU; `max_memory` then budgets that device. The checkpoint equals `sparsify_` +
     `save_pruned` of the whole model (tensor for tensor; its files are split by block), and `out`
-    is written all or nothing. Per-block linear techniques only (magnitude, Wanda, SparseGPT, OBS,
-    GPTQ, RTN; N:M; joint quantization): the others are refused by name. `batches=None`: data-free
-    recipes (magnitude). `before_publish(report)` runs once the folder is complete, before it is
-    moved into place (the command line stages its JSON report there)."""
+    is written all or nothing. The per-block linear techniques (magnitude, Wanda, SparseGPT, OBS,
+    GPTQ, RTN; N:M; joint quantization), with OWL's per-block sparsities (layerwise="owl": a first
+    sweep reads every block again, observes it on the dense hidden states and frees it unwritten;
+    the second prunes and writes); recipes needing the whole model otherwise (LayerDrop, Bonsai) or
+    rewriting modules (CATS, MoE, structured, attention forms) are refused by name (WholeModelError).
+    `batches=None`: data-free recipes (magnitude). `before_publish(report)` runs once the folder is
+    complete, before it is moved into place (the command line stages its JSON report there)."""
     from .errors import WholeModelError
     from .graph.capture import capture
     from .io.checkpoint import checkpoint_meta, write_meta
@@ -172,7 +175,7 @@ def prune_folder(model_dir, recipe, batches, out, *, tokenizer=None, compress: b
     from .io.onload import BlockFiles
     from .passes.memory import fmt_bytes, map_large_allocations, onload_peak_bytes, parse_bytes
     from .passes.activations import Activations, check_activations
-    from .passes.analysis import CollectHessians, CollectInputStats
+    from .passes.analysis import CollectHessians, CollectInputStats, CollectOutlierRatios
     from .passes.transform.prune import ApplyRecipe
     from .techniques.configs import technique_for
 
@@ -195,7 +198,8 @@ def prune_folder(model_dir, recipe, batches, out, *, tokenizer=None, compress: b
                           "and call sparsify_")
     captured = capture(model, {**_on_meta(batches_list[0]), "use_cache": False})
     pipe = Pipeline.from_recipe(model, recipe, batches_list, data=data, progress=progress, captured=captured)
-    allowed = (ApplyRecipe, CollectHessians, CollectInputStats)  # per-block statistics and linear techniques
+    # per-block statistics and linear techniques, and OWL's ratios (a first sweep: blocks read, not written)
+    allowed = (ApplyRecipe, CollectHessians, CollectInputStats, CollectOutlierRatios)
     other = [p for p in pipe.order if not isinstance(p, allowed)]
     if other:
         p = other[0]  # name the configs needing it: those it rewrites, or whose statistics it collects
@@ -209,16 +213,21 @@ def prune_folder(model_dir, recipe, batches, out, *, tokenizer=None, compress: b
         raise WholeModelError(f"{type(model).__name__} has no decoder blocks to load one at a time: load it and call "
                               "sparsify_ (sparsecc prune --no-onload)")
     hessians = [n for n, c in pipe.targets.items() if "hessian" in technique_for(c).needs(c)]
+    outliers = [n for n, c in pipe.targets.items() if "layer_sparsity" in technique_for(c).needs(c)]  # OWL's
     act_bytes = max((p.dtype.itemsize for p in model.parameters() if p.is_floating_point()), default=4)
     need, parts = onload_peak_bytes(captured, hessians, {b: lazy.nbytes(b) for b in blocks},
                                     lazy.nbytes(outside=tuple(blocks)), batches_list, act_bytes,
-                                    activations=activations)
+                                    activations=activations, outlier_names=outliers)
     if budget is not None and need > budget:
         detail = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in parts.items() if k not in ("block", "phase"))
+        disk = "keep the activations on disk (activations='disk'; --activations disk)"
+        fix = (f"{disk}, or leave out layerwise='owl' (its outlier ratio scores the weights of a block's largest linear at once)"
+               if parts["phase"].startswith("OWL's outlier ratio") else
+               f"lower the number or length of the calibration samples, {disk}"
+               + (", or use WandaConfig (no Hessians)" if hessians else ""))
         raise CalibrationError(f"pruning {lazy.path} block by block needs ~{fmt_bytes(need)} at its peak "
-                               f"({parts['block']}, {parts['phase']}: {detail}), more than max_memory {fmt_bytes(budget)}; lower "
-                               "the number or length of the calibration samples, keep the activations on disk (activations='disk'; --activations disk), "
-                               "or use WandaConfig (no Hessians)")
+                               f"({parts['block']}, {parts['phase']}: {detail}), more than max_memory "
+                               f"{fmt_bytes(budget)}; {fix}")
     map_large_allocations()  # keeps the resident set flat over the blocks (passes/memory.py)
     lazy.materialise("", outside=tuple(blocks))
     # Under torch.distributed every rank loads and calibrates each block on its share of the batches;

@@ -3,7 +3,9 @@
 `BlockFiles` is the pipeline's block source (passes/blockwise.py): block k is read from the
 source folder when its scope starts (`load`), and once pruned and run, written to the output
 folder as the k-th of N shards and put back on the meta device (`done`); the parts outside the
-blocks are the last shard (`finish`). Each part gets the same checks and the same sparsecc files
+blocks are the last shard (`finish`). A sweep that only observes the dense model before the one
+that prunes (OWL's outlier ratios) reads each block and puts it back unwritten (`drop`): the
+output holds nothing of it. Each part gets the same checks and the same sparsecc files
 (masks, quantization grids, compressed weights) as `save_pruned` gives the whole model, in
 per-part files that sparsecc.json's "files" lists (checkpoint format 3):
 
@@ -54,14 +56,20 @@ class BlockFiles:
         self.loaded.append(name)
 
     def rest(self) -> None:
-        """Read the parts outside the blocks again (for the rest of the model's scope, and writing)."""
+        """Read the parts outside the blocks again (for a sweep's probe, the rest of the model's scope,
+        and writing)."""
         if self.released:
             self.lazy.materialise("", outside=tuple(self.blocks))
             self.released = False
 
     def done(self, k: int, name: str, rows: list[dict]) -> None:
+        """Write block k, pruned, as shard k; then drop it."""
         if self.tmp is not None:  # None: a rank that does not write (torch.distributed: rank 0 writes)
             self._write(k, rows, lambda key: key.startswith(name + "."))
+        self.drop(k, name)
+
+    def drop(self, k: int, name: str) -> None:
+        """Put block k back on the meta device, unwritten (its memory is free again)."""
         self.lazy.release(name)
         self.loaded.remove(name)
         return_freed_memory()

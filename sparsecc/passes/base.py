@@ -73,7 +73,8 @@ class AnalysisPass(Pass):
 
     def reduce(self, ctx, names: list[str], comm) -> None:
         """Called after each scope was observed (on this rank's batches) with the linear sites of
-        the scope this pass wants: complete their statistics over every rank (`comm`, a
+        the scope this pass wants, then its `hooked_modules` the scope holds (the same names in the
+        same order on every rank): complete their statistics over every rank (`comm`, a
         passes.distributed.Comm), bit for bit what one process collects over all the batches.
         By default a pass has no such reduction: it refuses to run on more than one process."""
         if comm.world > 1:

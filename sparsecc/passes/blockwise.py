@@ -91,11 +91,14 @@ class BlockRunner:
     With `ctx.source` (sequential onloading: the blocks are on the meta device until loaded), the
     probe runs the model with every block replaced by a stub that records its call and passes the
     hidden states on; block k is then `source.load`ed before its scope and `source.done` after its
-    outputs were computed (written and freed), with what the pipeline held for it forgotten."""
+    outputs were computed (written and freed), with what the pipeline held for it forgotten. A sweep
+    that is not `final` (the whole-model sweep over the dense model before the one that transforms:
+    OWL's) only observes: each block is `source.drop`ped after it, freed without being written."""
 
     def __init__(self, ctx, needs_data: bool = True, relevant: set[str] | None = None,
-                 done_with_blocks: bool = False):
+                 done_with_blocks: bool = False, final: bool = True):
         self.ctx = ctx
+        self.final = final  # the last sweep over the blocks: the one whose blocks an onloading source writes
         # the sweep transforms: once a block's scope is over, what `ctx.keep` does not name may go
         self.forget = done_with_blocks and getattr(ctx, "keep", None) is not None
         self.needs_data = needs_data
@@ -122,6 +125,7 @@ class BlockRunner:
                                        "prune it whole (sparsify_, or sparsecc prune --no-onload)")
             self.sequential = True
             if needs_data:
+                self.source.rest()  # the embeddings, if a sweep before this one left them on disk
                 self._probe_stubs()
             return
         self.sequential = needs_data and bool(self.blocks) and self._probe()
@@ -274,9 +278,11 @@ class BlockRunner:
                     self.hidden.drop()
                     self.hidden = outs
                     self.calls[k] = None  # free what block k needed
-                if self.source is not None:
+                if self.source is not None and self.final:
                     self.source.done(k, names[k], [r for r in self.ctx.rows if holds(r["module"])])
                     self.ctx.tx.commit()  # onloading never changes its source folder: nothing to undo
+                elif self.source is not None:
+                    self.source.drop(k, names[k])  # observed only: read again by the sweep that writes
                 if self.forget:
                     self.ctx.forget(holds, self.ctx.keep)
         if self._rest_needed():

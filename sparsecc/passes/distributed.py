@@ -6,10 +6,12 @@ rank a contiguous slice of the batches, reduce the statistics of each block exac
 the pruning solves: one owner per linear plans it and broadcasts its decision. Every rank ends
 with the model the single-process run makes.
 
-Exactness, per statistic: sums whose order does not change the result (fp32 Hessian partials
-added in fp64, analysis/hessian.py; integer counts; maxima) are all-reduced; the others (Wanda's
-fp64 column sums) are gathered per batch and folded in global batch order, as one process folds
-them. A pass without such a `reduce` refuses to run on N > 1 ranks (passes/base.py).
+Exactness, per statistic: sums whose order does not change the result (fp32 partials added in
+fp64: Hessians, refit H, router sums, analysis/hessian.py; integer counts; maxima) are
+all-reduced; the others (fp64 column sums, losses) are gathered per batch and folded in global
+batch order, as one process folds them (analysis/batch_sums.py); sampled values (CATS) are drawn
+per batch from a generator seeded by its global index and gathered. A pass without a `reduce`
+refuses to run on N > 1 ranks (passes/base.py).
 
 `Comm` is the world of one process (every method the identity); `current_comm()` picks.
 """
@@ -44,6 +46,10 @@ class Comm:
 
     def gather_in_order(self, per_batch: dict[int, torch.Tensor], shape, dtype, device) -> list[torch.Tensor]:
         """Every rank's per-batch tensors ({global batch: tensor of `shape`}), in global batch order."""
+        return [per_batch[b].to(device) for b in sorted(per_batch)]
+
+    def gather_varlen_in_order(self, per_batch: dict[int, torch.Tensor], dtype, device) -> list[torch.Tensor]:
+        """gather_in_order for 1-D tensors whose lengths differ from batch to batch."""
         return [per_batch[b].to(device) for b in sorted(per_batch)]
 
     def decide(self, name: str, cost: float, compute: Callable[[], dict], device=None) -> dict[str, torch.Tensor]:
@@ -133,6 +139,27 @@ class DistComm(Comm):
         for c, idx, part in zip(counts, self._all_gather(index), self._all_gather(rows)):
             for i in range(c):
                 found[int(idx[i])] = part[i].to(device)
+        return [found[b] for b in sorted(found)]
+
+    def gather_varlen_in_order(self, per_batch, dtype, device):
+        ids = sorted(per_batch)
+        lens = torch.tensor([per_batch[b].numel() for b in ids], dtype=torch.int64)
+        flat = torch.cat([per_batch[b].reshape(-1).to(self.device, dtype) for b in ids]) if ids else \
+            torch.empty(0, dtype=dtype, device=self.device)
+        # every rank's (batches, values) first, then each padded to the largest (all_gather moves equal shapes)
+        sizes = self._all_gather(torch.tensor([len(ids), flat.numel()], dtype=torch.int64))
+        most_b, most_v = (max(int(s[i]) for s in sizes) for i in (0, 1))
+        index = torch.full((2, most_b), -1, dtype=torch.int64)
+        index[0, :len(ids)], index[1, :len(ids)] = torch.tensor(ids, dtype=torch.int64), lens
+        values = torch.zeros(most_v, dtype=dtype, device=self.device)
+        values[:flat.numel()] = flat
+        found = {}
+        for size, idx, vals in zip(sizes, self._all_gather(index), self._all_gather(values)):
+            start = 0
+            for i in range(int(size[0])):
+                n = int(idx[1, i])
+                found[int(idx[0, i])] = vals[start:start + n].to(device)
+                start += n
         return [found[b] for b in sorted(found)]
 
     def decide(self, name, cost, compute, device=None):

@@ -12,7 +12,9 @@ from collections import defaultdict
 
 import torch
 
+
 from ..errors import CalibrationError
+from ..prune.owl import CHUNK
 
 GiB = 2 ** 30
 
@@ -101,8 +103,21 @@ def check_hessian_memory(captured, names, device: torch.device, hessian_bytes: i
             "free memory, target fewer modules per run in the recipe, or use WandaConfig (no Hessian)")
 
 
+# OWL's outlier ratio of a block (analysis/outliers.py, prune/owl.py:outlier_ratio_of) makes the Wanda
+# scores |W|·‖X‖ one linear at a time: |W| (up to 4 bytes an element), the fp32 scores made from it
+# in place, their finiteness mask (1); then compares up to CHUNK of them at a time in fp64 (and a mask)
+OWL_SCORE_BYTES, OWL_COMPARE_BYTES = 4 + 4 + 1, 8 + 1
+
+
+def owl_score_bytes(sites) -> int:
+    """Peak bytes of OWL's outlier ratio over the linear `sites` (made one at a time), 0 for none."""
+    sizes = [s.out_features * s.in_features for s in sites]
+    return max((n * OWL_SCORE_BYTES + min(n, CHUNK) * OWL_COMPARE_BYTES for n in sizes), default=0)
+
+
 def onload_peak_bytes(captured, hessian_names, block_bytes: dict[str, int], rest_bytes: int, batches: list,
-                      act_bytes: int, hessian_bytes: int = 8, activations: str = "memory") -> tuple[int, dict]:
+                      act_bytes: int, hessian_bytes: int = 8, activations: str = "memory",
+                      outlier_names=()) -> tuple[int, dict]:
     """Peak bytes of sequential onloading (api.prune_folder), known before any weight is read: the
     largest of its phases (the interpreter and its libraries not counted).
 
@@ -112,7 +127,11 @@ def onload_peak_bytes(captured, hessian_names, block_bytes: dict[str, int], rest
       calibration activations (the block's inputs; its outputs too while they are computed):
       collecting, its Hessians and one batch's transients; solving linear j, the Hessians not yet
       used (each goes once its linear is pruned) and j's solve (H in fp32, its damped inverse and
-      Cholesky factor, W's working copy, mask and undo copy).
+      Cholesky factor, W's working copy, mask and undo copy);
+    - OWL's first sweep over the dense model (`outlier_names`: the linears it observes), in block k
+      on top of the same: collecting, one fp64 Σx² per input column and batch of each linear
+      (folded in batch order after the scope); then the block's outlier ratio, the Wanda scores of
+      one linear at a time (`owl_score_bytes`); outside the blocks, each such linear's (lm_head).
     `activations` is how the hidden states are kept (passes/activations.py): "bf16"/"fp16" count 2
     bytes an element (and one batch back in the model's dtype), "disk" one batch in memory.
 
@@ -124,7 +143,7 @@ def onload_peak_bytes(captured, hessian_names, block_bytes: dict[str, int], rest
     shapes = [tuple(_main_tensor(b).shape) for b in batches]
     tokens = [s[0] * s[1] if len(s) >= 2 else s[0] for s in shapes]
     seq = max((s[1] for s in shapes if len(s) >= 2), default=1)
-    hessians = set(hessian_names)
+    hessians, owl = set(hessian_names), set(outlier_names)
     by_block: dict[int | None, list] = defaultdict(list)
     for site in captured.sites.values():
         by_block[captured.block_of(site.name)].append(site)
@@ -136,6 +155,10 @@ def onload_peak_bytes(captured, hessian_names, block_bytes: dict[str, int], rest
     best = (rest_bytes + acts + max(tokens, default=0) * rest_out * 4,
             {"block": "outside the blocks", "phase": "the probe and the rest of the model",
              "parameters": rest_bytes, "activations": acts})
+    scores = owl_score_bytes([s for s in by_block.get(None, []) if s.name in owl])
+    if rest_bytes + acts + scores > best[0]:
+        best = (rest_bytes + acts + scores, {"block": "outside the blocks", "phase": "OWL's outlier ratio (first sweep)",
+                                             "parameters": rest_bytes, "statistics": scores, "activations": acts})
     for k, block in enumerate(captured.blocks):
         sites = by_block.get(k, [])
         params = block_bytes.get(block, 0)
@@ -152,6 +175,11 @@ def onload_peak_bytes(captured, hessian_names, block_bytes: dict[str, int], rest
                 last[group[s.name]] = j
         phases = [("collecting statistics", sum(size.values()) * hessian_bytes, acts + transient),
                   ("computing its outputs", 0, 2 * acts + transient)]
+        observed = [s for s in sites if s.name in owl]
+        if observed:  # OWL's first sweep: its outputs are computed as in the second (the phase above)
+            phases += [("collecting OWL's statistics (first sweep)",
+                        len(batches) * sum(s.in_features for s in observed) * 8, acts + transient),
+                       ("OWL's outlier ratio (first sweep)", owl_score_bytes(observed), acts)]
         for j, s in enumerate(sites):
             if s.name not in group:
                 continue

@@ -266,7 +266,8 @@ class Pipeline:
         sweeps = [first, [p for p in self.order if p not in first]] if first else [self.order]
         self._scopes = []
         for sweep in sweeps:
-            scopes = self._sweep(ctx, sweep, timings, "sparsecc (whole-model statistics)" if sweep is first else "sparsecc")
+            scopes = self._sweep(ctx, sweep, timings, "sparsecc (whole-model statistics)" if sweep is first else "sparsecc",
+                                 final=sweep is sweeps[-1])
             if sweep is not first:
                 self._scopes = scopes
             for p in sweep:
@@ -276,8 +277,9 @@ class Pipeline:
                     timings[p.name] += time.perf_counter() - t
         return timings
 
-    def _sweep(self, ctx: PassContext, passes: list[Pass], timings: dict, desc: str) -> list[str]:
-        """Run `passes` scope by scope (one decoder block at a time, then the rest)."""
+    def _sweep(self, ctx: PassContext, passes: list[Pass], timings: dict, desc: str, final: bool = True) -> list[str]:
+        """Run `passes` scope by scope (one decoder block at a time, then the rest); `final`: the last
+        sweep (an onloading source writes its blocks; an earlier one only reads them)."""
         stages: list[list[Pass]] = []
         for p in passes:  # consecutive analysis passes share one forward
             if stages and isinstance(p, AnalysisPass) and isinstance(stages[-1][0], AnalysisPass):
@@ -294,7 +296,7 @@ class Pipeline:
                 relevant = None  # a transform that does not say may change any module
                 break
         runner = BlockRunner(ctx, needs_data=any(isinstance(p, AnalysisPass) for p in passes), relevant=relevant,
-                             done_with_blocks=any(isinstance(p, TransformPass) for p in passes))
+                             done_with_blocks=any(isinstance(p, TransformPass) for p in passes), final=final)
         try:
             return self._run_scopes(ctx, runner, stages, passes, timings, desc)
         finally:
@@ -320,7 +322,9 @@ class Pipeline:
                             timings[name] += s
                         for p in stage:  # the scope's statistics over every rank's batches (distributed.py)
                             t = time.perf_counter()
-                            p.reduce(ctx, [site.name for site in scope.sites if p.wants(site.name)], ctx.comm)
+                            names = [site.name for site in scope.sites if p.wants(site.name)]
+                            names += [m for m in p.hooked_modules(ctx) if scope.holds(m)]
+                            p.reduce(ctx, names, ctx.comm)
                             key = "reduction" if ctx.comm.world > 1 else p.name  # one process: the pass's own fold
                             timings[key] = timings.get(key, 0.0) + time.perf_counter() - t
                     else:

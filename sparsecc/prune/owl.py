@@ -31,17 +31,30 @@ def outlier_ratio(scores: torch.Tensor, m: float = 5.0) -> float:
     return outlier_ratio_of([scores], m)
 
 
-def outlier_ratio_of(scores: Sequence[torch.Tensor], m: float = 5.0) -> float:
-    """outlier_ratio of several score tensors pooled (one decoder layer = all its linears)."""
+CHUNK = 1 << 20  # score elements compared at a time (their fp64 copies: 8 MiB)
+
+
+def outlier_ratio_of(scores: Sequence, m: float = 5.0) -> float:
+    """outlier_ratio of several score tensors pooled (one decoder layer = all its linears). Each item
+    is a tensor, or a function making one (called twice: the mean, then the count above m times it),
+    so that one linear's scores are in memory at a time, not the layer's."""
     if not isinstance(m, (int, float)) or not m > 0:
         raise RecipeError(f"OWL outlier threshold m must be > 0 (the paper uses 3..10), got {m!r}")
-    flat = [s.detach().reshape(-1).double() for s in scores]
-    if not flat or sum(f.numel() for f in flat) == 0:
+    makers = [s if callable(s) else (lambda s=s: s) for s in scores]
+    total, count = 0.0, 0
+    for make in makers:  # E[A] over the pooled scores, summed in fp64
+        a = make().detach().reshape(-1)
+        if a.numel() and not bool(torch.isfinite(a).all()):
+            raise RecipeError("outlier_ratio: scores must be finite")
+        total += float(a.sum(dtype=torch.float64))
+        count += a.numel()
+    if count == 0:
         raise RecipeError("outlier_ratio needs at least one non-empty score tensor")
-    a = torch.cat([f.to(flat[0].device) for f in flat])
-    if not torch.isfinite(a).all():
-        raise RecipeError("outlier_ratio: scores must be finite")
-    return float((a > m * a.mean()).double().mean())
+    threshold = m * (total / count)
+    above = 0
+    for make in makers:  # A > M·E[A], compared in fp64 a chunk at a time
+        above += sum(int((c.double() > threshold).sum()) for c in make().detach().reshape(-1).split(CHUNK))
+    return above / count
 
 
 def _bisect(f, lo: float, hi: float, target: float, iters: int = 200) -> float:

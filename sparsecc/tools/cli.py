@@ -419,6 +419,7 @@ def _benchmarks(quick: bool) -> dict:
             "e2e": q("--quick", "--models", "ref", "--threads", "1"),  # the compiled row is most of its minute
             "streaming": q("--model", "tiny", "--factor", "4", "--streams", "1"),
             "scale": q("--quick"),
+            "distributed": q("--model", "tiny", "--nsamples", "8", "--recipes", "bonsai,sparsegpt"),
             **{name: q("--quick") for name in KERNEL_BENCHMARKS}}  # these: on the GPU if there is one
 
 

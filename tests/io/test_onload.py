@@ -20,6 +20,10 @@ RECIPES = {
     "joint-int4": ({"default": SparseGPTConfig(sparsity=0.5, bits=4, group_size=16)}, {}),
     "gptq-compressed": ({"default": GPTQConfig(bits=4, group_size=16)}, {"compress": True}),
     "magnitude-data-free": ({"default": MagnitudeConfig(sparsity=0.3)}, {}),
+    # OWL: a first sweep over the dense blocks (read, observed, freed unwritten), then the one that prunes
+    "wanda-owl": ({"default": WandaConfig(sparsity=0.5, layerwise="owl"), "lm_head": None}, {}),
+    "sparsegpt-owl-lm-head-compressed": ({"default": SparseGPTConfig(sparsity=0.5, layerwise="owl")}, {"compress": True}),
+    "magnitude-owl": ({"default": MagnitudeConfig(sparsity=0.5, layerwise="owl"), "lm_head": None}, {}),
 }
 
 
@@ -125,6 +129,87 @@ def test_one_block_in_memory_at_a_time_and_its_statistics_dropped(make_model, ba
     assert forgotten == [0, 0, 0, 0]  # nothing of a written block is held any more
 
 
+@pytest.mark.parametrize("activations", ["memory", "disk"])
+def test_owl_reads_every_block_twice_one_at_a_time_and_writes_only_in_the_second_sweep(activations, make_model, batches,
+                                                                                       tmp_path, monkeypatch):
+    """OWL's first sweep reads each block, observes it on the dense hidden states and frees it unwritten
+    (its activations' files gone before the second sweep starts); the second prunes and writes; the
+    checkpoint is whole-model pruning's, tensor for tensor."""
+    from transformers import LlamaForCausalLM
+    src = _folder(make_model, tmp_path)
+    offload = tmp_path / "offload"
+    recipe = {"default": WandaConfig(sparsity=0.5, layerwise="owl"), "lm_head": None}
+    seen, load, dropped, drop = [], BlockFiles.load, [], BlockFiles.drop
+
+    def spy_load(self, k, name):
+        assert self.loaded == []  # the block before was freed, in either sweep
+        load(self, k, name)
+        real = [n for n in self.blocks if not self.lazy.model.get_submodule(n).self_attn.q_proj.weight.is_meta]
+        shards = len(list(self.tmp.glob("model-*.safetensors")))  # blocks written so far
+        sweeps = len(list(offload.iterdir())) if activations == "disk" else 1  # temporary folders of activations
+        seen.append((real, shards, sweeps))
+
+    def spy_drop(self, k, name):
+        dropped.append(name)
+        drop(self, k, name)
+        assert self.lazy.model.get_submodule(name).mlp.down_proj.weight.is_meta and self.loaded == []
+
+    monkeypatch.setattr(BlockFiles, "load", spy_load)
+    monkeypatch.setattr(BlockFiles, "drop", spy_drop)
+    report = sparsecc.prune_folder(src, recipe, batches, tmp_path / "onloaded", activations=activations,
+                                   offload_folder=offload if activations == "disk" else None, progress=False)
+    blocks = [f"model.layers.{k}" for k in range(4)]
+    assert seen == [([b], 0, 1) for b in blocks] + [([b], k, 1) for k, b in enumerate(blocks)]
+    assert dropped == blocks * 2  # freed after each sweep's scope (the second's once written)
+    assert activations == "memory" or list(offload.iterdir()) == []
+    assert len({r["sparsity"] for r in report.rows}) > 1  # per-block sparsities
+    whole = LlamaForCausalLM.from_pretrained(src).eval()
+    sparsecc.save_pruned(whole, tmp_path / "whole", sparsecc.sparsify_(whole, recipe, batches, progress=False))
+    assert _hashes(tmp_path / "onloaded")[0] == _hashes(tmp_path / "whole")[0]
+
+
+def test_the_command_line_onloads_an_owl_recipe(tiny_zoo, tmp_path, capsys):
+    """`sparsecc prune` reads an OWL recipe's model block by block (no fallback to loading it whole),
+    and writes what --no-onload writes."""
+    from sparsecc.tools import cli
+    from sparsecc.zoo import load_tokens
+    model, tok, _, _ = tiny_zoo
+    model.save_pretrained(tmp_path / "tiny", max_shard_size="200KB")
+    tok.save_pretrained(tmp_path / "tiny")
+    (tmp_path / "calib.txt").write_text(tok.decode(load_tokens().train[:20_000].tolist()))
+    (tmp_path / "owl.yaml").write_text("default: {method: wanda, sparsity: 0.5, layerwise: owl}\nlm_head: null\n")
+    args = ["--recipe", tmp_path / "owl.yaml", "--calib", tmp_path / "calib.txt", "--nsamples", 4, "--seqlen", 64,
+            "--quiet"]
+    for out, extra in (("blocks", ["--activations", "disk"]), ("whole", ["--no-onload"])):
+        code = cli.main([str(a) for a in ["prune", tmp_path / "tiny", "--out", tmp_path / out, *args, *extra]])
+        err = capsys.readouterr().err
+        assert code == 0 and "loading the whole model" not in err, err
+    (blocks, meta), (whole, whole_meta) = _hashes(tmp_path / "blocks"), _hashes(tmp_path / "whole")
+    assert blocks == whole and (meta["format"], whole_meta["format"]) == (3, 2)  # split by block: onloaded
+    assert len({r["sparsity"] for r in meta["rows"]}) > 1
+
+
+def test_a_failure_in_owls_first_sweep_leaves_nothing(make_model, batches, tmp_path, monkeypatch):
+    src = _folder(make_model, tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    drop = BlockFiles.drop
+
+    def failing(self, k, name):
+        assert self.tmp is not None and list(self.tmp.iterdir()) == []  # the first sweep writes nothing
+        if k == 2:
+            raise RuntimeError("disk went away")
+        drop(self, k, name)
+
+    monkeypatch.setattr(BlockFiles, "drop", failing)
+    with pytest.raises(RuntimeError, match="disk went away"):
+        sparsecc.prune_folder(src, {"default": SparseGPTConfig(sparsity=0.5, layerwise="owl")}, batches, out,
+                              overwrite=True, activations="disk", offload_folder=tmp_path / "offload", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama-src", "offload", "out"]
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and list((tmp_path / "offload").iterdir()) == []
+
+
 def test_a_block_is_held_once_and_the_embeddings_wait_on_disk(make_model, batches, tmp_path, monkeypatch):
     """While blocks run, the parts outside them are on meta (read again for the rest of the model and
     for writing), no undo copy of a block's weights is made (its source folder is the original),
@@ -171,15 +256,16 @@ def test_too_small_max_memory_is_refused_before_any_weight_is_read(make_model, b
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("recipe", [{"default": WandaConfig(sparsity=0.5, layerwise="owl")},
-                                    {"re:.*mlp$": sparsecc.CATSConfig()},
-                                    {"default": sparsecc.LayerDropConfig(n=1)}],
-                         ids=["owl", "cats", "layer-drop"])
+@pytest.mark.parametrize("recipe", [{"re:.*mlp$": sparsecc.CATSConfig()},
+                                    {"default": sparsecc.LayerDropConfig(n=1)},
+                                    {"re:.*mlp$": sparsecc.StructuredConfig(sparsity=0.5)},
+                                    {"default": WandaConfig(sparsity=0.5, layerwise="owl"), "re:.*mlp$": sparsecc.CATSConfig()}],
+                         ids=["cats", "layer-drop", "structured", "owl-and-cats"])
 def test_recipes_that_need_the_whole_model_are_refused_by_name(recipe, make_model, batches, tmp_path, monkeypatch):
     src = _folder(make_model, tmp_path)
     monkeypatch.setattr(lazy_mod, "safe_open", lambda *a, **k: pytest.fail("a weight was read"))
-    with pytest.raises(sparsecc.WholeModelError, match=r"(WandaConfig \(collect_outlier_ratios\)|CATSConfig|"
-                                                         r"LayerDropConfig) .*cannot run block by block"):
+    with pytest.raises(sparsecc.WholeModelError, match=r"(CATSConfig|LayerDropConfig|StructuredConfig) .*cannot run "
+                                                         r"block by block"):
         sparsecc.prune_folder(src, recipe, batches, tmp_path / "out", progress=False)
     assert list(tmp_path.iterdir()) == [src]
 
@@ -283,6 +369,35 @@ def test_the_estimate_counts_the_activations_as_they_are_kept(make_model, batche
     copies = 2 if acts["disk"]["phase"] == "computing its outputs" else 1  # inputs and outputs, or inputs
     assert [a["activations"] - acts["disk"]["activations"] for a in acts.values()] == \
         [copies * (kept[m] - one) for m in acts]
+
+
+def test_the_estimate_covers_owls_first_sweep_and_a_refusal_names_it(make_model, batches, tmp_path, monkeypatch):
+    """OWL's outlier ratio makes the Wanda scores of one linear at a time (owl_score_bytes): on top of
+    the block and its inputs; with few calibration tokens it is the run's peak, and a budget under it
+    is refused naming it."""
+    from sparsecc.passes.memory import OWL_COMPARE_BYTES, OWL_SCORE_BYTES, onload_peak_bytes
+    src = _folder(make_model, tmp_path)
+    lazy = LazyModel(src)
+    captured = capture(lazy.model, {"input_ids": batches[0].to("meta"), "use_cache": False})
+    blocks = {b: lazy.nbytes(b) for b in captured.blocks}
+    rest = lazy.nbytes(outside=tuple(captured.blocks))
+    names = [n for n in captured.sites if n != "lm_head"]
+    batches = [batches[0][:1, :4]]  # 4 tokens: the activations are small beside the scores
+    plain, _ = onload_peak_bytes(captured, [], blocks, rest, batches, 4)
+    owl, parts = onload_peak_bytes(captured, [], blocks, rest, batches, 4, outlier_names=names)
+    largest = max(s.in_features * s.out_features for s in captured.sites.values() if s.name in names)
+    assert parts["phase"] == "OWL's outlier ratio (first sweep)" and parts["block"] == "model.layers.0"
+    assert parts["statistics"] == largest * (OWL_SCORE_BYTES + OWL_COMPARE_BYTES)  # one linear at a time
+    assert owl == parts["block parameters"] + parts["statistics"] + parts["activations"] > plain
+    lm_head, parts = onload_peak_bytes(captured, [], blocks, rest, batches, 4, outlier_names=["lm_head"])
+    head = captured.sites["lm_head"].in_features * captured.sites["lm_head"].out_features
+    assert parts["block"] == "outside the blocks" and parts["statistics"] == head * (OWL_SCORE_BYTES + OWL_COMPARE_BYTES)
+    monkeypatch.setattr(lazy_mod, "safe_open", lambda *a, **k: pytest.fail("a weight was read"))
+    with pytest.raises(sparsecc.CalibrationError, match=r"\(model\.layers\.0, OWL's outlier ratio \(first sweep\): .*"
+                                                        r"leave out layerwise='owl'"):
+        sparsecc.prune_folder(src, {"default": WandaConfig(sparsity=0.5, layerwise="owl"), "lm_head": None}, batches,
+                              tmp_path / "out", max_memory=(plain + owl) // 2, progress=False)
+    assert list(tmp_path.iterdir()) == [src]
 
 
 @pytest.mark.parametrize("device, match", [("meta", r"onloading runs on 'cpu' or 'cuda'"),

@@ -11,6 +11,10 @@
     unit_relevance     CollectUnitRelevance      structured pruning's score="bonsai" (whole model, dense, forwards only)
     unit_gates         CollectUnitGates          L0Config's learned hard-concrete gates (whole model, dense, weights frozen)
     block_influence    CollectBlockInfluence     LayerDropConfig: ShortGPT's Block Influence, loss increase or L0 block gates (whole model, dense)
+
+Each pass's `reduce` completes a block's statistics over torch.distributed ranks, bit for bit what
+one process collects (batch_sums.py: fp64 sums folded in global batch order); the gate-training
+passes (unit_gates, block_influence's "l0") run in one process only.
 """
 from .block_influence import CollectBlockInfluence
 from .channel_stats import ChannelStats, CollectChannelStats

@@ -1,9 +1,8 @@
 """Per-linear input statistics: column L2 norms (Wanda's ‖X_j‖₂), mean |x|, max |x|, tokens.
 
 Sums and maxima only, normalised when read, so statistics over batches equal statistics over
-their concatenation (up to float rounding). The pass keeps each batch's sums apart and folds them
-in global batch order once the block was observed: the same bits in one process and over N ranks
-(passes/distributed.py), which order-dependent fp64 sums would not give otherwise.
+their concatenation (up to float rounding). The sums are folded in global batch order once the
+block was observed (batch_sums.py): the same bits in one process and over N ranks.
 """
 from __future__ import annotations
 
@@ -12,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..base import AnalysisPass
+from .batch_sums import BatchSums
 
 
 @dataclass
@@ -62,31 +62,32 @@ class CollectInputStats(AnalysisPass):
 
     def setup(self, ctx):
         super().setup(ctx)
-        # per module, until its block is reduced: {global batch: [2, in] fp64 (Σx², Σ|x|)}, max |x|, tokens
-        self._parts: dict[str, dict[int, torch.Tensor]] = {}
+        # per module, until its block is reduced: (Σx², Σ|x|) per batch, max |x|, tokens
+        self._sums = BatchSums()
         self._max: dict[str, torch.Tensor] = {}
         self._count: dict[str, int] = {}
 
     def observe(self, ctx, site, x):
         x64 = x.double()
-        part = torch.stack([(x64 * x64).sum(0), x64.abs().sum(0)])
-        parts, b = self._parts.setdefault(site.name, {}), ctx.global_batch
-        parts[b] = parts[b] + part if b in parts else part  # a module called twice in one batch
+        self._sums.add(site.name, ctx.global_batch, torch.stack([(x64 * x64).sum(0), x64.abs().sum(0)]))
         m = x.abs().amax(0).float()
         self._max[site.name] = torch.maximum(self._max[site.name], m) if site.name in self._max else m
         self._count[site.name] = self._count.get(site.name, 0) + x.shape[0]
 
     def reduce(self, ctx, names, comm):
-        table = ctx.stats.setdefault("input_stats", {})
+        ctx.stats.setdefault("input_stats", {}).update(self.collected(ctx, names, comm))
+
+    def collected(self, ctx, names, comm) -> dict[str, InputStats]:
+        """The InputStats of modules `names` over every rank's batches (those no rank saw left out,
+        as one process would have no entry)."""
+        out = {}
         counts = comm.sum_exact_(torch.tensor([self._count.pop(n, 0) for n in names]))
         for name, count in zip(names, counts.tolist()):
-            parts, m = self._parts.pop(name, {}), self._max.pop(name, None)
-            if count == 0:
-                continue  # no rank saw it (as one process would have no entry)
             site = ctx.captured.sites[name]
             n, device = site.in_features, site.weight(ctx.model).device  # loaded by now (onloading)
-            acc = torch.zeros(2, n, dtype=torch.float64, device=device)
-            for part in comm.gather_in_order(parts, (2, n), torch.float64, device):
-                acc += part  # batch by batch in global order: one process's fold, bit for bit
-            m = comm.max_(m if m is not None else torch.zeros(n, device=device))  # |x| >= 0: zeros are neutral
-            table[name] = InputStats(acc[0].clone(), acc[1].clone(), m, count)  # clones: no shared storage (Plans)
+            acc = self._sums.fold(name, (2, n), device, comm)
+            m = self._max.pop(name, None)
+            m = comm.max_(m if m is not None else torch.zeros(n, device=device))
+            if count:  # |x| >= 0: zeros are neutral in the maximum; clones: no shared storage (Plans)
+                out[name] = InputStats(acc[0].clone(), acc[1].clone(), m, count)
+        return out

@@ -18,7 +18,7 @@ import torch
 from ...techniques.shrink import consumer
 from ...techniques.structured import module_linears, unit_scores, whole_groups
 from ..base import AnalysisPass
-from .channel_stats import ChannelStats
+from .channel_stats import ChannelSums, consumer_width
 
 
 class CollectUnitBudget(AnalysisPass):
@@ -31,7 +31,6 @@ class CollectUnitBudget(AnalysisPass):
         super().__init__(modules=[])
         self.targets = dict(targets)  # {module: (StructuredConfig, spec)}
         self.requires = ("unit_relevance",) if any(c.score == "bonsai" for c, _ in self.targets.values()) else ()
-        self._stats: dict[str, ChannelStats] = {}
         self._consumers: dict[str, str] = {}
 
     @classmethod
@@ -43,12 +42,18 @@ class CollectUnitBudget(AnalysisPass):
                            if cfg.score in ("wanda-sp", "flap")}
         return list(self._consumers)
 
+    def setup(self, ctx):
+        super().setup(ctx)
+        self._sums, self._stats = ChannelSums(), {}
+
     def observe_module(self, ctx, name, x, y):
-        module = self._consumers[name]
-        if module not in self._stats:
-            kw = dict(dtype=torch.float64, device=x.device)
-            self._stats[module] = ChannelStats(torch.zeros(x.shape[1], **kw), torch.zeros(x.shape[1], **kw))
-        self._stats[module].update(x)
+        self._sums.add(self._consumers[name], ctx.global_batch, x, xtx=False)
+
+    def reduce(self, ctx, names, comm):
+        for name in names:  # the consumers of the scope's modules, over every rank's batches
+            stats = self._sums.reduce(self._consumers[name], *consumer_width(ctx, name), comm, xtx=False)
+            if stats is not None:
+                self._stats[self._consumers[name]] = stats
 
     def finish(self, ctx):
         groups = defaultdict(list)

@@ -17,6 +17,10 @@ Cost: samples × batches forwards (`batches_per_sample` = k uses k batches per s
 cycling through them, each sample's loss then taken relative to the dense model's on the same
 batches: samples × k + batches forwards). All configs share one `samples` (the largest) and one
 `seed` (the first module's); the masks come from a torch.Generator seeded with it.
+
+Over N torch.distributed ranks each rank runs the (sample, batch) pairs of its own batches, and
+the losses are gathered and averaged in global batch order: one process's relevance, bit for bit,
+in 1/N of the forwards.
 """
 from __future__ import annotations
 
@@ -68,11 +72,14 @@ class CollectUnitRelevance(AnalysisPass):
     def from_targets(cls, targets):
         return cls(targets)
 
+    def reduce(self, ctx, names, comm):
+        """Nothing is observed scope by scope; `finish` shares its forwards among the ranks."""
+
     @torch.no_grad()
     def finish(self, ctx):
         model, batches = ctx.model, ctx.batches
         if not self.targets:
-            return
+            return  # on every rank alike: none calls the collectives below
         layout = {}  # module -> (consumer linear, width, units, keep probability)
         for name, (cfg, spec) in self.targets.items():
             child, width = unit_layout(spec)
@@ -83,7 +90,6 @@ class CollectUnitRelevance(AnalysisPass):
         p = torch.cat([torch.full((n,), q) for _, _, n, q in layout.values()])
         g = torch.Generator().manual_seed(self.seed)
         masks = torch.rand(self.samples, p.numel(), generator=g) < p  # [samples, all units], drawn up front
-        k = len(batches) if self.batches_per_sample is None else min(self.batches_per_sample, len(batches))
         current: dict[str, torch.Tensor] = {}
 
         def hook(name):
@@ -92,24 +98,38 @@ class CollectUnitRelevance(AnalysisPass):
                 return args if m is None else (args[0] * m.to(args[0].dtype), *args[1:])
             return pre
 
-        handles = [lin.register_forward_pre_hook(hook(n)) for n, (lin, *_) in layout.items()]
+        # the losses of (sample, batch) pairs on this rank's batches, [samples + 1, 2] (loss sum, tokens)
+        # per batch, the last row the dense model's; every rank's gathered after, in global batch order
+        comm, local = ctx.comm, dict(zip(ctx.batch_ids, batches))
+        n = int(comm.sum_exact_(torch.tensor([len(batches)], dtype=torch.int64)))  # every rank's batches
+        k = n if self.batches_per_sample is None else min(self.batches_per_sample, n)
+        uses = [[(s * k + j) % n for j in range(k)] for s in range(self.samples)]
+        parts = {b: torch.zeros(self.samples + 1, 2, dtype=torch.float64) for b in local}
+        handles = [lin.register_forward_pre_hook(hook(m)) for m, (lin, *_) in layout.items()]
         try:  # with k < all batches, a sample's loss is relative to the dense model's on its batches
-            dense = [batch_loss(model, b, WHO) for b in batches] if k < len(batches) else None
+            if k < n:
+                for b, batch in local.items():
+                    parts[b][self.samples] = torch.tensor(batch_loss(model, batch, WHO), dtype=torch.float64)
             show = self.progress if self.progress is not None else getattr(ctx, "progress", False)
-            losses = torch.empty(self.samples, dtype=torch.float64)
             for s in tqdm(range(self.samples), desc="sparsecc (unit relevance)", unit="sample", disable=not show,
                           leave=False):
                 for m, part in zip(layout, masks[s].split(sizes)):
                     lin, width = layout[m][:2]  # a unit spans `width` consecutive input columns
                     current[m] = part.to(lin.weight.device, torch.float32).repeat_interleave(width)
-                used = [(s * k + j) % len(batches) for j in range(k)]
-                losses[s] = mean_loss([batch_loss(model, batches[i], WHO) for i in used], WHO)
-                if dense is not None:
-                    losses[s] -= mean_loss([dense[i] for i in used], WHO)
+                for b in uses[s]:
+                    if b in local:
+                        parts[b][s] = torch.tensor(batch_loss(model, local[b], WHO), dtype=torch.float64)
         finally:
             current.clear()
             for h in handles:
                 h.remove()
+        every = comm.gather_in_order(parts, (self.samples + 1, 2), torch.float64, "cpu")  # by global batch
+
+        def loss(row, used):  # mean_loss over the batches `used`, folded in their order as one process does
+            return mean_loss([(float(every[b][row, 0]), int(every[b][row, 1])) for b in used], WHO)
+
+        losses = torch.tensor([loss(s, uses[s]) - (loss(self.samples, uses[s]) if k < n else 0.0)
+                               for s in range(self.samples)], dtype=torch.float64)
         relevance = fit_relevance(masks, losses, self.ridge).float()
         table = ctx.stats.setdefault("unit_relevance", {})
         for name, part in zip(layout, relevance.split(sizes)):

@@ -30,16 +30,23 @@ class RouterStats:
                    torch.zeros(experts, **kw), torch.zeros(experts, **kw))
 
     def add(self, x: torch.Tensor, h: torch.Tensor) -> None:
-        """x [N, hidden] the MLP inputs, h [N, I] = act(gate(x)) * up(x)."""
+        """x [N, hidden] the MLP inputs, h [N, I] = act(gate(x)) * up(x). Each call's sums are made
+        in fp32 and added into the fp64 totals: exact in any order and grouping (as the Hessians',
+        passes/analysis/hessian.py), so N ranks' summed totals are one process's, bit for bit."""
         e, m = self.neurons.shape
-        s = h[:, self.neurons.reshape(-1).to(h.device)].view(-1, e, m).norm(dim=-1)  # s_e = ‖h_e‖₂
-        x = torch.cat([x.double(), x.new_ones(x.shape[0], 1, dtype=torch.float64)], 1)
-        s = s.double()
-        self.xtx += x.t() @ x
-        self.xts += x.t() @ s
-        self.s1 += s.sum(0)
-        self.s2 += (s * s).sum(0)
+        s = h[:, self.neurons.reshape(-1).to(h.device)].view(-1, e, m).norm(dim=-1).float()  # s_e = ‖h_e‖₂
+        x = torch.cat([x.float(), x.new_ones(x.shape[0], 1, dtype=torch.float32)], 1)
+        self.xtx += (x.t() @ x).double()
+        self.xts += (x.t() @ s).double()
+        self.s1 += s.sum(0).double()
+        self.s2 += (s * s).sum(0).double()
         self.n += x.shape[0]
+
+    def all_reduce_(self, comm) -> None:
+        """Sum the totals over the ranks of `comm` (passes/distributed.py), in place."""
+        for t in (self.xtx, self.xts, self.s1, self.s2):
+            comm.sum_exact_(t)
+        self.n = int(comm.sum_exact_(torch.tensor([self.n], dtype=torch.int64)))
 
     def solve(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(router weight [E, H] fp32, bias [E] fp32, R²): W = (XᵀX + λI')⁻¹ XᵀS, the intercept

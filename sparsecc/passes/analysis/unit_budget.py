@@ -6,7 +6,9 @@ scores (techniques/structured.py `unit_scores`, from the dense model's statistic
 standardised, z = (s - mean) / std, and the `sparsity` share of all units with the lowest z is
 removed, each module keeping at least one unit (one query head per key/value group, or one whole
 group). ctx.stats["unit_sparsity"][module] = the share this module loses; the block-sequential
-pass then picks which units on the pruned blocks' statistics, as with a uniform share.
+pass then picks which units on the pruned blocks' statistics, as with a uniform share. A module's
+scores are taken when its block's scope is over (its weights loaded, its statistics folded over
+the batches and ranks), but Bonsai's, which need the relevance made after the sweep.
 """
 from __future__ import annotations
 
@@ -38,22 +40,33 @@ class CollectUnitBudget(AnalysisPass):
         return cls(targets)
 
     def hooked_modules(self, ctx):
+        # every module scored from its own weights is reached through its consumer linear, in its
+        # scope (its weights then loaded, under onloading); Bonsai's relevance comes after the sweep
         self._consumers = {f"{n}.{consumer(spec)}": n for n, (cfg, spec) in self.targets.items()
-                           if cfg.score in ("wanda-sp", "flap")}
+                           if cfg.score != "bonsai"}
         return list(self._consumers)
 
     def setup(self, ctx):
         super().setup(ctx)
-        self._sums, self._stats = ChannelSums(), {}
+        self._sums, self._scores = ChannelSums(), {}
 
     def observe_module(self, ctx, name, x, y):
-        self._sums.add(self._consumers[name], ctx.global_batch, x, xtx=False)
+        module = self._consumers[name]
+        if self.targets[module][0].score in ("wanda-sp", "flap"):
+            self._sums.add(module, ctx.global_batch, x, xtx=False)
 
     def reduce(self, ctx, names, comm):
-        for name in names:  # the consumers of the scope's modules, over every rank's batches
-            stats = self._sums.reduce(self._consumers[name], *consumer_width(ctx, name), comm, xtx=False)
-            if stats is not None:
-                self._stats[self._consumers[name]] = stats
+        """The unit scores of the scope's modules: channel statistics over every rank's batches first."""
+        for name in names:
+            module = self._consumers[name]
+            cfg, _ = self.targets[module]
+            stats = self._sums.reduce(module, *consumer_width(ctx, name), comm, xtx=False) \
+                if cfg.score in ("wanda-sp", "flap") else None
+            self._scores[module] = self._score(ctx, module, {"channel_stats": stats})
+
+    def _score(self, ctx, name, stats) -> torch.Tensor:
+        cfg, spec = self.targets[name]
+        return unit_scores(cfg, spec, module_linears(ctx.model, spec), stats).double().cpu()
 
     def finish(self, ctx):
         groups = defaultdict(list)
@@ -63,9 +76,8 @@ class CollectUnitBudget(AnalysisPass):
         for cfg, members in groups.items():
             z, owner, cap = [], [], {}
             for i, (name, spec) in enumerate(members):
-                stats = {"channel_stats": self._stats.get(name),
-                         "unit_relevance": ctx.stats.get("unit_relevance", {}).get(name)}
-                score = unit_scores(cfg, spec, module_linears(ctx.model, spec), stats).double()
+                score = self._scores.pop(name) if name in self._scores else \
+                    self._score(ctx, name, {"unit_relevance": ctx.stats.get("unit_relevance", {}).get(name)})
                 if whole_groups(cfg, spec):  # the units are whole groups
                     score = score.reshape(spec.kv_heads, -1).sum(1)
                     cap[i] = score.numel() - 1
@@ -85,4 +97,3 @@ class CollectUnitBudget(AnalysisPass):
             for i, (name, spec) in enumerate(members):
                 units = int((owner == i).sum())
                 table[name] = removed[i] / units
-        self._stats.clear()

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CalibrationError, FinetuneError
-from ..graph.calibration import batch_loss, mean_loss, token_mask, validate_batches
+from ..graph.calibration import batch_loss, logits_of, mean_loss, token_mask, validate_batches
 from ..graph.capture import forward_model
 from ..prune.quantize import grid_of
 from . import resume, weights
@@ -279,8 +279,9 @@ def _check_teacher(model: nn.Module, teacher: nn.Module, batch) -> None:
         raise FinetuneError(f"the teacher is on {theirs} and the model on {mine}: put them on one device "
                             f"(teacher.to({str(mine)!r}))")
     probe = batch[:1] if torch.is_tensor(batch) else {k: v[:1] if torch.is_tensor(v) else v for k, v in batch.items()}
+    ids = probe if torch.is_tensor(probe) else probe["input_ids"]
     with torch.no_grad():
-        s, t = _logits(forward_model(model, probe)), _logits(forward_model(teacher, probe))
+        s, t = (logits_of(forward_model(m, probe), ids, "finetune_") for m in (model, teacher))
     if s.shape != t.shape:
         raise FinetuneError(f"the teacher's logits are {list(t.shape)}, the model's {list(s.shape)}: distil from a "
                             "model of the same vocabulary (the dense model the pruned one came from)")
@@ -333,14 +334,9 @@ class _Order:
         return int(self.perms[epoch][step % self.n])
 
 
-def _logits(out) -> torch.Tensor:
-    return getattr(out, "logits", None) if getattr(out, "logits", None) is not None else (
-        out[0] if isinstance(out, (tuple, list)) else out)
-
-
 def _step_loss(model, batch, teacher, distill_weight: float, temperature: float) -> torch.Tensor:
     ids = batch if torch.is_tensor(batch) else batch["input_ids"]
-    logits = _logits(forward_model(model, batch))
+    logits = logits_of(forward_model(model, batch), ids, "finetune_")
     mask = token_mask(batch)
     keep = torch.ones_like(ids[:, 1:], dtype=torch.bool) if mask is None else mask[:, 1:] & mask[:, :-1]
     student = logits[:, :-1][keep].float()
@@ -348,7 +344,7 @@ def _step_loss(model, batch, teacher, distill_weight: float, temperature: float)
     if teacher is None or distill_weight == 0:
         return ce
     with torch.no_grad():
-        target = _logits(forward_model(teacher, batch))[:, :-1][keep].float()
+        target = logits_of(forward_model(teacher, batch), ids, "finetune_")[:, :-1][keep].float()
     t = temperature
     kl = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(target / t, -1), log_target=True,
                   reduction="batchmean") * t * t

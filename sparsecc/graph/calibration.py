@@ -146,16 +146,25 @@ def token_loss(model: nn.Module, batch, needed_by: str) -> tuple[torch.Tensor, i
 
     from .capture import forward_model
 
-    out = forward_model(model, batch)
-    logits = getattr(out, "logits", out[0] if isinstance(out, (tuple, list)) else out)
     ids = batch if torch.is_tensor(batch) else batch.get("input_ids")
-    if not torch.is_tensor(logits) or ids is None or logits.dim() != 3 or logits.shape[:2] != ids.shape:
-        raise CalibrationError(f"{needed_by} needs a causal LM returning logits [batch, seq, vocab] on batches of "
-                               "token ids ([batch, seq], or a dict with input_ids)")
+    logits = logits_of(forward_model(model, batch), ids, needed_by)
     mask = token_mask(batch)
     keep = torch.ones_like(ids[:, 1:], dtype=torch.bool) if mask is None else mask[:, 1:] & mask[:, :-1]
     ce = F.cross_entropy(logits[:, :-1][keep].float(), ids[:, 1:][keep], reduction="sum")
     return ce, int(keep.sum())
+
+
+def logits_of(out, ids, needed_by: str) -> torch.Tensor:
+    """The logits [batch, seq, vocab] of a causal LM's output (a tensor, a tuple starting with them,
+    or an output with .logits), checked against the token ids [batch, seq] it was run on."""
+    logits = getattr(out, "logits", None)
+    if logits is None:
+        logits = out[0] if isinstance(out, (tuple, list)) and out else out
+    if not torch.is_tensor(logits) or not torch.is_tensor(ids) or logits.dim() != 3 or logits.shape[:2] != ids.shape:
+        got = f"logits of shape {tuple(logits.shape)}" if torch.is_tensor(logits) else type(logits).__name__
+        raise CalibrationError(f"{needed_by} needs a causal LM returning logits [batch, seq, vocab] on batches of "
+                               f"token ids ([batch, seq], or a dict with input_ids); got {got}")
+    return logits
 
 
 def mean_loss(parts: list[tuple[float, int]], needed_by: str) -> float:

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..graph.calibration import logits_of
+
 
 def perplexity(model: nn.Module, token_ids: torch.Tensor, seqlen: int, batch_size: int = 8,
                max_windows: int | None = None, progress: bool = False) -> float:
@@ -38,7 +40,7 @@ def perplexity(model: nn.Module, token_ids: torch.Tensor, seqlen: int, batch_siz
         with torch.no_grad():
             for batch in batches:
                 batch = batch.to(device)
-                logits = _logits(model(batch, **kwargs), batch)
+                logits = logits_of(model(batch, **kwargs), batch, "perplexity")
                 targets = batch[:, 1:]
                 nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                        targets.reshape(-1), reduction="sum").item()
@@ -85,12 +87,3 @@ def _accepts(model: nn.Module, name: str) -> bool:
     return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
 
 
-def _logits(out, batch: torch.Tensor) -> torch.Tensor:
-    logits = getattr(out, "logits", None)
-    if logits is None:
-        logits = out[0] if isinstance(out, (tuple, list)) else out
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[:2] != batch.shape:
-        what = f"shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise TypeError(f"model must return logits [batch, seqlen, vocab] = [{batch.shape[0]}, {batch.shape[1]}, V] "
-                        f"(a tensor, or an output with .logits), got {what}")
-    return logits

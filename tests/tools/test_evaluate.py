@@ -4,6 +4,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
+import sparsecc
 from torch import nn
 
 from sparsecc.tools.evaluate import perplexity
@@ -123,5 +125,6 @@ def test_wrong_output_shape_raises():
         def forward(self, x):
             return super().forward(x).sum(-1)
 
-    with pytest.raises(TypeError, match=r"logits \[batch, seqlen, vocab\]"):
+    with pytest.raises(sparsecc.CalibrationError, match=r"perplexity needs a causal LM returning logits \[batch, seq, "
+                       r"vocab\].*got logits of shape \(8, 16\)"):
         perplexity(Flat(), stream(128), seqlen=16)

@@ -29,7 +29,7 @@ from ..errors import CalibrationError, FinetuneError
 from ..graph.calibration import batch_loss, logits_of, mean_loss, token_mask, validate_batches
 from ..graph.capture import forward_model
 from ..prune.quantize import grid_of
-from . import resume, weights
+from . import precision, resume, weights
 
 METHODS = ("full", "lora")
 DEFAULT_LR = {"full": 1e-4, "lora": 1e-3}
@@ -58,6 +58,8 @@ class FinetuneReport:
     resumed_from: int = 0
     eval_before: dict | None = None  # {"loss", "ppl", "tokens"} on eval_batches
     eval_after: dict | None = None
+    master_weights: bool = False    # fp32 master copies of half-precision tensors were trained
+    skipped_steps: int = 0          # float16: steps skipped because a scaled gradient overflowed
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,6 +76,9 @@ class FinetuneReport:
             lines.append(f"  train loss {sum(self.losses[:k]) / k:.4f} (first {k} steps) -> "
                          f"{sum(self.losses[-k:]) / k:.4f} (last {k})" +
                          (f"; resumed at step {self.resumed_from}" if self.resumed_from else ""))
+        if self.master_weights:
+            lines.append("  fp32 master weights" + (f"; {self.skipped_steps} steps skipped (float16 gradient overflow, "
+                                                    "loss scale halved)" if self.skipped_steps else ""))
         if self.eval_before and self.eval_after:
             lines.append(f"  held-out perplexity {self.eval_before['ppl']:.2f} -> {self.eval_after['ppl']:.2f} "
                          f"({self.eval_after['tokens']:,} tokens)")
@@ -93,7 +98,7 @@ def finetune_(model: nn.Module, batches, *, steps: int = 100, lr: float | None =
               distill_weight: float = 0.5, temperature: float = 2.0, eval_batches=None, merge: bool = True,
               weight_decay: float = 0.0, warmup: int | None = None, grad_clip: float | None = 1.0,
               checkpoint_dir=None, save_every: int = 50, allow_dense: bool = False, seed: int = 0,
-              progress: bool = True) -> FinetuneReport:
+              master_weights: bool = True, progress: bool = True) -> FinetuneReport:
     """Fine-tune a pruned causal LM in place on `batches` (token ids [batch, seq], or dicts with
     input_ids and attention_mask), keeping every zero weight zero, N:M patterns and quantization
     grids intact; returns a FinetuneReport.
@@ -104,8 +109,10 @@ def finetune_(model: nn.Module, batches, *, steps: int = 100, lr: float | None =
     distillation on its logits. `eval_batches`: held-out batches, their perplexity reported before
     and after. `checkpoint_dir`: the run's state is saved there every `save_every` steps and at
     the end, and a run started again with the same model and settings resumes from it.
-    A model with nothing pruned is refused unless `allow_dense=True`. A failure (Ctrl-C included)
-    leaves the model as it was."""
+    A model with nothing pruned is refused unless `allow_dense=True`. A bfloat16 or float16
+    model trains fp32 master copies of its trained tensors (float16 with loss scaling; precision.py),
+    4 bytes a trained parameter more; `master_weights=False` trains in the model's dtype (bfloat16
+    only). A failure (Ctrl-C included) leaves the model as it was."""
     _check_settings(steps, lr, method, rank, alpha, distill_weight, temperature, weight_decay, warmup, grad_clip,
                     save_every)
     if torch.is_inference_mode_enabled():
@@ -123,9 +130,9 @@ def finetune_(model: nn.Module, batches, *, steps: int = 100, lr: float | None =
         raise FinetuneError(f"{where} is packed (pack_ / compress_*): its weights are no longer trainable tensors; "
                             "fine-tune before packing, then pack the result")
     half = next((n for n, p in model.named_parameters() if p.dtype == torch.float16), None)
-    if half is not None:
-        raise FinetuneError(f"{half} is float16, in which AdamW's updates underflow: fine-tune in float32 or "
-                            "bfloat16 (model.float() or model.to(torch.bfloat16))")
+    if half is not None and not master_weights:
+        raise FinetuneError(f"{half} is float16, in which AdamW's updates underflow: keep master_weights=True (fp32 "
+                            "copies, loss scaling), or fine-tune in float32 (model.float())")
     targets = weights.find_targets(model, lora=method == "lora")
     others = weights.other_masks(model, targets)
     summary = weights.pruned_summary(model, targets, others)
@@ -143,7 +150,7 @@ def finetune_(model: nn.Module, batches, *, steps: int = 100, lr: float | None =
     run = {"method": method, "steps": steps, "lr": lr, "rank": rank if method == "lora" else None, "alpha": alpha,
            "distill_weight": distill_weight if teacher is not None else 0.0, "temperature": temperature,
            "weight_decay": weight_decay, "warmup": warmup, "grad_clip": grad_clip, "seed": seed,
-           "batches": len(batches)}
+           "batches": len(batches), "master_weights": bool(master_weights)}
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
 
     t0 = time.perf_counter()
@@ -164,13 +171,16 @@ def finetune_(model: nn.Module, batches, *, steps: int = 100, lr: float | None =
         if method == "full":
             hooks = weights.mask_gradients(model, others)
         trainable = _trainable(model, method, trained, grads)
-        opt = _optimizer(trainable, lr, weight_decay)
+        masters = precision.Masters(trainable, master_weights)  # what AdamW updates (fp32 copies of half tensors)
+        opt = _optimizer(masters.tensors, lr, weight_decay)
         start, losses = 0, []
         if state is not None:
             with torch.no_grad():
-                for i, p in enumerate(trainable):
+                for i, p in enumerate(masters.tensors):
                     p.copy_(state["trained"][f"p{i}"])
-            resume.restore_optimizer(opt, trainable, state["moments"])
+            masters.copy_back()
+            masters.load_state(state["scaler"])
+            resume.restore_optimizer(opt, masters.tensors, state["moments"])
             start, losses = state["step"], list(state["losses"])
         model.train()
         if teacher is not None:
@@ -188,16 +198,14 @@ def finetune_(model: nn.Module, batches, *, steps: int = 100, lr: float | None =
             loss = _step_loss(model, batches[order[step]], teacher, distill_weight, temperature)
             if not torch.isfinite(loss):
                 raise FinetuneError(f"the loss is {loss.item()} at step {step}: lower lr (now {lr:g})")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
-            opt.step()
+            masters.zero_grad(opt)
+            masters.backward(loss)
+            masters.step(opt, grad_clip)  # skipped (and the loss scale halved) on a float16 overflow
             losses.append(loss.item())
             if progress and step % 5 == 0:
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{opt.param_groups[0]['lr']:.2g}")
             if folder is not None and ((step + 1) % save_every == 0 or step + 1 == steps):
-                resume.save(folder, run, step + 1, losses, trainable, opt)
+                resume.save(folder, run, step + 1, losses, masters.tensors, opt, masters.state())
         adapter_params = sum(p.numel() for p in trained) if method == "lora" else 0
         tm = time.perf_counter()
         merged = merge or method == "full"
@@ -222,7 +230,8 @@ def finetune_(model: nn.Module, batches, *, steps: int = 100, lr: float | None =
     return FinetuneReport(method, steps, lr, sum(p.numel() for p in trainable), summary["masked"], summary["quantized"],
                           summary["rewritten"], frozen, losses, time.perf_counter() - t0, teacher is not None,
                           run["distill_weight"], temperature, rank if method == "lora" else None, merged, merge_s,
-                          adapter_params, start, before, after)
+                          adapter_params, start, before, after,
+                          any(m is not p for m, p in zip(masters.tensors, trainable)), masters.skipped)
 
 
 def merge_adapters_(model: nn.Module) -> int:

@@ -1,8 +1,9 @@
 """A fine-tuning run's checkpoint folder, to resume it: never pickle, written all or nothing.
 
     <folder>/state.json           format, the run's settings and the model's fingerprint, the step
-                                  reached, the losses so far
-    <folder>/trained.safetensors  the trained tensors (weights, or LoRA factors), "p<i>" in order
+                                  reached, the losses so far, float16's loss scale
+    <folder>/trained.safetensors  the trained tensors (weights, or LoRA factors; fp32 masters of a
+                                  half-precision model's), "p<i>" in order
     <folder>/optimizer.safetensors  AdamW's state of each: "p<i>.exp_avg", "p<i>.exp_avg_sq", "p<i>.step"
 
 A run resumes only from a folder made by the same run (settings, `steps` included since the
@@ -35,8 +36,11 @@ def fingerprint(params: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def save(folder: Path, run: dict, step: int, losses: list[float], params: list[torch.Tensor], opt) -> None:
-    """Write the run's state after `step` steps (replacing the folder's previous state)."""
+def save(folder: Path, run: dict, step: int, losses: list[float], params: list[torch.Tensor], opt,
+         scaler: dict | None = None) -> None:
+    """Write the run's state after `step` steps (replacing the folder's previous state): `params`
+    the tensors AdamW updates (fp32 masters of a half-precision model), `scaler` float16's loss
+    scale (precision.py)."""
     trained = {f"p{i}": p.detach().cpu().contiguous() for i, p in enumerate(params)}
     moments = {}
     for i, p in enumerate(params):
@@ -45,7 +49,7 @@ def save(folder: Path, run: dict, step: int, losses: list[float], params: list[t
             if key in st:
                 moments[f"p{i}.{key}"] = torch.as_tensor(st[key]).detach().cpu().reshape(-1).contiguous() \
                     if key == "step" else st[key].detach().cpu().contiguous()
-    state = {"format": FORMAT, "run": run, "step": step, "losses": losses}
+    state = {"format": FORMAT, "run": run, "step": step, "losses": losses, "scaler": scaler or {}}
     with writing_folder(folder) as tmp:
         save_file(trained, str(tmp / TRAINED))
         save_file(moments, str(tmp / OPTIM))
@@ -74,7 +78,8 @@ def load(folder: Path, run: dict) -> dict | None:
         what = ", ".join(f"{k}: saved {saved.get(k)!r}, now {run.get(k)!r}" for k in diff[:3])
         raise FinetuneError(f"{str(folder)!r} holds another run's state ({what}); use a new checkpoint_dir, or the "
                             "same model and settings to resume")
-    return {"step": state["step"], "losses": state["losses"], "trained": trained, "moments": moments}
+    return {"step": state["step"], "losses": state["losses"], "trained": trained, "moments": moments,
+            "scaler": state.get("scaler", {})}
 
 
 def restore_optimizer(opt, params: list[torch.Tensor], moments: dict[str, torch.Tensor]) -> None:

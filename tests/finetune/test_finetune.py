@@ -191,6 +191,62 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(make_model, batches,
                            progress=False)
 
 
+def test_half_precision_trains_fp32_master_weights(make_model, batches, text):
+    """bfloat16: the masters keep the updates the model's dtype rounds away, so the weights end
+    closer to a float32 run's than training in bfloat16 does; zeros stay zero, the dtype stays."""
+    base = _pruned(make_model, batches, sparsity=0.5)
+    zeros = _zeros(base)
+    ref = copy.deepcopy(base)
+    sparsecc.finetune_(ref, text, steps=6, lr=1e-4, progress=False)
+    runs = {}
+    for masters in (True, False):
+        m = copy.deepcopy(base).to(torch.bfloat16)
+        runs[masters] = m, sparsecc.finetune_(m, text, steps=6, lr=1e-4, master_weights=masters, progress=False)
+    want = {n: p.detach() for n, p in ref.named_parameters()}
+    err = {k: sum(float((p.detach().float() - want[n]).abs().sum()) for n, p in m.named_parameters())
+           for k, (m, _) in runs.items()}
+    assert err[True] < 0.75 * err[False], err  # measured 2.35 vs 4.89
+    model, report = runs[True]
+    assert report.master_weights and not runs[False][1].master_weights and "fp32 master weights" in report.table()
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[n] == 0, z) for n, z in zeros.items())
+
+
+def test_float16_scales_the_loss_skips_overflowing_steps_and_resumes_exactly(make_model, batches, text, tmp_path,
+                                                                             monkeypatch):
+    """A loss scale too large for float16 overflows the gradients: those steps are skipped (the model
+    unchanged by them) and the scale halved until it fits; the scale is part of a resumable state."""
+    from sparsecc.finetune import precision
+    monkeypatch.setattr(precision, "INIT_SCALE", 2.0 ** 24)
+    base = _pruned(make_model, batches, sparsity=0.5).half()
+    zeros = _zeros(base)
+    whole = copy.deepcopy(base)
+    report = sparsecc.finetune_(whole, text, steps=16, lr=3e-3, progress=False)
+    assert 3 <= report.skipped_steps <= 14 and "steps skipped" in report.table()  # measured 7 of 16
+    assert all(p.dtype == torch.float16 and torch.isfinite(p).all() for p in whole.parameters())
+    assert report.losses[-1] < report.losses[0]
+    params = dict(whole.named_parameters())
+    assert all(torch.equal(params[n] == 0, z) for n, z in zeros.items())
+    model, real, calls = copy.deepcopy(base), loop._step_loss, []
+
+    def dies_at_step_13(*a, **kw):
+        calls.append(1)
+        if len(calls) == 13:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(loop, "_step_loss", dies_at_step_13)
+    with pytest.raises(KeyboardInterrupt):
+        sparsecc.finetune_(model, text, steps=16, lr=3e-3, checkpoint_dir=tmp_path / "ck", save_every=12,
+                           progress=False)
+    monkeypatch.setattr(loop, "_step_loss", real)
+    resumed = sparsecc.finetune_(model, text, steps=16, lr=3e-3, checkpoint_dir=tmp_path / "ck", save_every=12,
+                                 progress=False)
+    assert resumed.resumed_from == 12 and resumed.skipped_steps == report.skipped_steps
+    assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
+
+
 def _refused(model, match, *args, **kw):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with pytest.raises(FinetuneError, match=match):
@@ -232,7 +288,7 @@ def test_a_pruned_lm_head_keeps_its_zeros_and_refusals_of_fp16_packed_and_paddin
     assert float(head.float().mean()) == 0.5
     report = sparsecc.finetune_(model, text, steps=4, lr=3e-3, progress=False)
     assert torch.equal(model.lm_head.weight == 0, head) and report.pruned_tensors == 15
-    _refused(copy.deepcopy(model).half(), "float16.*bfloat16", text, steps=2)
+    _refused(copy.deepcopy(model).half(), "float16.*keep master_weights=True", text, steps=2, master_weights=False)
     packed = copy.deepcopy(model)
     assert sparsecc.pack_(packed, format="csr", min_sparsity=0.4)
     with pytest.raises(FinetuneError, match="packed.*fine-tune before packing"):

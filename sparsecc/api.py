@@ -9,6 +9,7 @@ Plan replays them in the same order (`Plan.stages`).
 """
 from __future__ import annotations
 
+import dataclasses
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -159,25 +160,33 @@ def prune_folder(model_dir, recipe, batches, out, *, tokenizer=None, compress: b
     is where each block is read to and calibrated, with its statistics, the activations and the
     parts outside the blocks (read there for the probe and the end only); the batches may be on the
     CPU; `max_memory` then budgets that device. The checkpoint equals `sparsify_` +
-    `save_pruned` of the whole model (tensor for tensor; its files are split by block), and `out`
-    is written all or nothing. The per-block linear techniques (magnitude, Wanda, SparseGPT, OBS,
-    GPTQ, RTN; N:M; joint quantization), with OWL's per-block sparsities (layerwise="owl": a first
-    sweep reads every block again, observes it on the dense hidden states and frees it unwritten;
-    the second prunes and writes); recipes needing the whole model otherwise (LayerDrop, Bonsai) or
-    rewriting modules (CATS, MoE, structured, attention forms) are refused by name (WholeModelError).
-    `batches=None`: data-free recipes (magnitude). `before_publish(report)` runs once the folder is
+    `save_pruned` of the whole model (tensor for tensor; its files are split by block; config.json
+    says the new widths where structured pruning left them uniform), and `out` is written all or
+    nothing. Block by block run: the per-block linear techniques (magnitude, Wanda, SparseGPT, OBS,
+    GPTQ, RTN; N:M; joint quantization); the module rewrites (CATS, MoEConfig with a fitted or
+    centroid router, StructuredConfig on MLP channels and attention heads or key/value groups with
+    score "magnitude", "wanda-sp" or "flap" and update None or "refit", the attention forms), each
+    rewritten module written with its block and freed with it; and the whole-model decisions made
+    from one block at a time (OWL's per-block sparsities, layerwise="owl"; StructuredConfig's global
+    widths, layerwise="global"): a first sweep reads every block, observes it on the dense hidden
+    states and frees it unwritten, the second prunes and writes. Recipes that need the whole model
+    at once are refused by name (WholeModelError): LayerDropConfig (it drops and renumbers blocks),
+    StructuredConfig(score="bonsai") (forwards of the whole model per sample) and L0Config (gates
+    trained over the whole model); so are folders whose weights transformers converts as it loads
+    them (Mixtral's experts; SparseMoEConfig's models). `batches=None`: data-free recipes
+    (magnitude, the attention forms, MoE's centroid router). `before_publish(report)` runs once the folder is
     complete, before it is moved into place (the command line stages its JSON report there)."""
     from .errors import WholeModelError
     from .graph.capture import capture
     from .io.checkpoint import checkpoint_meta, write_meta
     from .io.folders import check_output_dir, writing_folder
-    from .io.lazy import LazyModel
+    from .io.lazy import WHOLE_MODEL, LazyModel
     from .io.onload import BlockFiles
     from .passes.memory import fmt_bytes, map_large_allocations, onload_peak_bytes, parse_bytes
     from .passes.activations import Activations, check_activations
-    from .passes.analysis import CollectHessians, CollectInputStats, CollectOutlierRatios
-    from .passes.transform.prune import ApplyRecipe
+    from .passes.transform import RewriteModules
     from .techniques.configs import technique_for
+    from .techniques.structured import shrunk_config
 
     out = Path(out)
     check_output_dir(out, overwrite)
@@ -193,31 +202,23 @@ def prune_folder(model_dir, recipe, batches, out, *, tokenizer=None, compress: b
         batches_list = [_to_device(b, device) for b in batches_list]
         local = [batches_list[i] for i in ids]
     setup = describe(batches_list, getattr(batches, "setup", None)) if data else {"data": "none (data-free)"}
+    whole = WHOLE_MODEL
     if len(recipe_stages(recipe)) > 1:
-        raise WholeModelError("LayerDropConfig cannot run block by block yet (it renumbers the blocks): load the model "
-                          "and call sparsify_")
+        raise WholeModelError(f"LayerDropConfig cannot run block by block (it drops whole blocks and renumbers the "
+                              f"rest, in a recipe stage of its own): {whole}")
     captured = capture(model, {**_on_meta(batches_list[0]), "use_cache": False})
     pipe = Pipeline.from_recipe(model, recipe, batches_list, data=data, progress=progress, captured=captured)
-    # per-block statistics and linear techniques, and OWL's ratios (a first sweep: blocks read, not written)
-    allowed = (ApplyRecipe, CollectHessians, CollectInputStats, CollectOutlierRatios)
-    other = [p for p in pipe.order if not isinstance(p, allowed)]
-    if other:
-        p = other[0]  # name the configs needing it: those it rewrites, or whose statistics it collects
-        what = sorted({type(c).__name__ for n, c in pipe.targets.items() if n in (getattr(p, "targets", None) or {})
-                       or set(technique_for(c).needs(c)) & set(p.produces)})
-        raise WholeModelError(f"{', '.join(what)} ({p.name}) cannot run block by block yet (it needs the whole model, or "
-                              "rewrites modules): load the model, call sparsify_ and save_pruned (sparsecc prune "
-                              "--no-onload)")
+    _check_blockwise(pipe, captured, whole)
     blocks = captured.blocks
     if not blocks:
-        raise WholeModelError(f"{type(model).__name__} has no decoder blocks to load one at a time: load it and call "
-                              "sparsify_ (sparsecc prune --no-onload)")
+        raise WholeModelError(f"{type(model).__name__} has no decoder blocks to load one at a time: {whole}")
     hessians = [n for n, c in pipe.targets.items() if "hessian" in technique_for(c).needs(c)]
     outliers = [n for n, c in pipe.targets.items() if "layer_sparsity" in technique_for(c).needs(c)]  # OWL's
+    rewrites = {n: (c, p.specs[n]) for p in pipe.order if isinstance(p, RewriteModules) for n, c in p.targets.items()}
     act_bytes = max((p.dtype.itemsize for p in model.parameters() if p.is_floating_point()), default=4)
     need, parts = onload_peak_bytes(captured, hessians, {b: lazy.nbytes(b) for b in blocks},
                                     lazy.nbytes(outside=tuple(blocks)), batches_list, act_bytes,
-                                    activations=activations, outlier_names=outliers)
+                                    activations=activations, outlier_names=outliers, rewrites=rewrites)
     if budget is not None and need > budget:
         detail = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in parts.items() if k not in ("block", "phase"))
         disk = "keep the activations on disk (activations='disk'; --activations disk)"
@@ -241,7 +242,8 @@ def prune_folder(model_dir, recipe, batches, out, *, tokenizer=None, compress: b
         try:
             if tmp is not None:
                 fields = files.finish([r for r in result.rows if captured.block_of(r["module"] + ".") is None])
-                model.config.save_pretrained(tmp)
+                # uniformly shrunk (structured): a config of the new widths, as save_pruned writes
+                (shrunk_config(model, result.rows) or model.config).save_pretrained(tmp)
                 if getattr(model, "generation_config", None) is not None:
                     model.generation_config.save_pretrained(tmp)
                 if tokenizer is not None:
@@ -254,6 +256,45 @@ def prune_folder(model_dir, recipe, batches, out, *, tokenizer=None, compress: b
             raise
         comm.agree(True, "writing the checkpoint")
     return report
+
+
+def _check_blockwise(pipe: Pipeline, captured, whole: str) -> None:
+    """Refuse by name (WholeModelError) a recipe whose passes cannot run one block at a time: those
+    needing the whole model at once (Bonsai's sub-model forwards, L0's gate training, LayerDrop's
+    block scores), and rewrites of modules outside the decoder blocks (LayerDrop's stack of blocks).
+    The per-block statistics and transforms (pruning, module rewrites) run block by block, and the
+    whole-model first sweeps that score one block at a time (OWL's outlier ratios, the global widths
+    of structured pruning) read each block, observe it and free it unwritten before the sweep that writes."""
+    from .errors import WholeModelError
+    from .passes.analysis import (CollectBlockInfluence, CollectChannelStats, CollectGateActivations, CollectHessians,
+                                  CollectInputStats, CollectOutlierRatios, CollectRouterStats, CollectUnitBudget,
+                                  CollectUnitGates, CollectUnitRelevance)
+    from .passes.transform import ApplyRecipe, RewriteModules
+    from .techniques.configs import technique_for
+
+    allowed = (ApplyRecipe, RewriteModules, CollectHessians, CollectInputStats, CollectOutlierRatios,
+               CollectGateActivations, CollectRouterStats, CollectChannelStats, CollectUnitBudget)
+    why = {CollectUnitRelevance: "its relevance takes forwards of the whole model per sample",
+           CollectUnitGates: "it trains gates over the whole model",
+           CollectBlockInfluence: "it scores whole blocks, to drop them and renumber the rest"}
+
+    def named(c) -> str:  # the config, with its score where not the default (Bonsai's: the whole model's)
+        default = {f.name: f.default for f in dataclasses.fields(c)}.get("score", getattr(c, "score", None))
+        return type(c).__name__ + (f"(score={c.score!r})" if getattr(c, "score", None) != default else "")
+
+    for p in pipe.order:
+        outside = [n for n in (p.targets or {}) if captured.block_of(n + ".") is None] \
+            if isinstance(p, RewriteModules) else []
+        if isinstance(p, allowed) and not outside:
+            continue
+        if outside:
+            raise WholeModelError(f"{named(p.targets[outside[0]])} ({p.name}) cannot run block by block: it rewrites "
+                                  f"{outside[0]}, which is no part of one decoder block; {whole}")
+        # name the configs needing it: those it rewrites, or whose statistics it collects
+        what = sorted({named(c) for n, c in pipe.targets.items() if n in (getattr(p, "targets", None) or {})
+                       or set(technique_for(c).needs(c)) & set(p.produces)})
+        raise WholeModelError(f"{', '.join(what)} ({p.name}) cannot run block by block "
+                              f"({why.get(type(p), 'it needs the whole model')}): {whole}")
 
 
 def _onload_device(device) -> torch.device:

@@ -100,10 +100,7 @@ def save_pruned(model: nn.Module, path, report, *, recipe=None, tokenizer=None, 
     tensors, fields = checked_part(model, report.rows, params, compress)
     meta = checkpoint_meta(model, report, recipe) | fields
 
-    # A compressed weight is an empty placeholder in model.safetensors: plain from_pretrained then
-    # refuses the folder (size mismatch) instead of initialising the weight randomly.
-    state = {k: torch.empty(0, dtype=v.dtype) if k in fields["compressed"] else v
-             for k, v in model.state_dict().items()}
+    state = saved_state(model, fields["compressed"])
     with writing_folder(path) as tmp:
         if hasattr(model, "save_pretrained"):
             model.save_pretrained(tmp, state_dict=state,
@@ -122,6 +119,19 @@ def save_pruned(model: nn.Module, path, report, *, recipe=None, tokenizer=None, 
             plan.save(tmp / PLAN)
         write_meta(tmp, meta)
     return path
+
+
+def saved_state(model: nn.Module, compressed=()) -> dict[str, torch.Tensor]:
+    """What model.safetensors holds for `model` (save_pruned gives it to save_pretrained; a folder
+    written block by block, io/onload.py, takes each part's share of it): its state dict — parameters
+    and persistent buffers, so no rotary inv_freq; what rewrites added (MoE experts and routers, FLAP's
+    biases) and at the shapes they left (shrunk linears) — less the keys its class never saves, each
+    weight stored compressed (`compressed`) an empty placeholder: plain from_pretrained then refuses
+    the folder (size mismatch) instead of initialising that weight randomly. Tied weights are all
+    in it (save_pretrained writes one of them)."""
+    ignored = set(getattr(model, "_keys_to_ignore_on_save", None) or ())
+    return {k: torch.empty(0, dtype=v.dtype) if k in compressed else v
+            for k, v in model.state_dict().items() if k not in ignored}
 
 
 def checkpoint_meta(model: nn.Module, report, recipe) -> dict:

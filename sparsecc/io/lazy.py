@@ -10,7 +10,9 @@ each tensor (`model.safetensors`, or the shards of `model.safetensors.index.json
 to the module as they are (memory-mapped, copy-on-write: pruning writes only the pages it
 changes), or, for a GPU `device`, copied to it as read. Buffers the files do not hold (rotary `inv_freq`) are made by the model's own
 `_init_weights`, as `from_pretrained` makes them. Sizes come from the files' headers, so the
-memory a run needs is known before any weight is read.
+memory a run needs is known before any weight is read. A folder whose files name the weights
+otherwise than the model does (transformers converts some checkpoints as it loads them: Mixtral's
+per-expert linears into 3-D tensors) is refused by name (WholeModelError): load it whole.
 """
 from __future__ import annotations
 
@@ -20,8 +22,12 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from ..errors import PlanError
+from ..errors import PlanError, WholeModelError
 from .checkpoint import _header, _model_files, model_class
+
+#: what a WholeModelError of onloading tells the user to do instead (the command line, falling back, drops it)
+WHOLE_MODEL = "load the model, call sparsify_ and save_pruned (sparsecc prune --no-onload)"
+
 
 class LazyModel:
     """The model of a transformers folder on the meta device, materialised one part at a time on
@@ -46,6 +52,12 @@ class LazyModel:
         with torch.device("meta"):
             self.model = cls._from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
         self.model.eval()
+        own = self.model.state_dict()
+        foreign = [k for k in self.where if k not in own]
+        if foreign and any(k not in self.where for k in own):
+            raise WholeModelError(f"{self.path}: its files store weights under names {cls.__name__} does not have "
+                                  f"(e.g. {foreign[0]}; transformers converts such checkpoints as it loads them, as "
+                                  f"Mixtral's experts), which sparsecc cannot read one block at a time: {WHOLE_MODEL}")
 
     def nbytes(self, prefix: str | None = None, outside: tuple[str, ...] = ()) -> int:
         """Bytes in the files of the tensors under module `prefix` (all: None), except those under `outside`."""
@@ -96,10 +108,19 @@ class LazyModel:
 
     def release(self, prefix: str = "", outside: tuple[str, ...] = ()) -> None:
         """Put module `prefix` ("": the whole model) back on the meta device, but the modules `outside`
-        (its tensors are freed; tied parameters stay tied)."""
+        (its tensors are freed; tied parameters stay tied), and the modules made from the config alone
+        (no parameter, no persistent buffer: rotary embeddings' inv_freq, a few numbers): an attention
+        form with positions within the cache reads them while the blocks run."""
         lead = prefix + "." if prefix else ""
         skip = tuple(o[len(lead):] for o in outside if o.startswith(lead))
         for name, sub in self.model.get_submodule(prefix).named_modules():
-            if not any(name == o or name.startswith(o + ".") for o in skip):
+            if not any(name == o or name.startswith(o + ".") for o in skip) and not _made_from_config(sub):
                 sub.to_empty(device="meta", recurse=False)
+
+
+def _made_from_config(module: nn.Module) -> bool:
+    """Whether `module`'s own tensors are only non-persistent buffers (made by `_init_weights`, in no file)."""
+    own = [n for n, b in module._buffers.items() if b is not None]
+    return bool(own) and not any(p is not None for p in module._parameters.values()) \
+        and all(n in module._non_persistent_buffers_set for n in own)
 

@@ -5,9 +5,11 @@ source folder when its scope starts (`load`), and once pruned and run, written t
 folder as the k-th of N shards and put back on the meta device (`done`); the parts outside the
 blocks are the last shard (`finish`). A sweep that only observes the dense model before the one
 that prunes (OWL's outlier ratios) reads each block and puts it back unwritten (`drop`): the
-output holds nothing of it. Each part gets the same checks and the same sparsecc files
-(masks, quantization grids, compressed weights) as `save_pruned` gives the whole model, in
-per-part files that sparsecc.json's "files" lists (checkpoint format 3):
+output holds nothing of it. Each part holds its modules' share of what `save_pruned` writes for
+the whole model (`checkpoint.saved_state`: the state dict as the block's transforms left it —
+rewritten modules' new tensors, shrunk shapes — tied weights under the name the source folder
+has), and gets the same checks and the same sparsecc files (masks, quantization grids, compressed
+weights), in per-part files that sparsecc.json's "files" lists (checkpoint format 3):
 
     out/model-00001-of-00005.safetensors ... model.safetensors.index.json
         sparsecc_masks-00001-of-00005.safetensors ...   (only the parts that have such tensors)
@@ -19,11 +21,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 from ..passes.memory import return_freed_memory
-from .checkpoint import INDEX, MASKS, PACKED, QUANT, checked_part
+from .checkpoint import INDEX, MASKS, PACKED, QUANT, checked_part, saved_state
 from .lazy import LazyModel
 
 FORMAT_PARTS = 3  # checkpoint format of a folder whose sparsecc files are split by part
@@ -90,11 +91,11 @@ class BlockFiles:
         for key, table in fields.items():
             self.fields[key] |= table
         self.rows += rows
-        state = model.state_dict()
-        keys = [key for key in self.lazy.where if part(key)]  # exactly the tensors the source folder has
+        state = saved_state(model, fields["compressed"])  # what save_pruned writes, the part's share of it
+        aliases = _aliases(model, self.lazy.where)
+        keys = [key for key in state if part(key) and key not in aliases]
         shard = _name("model.safetensors", k, self.parts)
-        weights = {key: torch.empty(0, dtype=state[key].dtype) if key in fields["compressed"]
-                   else state[key].detach().contiguous().cpu() for key in keys}  # from a GPU: copied back
+        weights = {key: state[key].detach().contiguous().cpu() for key in keys}  # from a GPU: copied back
         save_file(weights, str(self.tmp / shard), {"format": "pt"})
         self.total += sum(t.numel() * t.element_size() for t in weights.values())
         self.weight_map |= {key: shard for key in keys}
@@ -102,6 +103,20 @@ class BlockFiles:
             if table:
                 self.files[kind].append(_name(kind, k, self.parts))
                 save_file({k: v.cpu() for k, v in table.items()}, str(self.tmp / self.files[kind][-1]))
+
+
+def _aliases(model, source) -> set[str]:
+    """The state-dict names not to write of the tensors the model holds under several names (tied
+    weights): save_pretrained writes each such tensor once, under the name the `source` folder has
+    (a tensor none of whose names it has: under its first)."""
+    names: dict[int, list[str]] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        names.setdefault(id(t), []).append(name)
+    out = set()
+    for group in (g for g in names.values() if len(g) > 1):
+        kept = [n for n in group if n in source] or group[:1]
+        out |= set(group) - set(kept)
+    return out
 
 
 def _name(file: str, k: int, n: int) -> str:

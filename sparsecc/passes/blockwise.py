@@ -91,7 +91,8 @@ class BlockRunner:
     With `ctx.source` (sequential onloading: the blocks are on the meta device until loaded), the
     probe runs the model with every block replaced by a stub that records its call and passes the
     hidden states on; block k is then `source.load`ed before its scope and `source.done` after its
-    outputs were computed (written and freed), with what the pipeline held for it forgotten. A sweep
+    outputs were computed (written and freed); what the pipeline held for it (statistics, decisions,
+    the undo log: the modules rewrites replaced) is forgotten before those outputs are computed. A sweep
     that is not `final` (the whole-model sweep over the dense model before the one that transforms:
     OWL's) only observes: each block is `source.drop`ped after it, freed without being written."""
 
@@ -273,6 +274,13 @@ class BlockRunner:
                 if self.source is not None:
                     self.source.load(k, names[k])
                 yield Scope(names[k], Sites(in_block, holds), lambda k=k: self._run_block(k))
+                # the block's passes are over: what they held for it goes before its outputs are computed
+                if self.source is not None and self.final:
+                    # onloading never changes its source folder: nothing to undo, and the modules that
+                    # rewrites replaced (kept by the undo log) are freed now, not beside the block's outputs
+                    self.ctx.tx.commit()
+                if self.forget:
+                    self.ctx.forget(holds, self.ctx.keep)
                 if self.needs_data:
                     outs = self._run_block(k, self.hidden.fresh())  # outputs after this block's transforms
                     self.hidden.drop()
@@ -280,11 +288,8 @@ class BlockRunner:
                     self.calls[k] = None  # free what block k needed
                 if self.source is not None and self.final:
                     self.source.done(k, names[k], [r for r in self.ctx.rows if holds(r["module"])])
-                    self.ctx.tx.commit()  # onloading never changes its source folder: nothing to undo
                 elif self.source is not None:
                     self.source.drop(k, names[k])  # observed only: read again by the sweep that writes
-                if self.forget:
-                    self.ctx.forget(holds, self.ctx.keep)
         if self._rest_needed():
             if self.source is not None:
                 self.source.rest()

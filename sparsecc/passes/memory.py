@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 
@@ -115,9 +116,110 @@ def owl_score_bytes(sites) -> int:
     return max((n * OWL_SCORE_BYTES + min(n, CHUNK) * OWL_COMPARE_BYTES for n in sizes), default=0)
 
 
+@dataclass
+class RewriteBytes:
+    """What one module rewrite (passes/transform/rewrite.py) holds and makes, in bytes (`rewrite_bytes`)."""
+
+    held: int = 0     # its statistics: collected with the block's second forward, kept until the block's passes end
+    collect: int = 0  # one batch's work while they are collected (one module's hook at a time)
+    plan: int = 0     # its decision and the rewrite: transient, one module at a time
+    new: int = 0      # the new module, beside the one it replaces (kept by the undo log) until the block's passes end
+    grows: int = 0    # what the new module holds beyond the one it replaced, until the block is written
+    sweep_held: int = 0     # the first sweep's (layerwise="global"): its channel sums, until its block's scope ends
+    sweep_collect: int = 0  # one batch's work while they are collected
+    scores: int = 0   # its unit scores, kept from its block to the end of the first sweep
+    scoring: int = 0  # making them (its block's weights loaded)
+
+
+def rewrite_bytes(captured, name: str, config, spec, tokens: list[int], act_bytes: int) -> RewriteBytes:
+    """The memory of rewriting module `name` with `config` (spec: its GatedMLP, PlainMLP or
+    AttentionHeads), given the calibration batches' `tokens` and the weights' itemsize `act_bytes`.
+    I is the width of the linear consuming its units (down's or o's input), H the hidden size
+    (its output), T the tokens of the largest batch, B the number of batches; the terms by the
+    statistics the technique needs (`needs`), so that any config needing them is counted:
+
+    - "gate_activations" (CATS, analysis/gate_activations.py): held, the samples of |act(x W_gate)|,
+      4 bytes each, n = Σ_b min(MAX_SAMPLES // B, T_b·I); collecting, one batch's |act(y)| (fp32,
+      made with one temporary: 8·T·I) and its draw (an int64 index and the values: 12 a sample);
+      the threshold, the samples concatenated and sorted (values and int64 indices: 16·n) and W_down
+      re-laid column-major (H·I weights; made row-major again when written, after the outputs);
+    - "router_stats" (MoE router="fitted", analysis/router_stats.py, techniques/moe/router.py): held,
+      XᵀX, XᵀS, ΣS, ΣS² in fp64, 8·((H+1)² + (H+1)·E + 2·E); collecting, the experts' split at the
+      first batch (the normalised [W_gate, W_up] rows and their copy, 16·I·H; the similarities and
+      their int64 order, 12·I·E) and one batch's expert slices of h, [x, 1] and its fp32 product
+      with its fp64 copy (4·T·I + 4·T·(H+1) + 12·(H+1)²); the fit, the regularised matrix, its
+      diagonal and the solve's factor (24·(H+1)²). MoE with router="centroid" splits at its rewrite;
+    - "channel_stats" (structured, analysis/channel_stats.py): held, Σh and Σh² in fp64 per batch
+      (folded after the block: 16·I·B), and with update="refit" H = Σ h hᵀ (8·I²); collecting, one
+      batch's h in fp64 and its square (16·T·I), with refit its fp32 product and fp64 copy (12·I²);
+      the rewrite, the consumer in fp32, its |W| or W² for the scores and the new weight (12·H·I),
+      with refit H in fp32, damped, its kept block and the solve's factor (16·I²);
+    - "unit_sparsity" (layerwise="global", analysis/unit_budget.py, the first sweep over the dense
+      blocks): Σh and Σh² per batch for "wanda-sp"/"flap" (16·I·B) while its block is observed
+      (one batch: 16·T·I), then its scores made from its weights (the consumer, or a producer, in
+      fp32 and its |W|: 8 bytes a weight of the largest linear) and kept to the sweep's end (8·I);
+    - a rewrite that builds new linears (`rebuilds_linears`: structured, MoE) holds them beside the
+      old ones until the block's passes end (the module's linear weights once more: an upper bound
+      for structured, whose kept share is smaller); MoE copies one weight by its neurons (H·I
+      weights) and adds its fp32 router, 4·E·(H+1), which stays until the block is written.
+    Attention forms (data-free, nothing but their module's own weights) add nothing; nor do the
+    small per-module tensors (biases FLAP adds, thresholds, kept-unit indices)."""
+    from ..graph.gated import GatedMLP, PlainMLP
+    from ..graph.heads import AttentionHeads
+    from ..techniques.configs import technique_for
+    from ..techniques.shrink import consumer, producers
+    from .analysis.gate_activations import MAX_SAMPLES
+
+    out = RewriteBytes()
+    if not isinstance(spec, (GatedMLP, PlainMLP, AttentionHeads)):
+        return out
+    cons = captured.sites.get(f"{name}.{consumer(spec)}")
+    if cons is None:
+        return out
+    tech = technique_for(config)
+    needs = set(tech.needs(config))
+    inner, hidden, t = cons.in_features, cons.out_features, max(tokens, default=0)
+    children = [*producers(spec), consumer(spec)] + ([spec.k, spec.v] if isinstance(spec, AttentionHeads) else [])
+    linears = [captured.sites[f"{name}.{c}"] for c in children if f"{name}.{c}" in captured.sites]  # the module's own
+    weights = sum(s.out_features * s.in_features for s in linears)
+    experts = getattr(config, "num_experts", None)
+    split = 16 * inner * hidden + 12 * inner * (experts or 0)  # MoE's split (techniques/moe/split.py)
+    if "gate_activations" in needs:
+        per_batch = MAX_SAMPLES // max(len(tokens), 1)
+        n = sum(min(per_batch, b * inner) for b in tokens)
+        out.held += 4 * n
+        out.collect = max(out.collect, 8 * t * inner + 12 * min(per_batch, t * inner))
+        out.plan += 16 * n + hidden * inner * act_bytes
+    if "router_stats" in needs:
+        h1 = hidden + 1
+        out.held += 8 * (h1 * h1 + h1 * experts + 2 * experts)
+        out.collect = max(out.collect, split + 4 * t * inner + 4 * t * h1 + 12 * h1 * h1)
+        out.plan += 24 * h1 * h1
+    elif experts:
+        out.plan += split
+    if "channel_stats" in needs:
+        refit = getattr(config, "update", None) == "refit"
+        out.held += 16 * inner * len(tokens) + (8 * inner * inner if refit else 0)
+        out.collect = max(out.collect, 16 * t * inner + (12 * inner * inner if refit else 0))
+        out.plan += 16 * inner * inner if refit else 0
+    if tech.rebuilds_linears:
+        out.new = weights * act_bytes
+        if experts:  # MoE: one weight indexed by the split, and the router
+            out.plan += hidden * inner * act_bytes
+            out.grows = 4 * experts * (hidden + 1)
+        else:  # structured: the scores and the new consumer weight
+            out.plan += 12 * hidden * inner
+    if "unit_sparsity" in needs:
+        if getattr(config, "score", None) in ("wanda-sp", "flap"):
+            out.sweep_held, out.sweep_collect = 16 * inner * len(tokens), 16 * t * inner
+        out.scores = 8 * inner
+        out.scoring = 8 * max((s.out_features * s.in_features for s in linears), default=0)
+    return out
+
+
 def onload_peak_bytes(captured, hessian_names, block_bytes: dict[str, int], rest_bytes: int, batches: list,
                       act_bytes: int, hessian_bytes: int = 8, activations: str = "memory",
-                      outlier_names=()) -> tuple[int, dict]:
+                      outlier_names=(), rewrites: dict | None = None) -> tuple[int, dict]:
     """Peak bytes of sequential onloading (api.prune_folder), known before any weight is read: the
     largest of its phases (the interpreter and its libraries not counted).
 
@@ -128,10 +230,19 @@ def onload_peak_bytes(captured, hessian_names, block_bytes: dict[str, int], rest
       collecting, its Hessians and one batch's transients; solving linear j, the Hessians not yet
       used (each goes once its linear is pruned) and j's solve (H in fp32, its damped inverse and
       Cholesky factor, W's working copy, mask and undo copy);
-    - OWL's first sweep over the dense model (`outlier_names`: the linears it observes), in block k
-      on top of the same: collecting, one fp64 Σx² per input column and batch of each linear
-      (folded in batch order after the scope); then the block's outlier ratio, the Wanda scores of
-      one linear at a time (`owl_score_bytes`); outside the blocks, each such linear's (lm_head).
+    - module rewrites (`rewrites`: {module: (config, spec)}, CATS, MoE, structured; `rewrite_bytes`
+      gives each one's terms), in block k on top of the same: collecting their statistics (the
+      block's second forward, once its linears are pruned and their Hessians gone), every rewrite's
+      held statistics and the largest one batch's work; rewriting module m (in the order they run),
+      the held statistics, the new modules made so far beside the ones they replace (the undo log
+      keeps those until the block's passes end) and m's own work; computing the outputs, what the
+      new modules hold beyond the old ones (MoE's routers);
+    - a first sweep over the dense model, in block k on top of the same: OWL's (`outlier_names`: the
+      linears it observes), one fp64 Σx² per input column and batch of each linear (folded in batch
+      order after the scope), then the block's outlier ratio, the Wanda scores of one linear at a
+      time (`owl_score_bytes`); outside the blocks, each such linear's (lm_head); structured
+      pruning's global widths (layerwise="global"), its channel sums and one batch's work, then its
+      unit scores, those of every module so far kept to the sweep's end.
     `activations` is how the hidden states are kept (passes/activations.py): "bf16"/"fp16" count 2
     bytes an element (and one batch back in the model's dtype), "disk" one batch in memory.
 
@@ -139,6 +250,7 @@ def onload_peak_bytes(captured, hessian_names, block_bytes: dict[str, int], rest
     from collections import Counter
 
     from ..graph.calibration import _main_tensor
+    from ..techniques.configs import technique_for
 
     shapes = [tuple(_main_tensor(b).shape) for b in batches]
     tokens = [s[0] * s[1] if len(s) >= 2 else s[0] for s in shapes]
@@ -147,6 +259,10 @@ def onload_peak_bytes(captured, hessian_names, block_bytes: dict[str, int], rest
     by_block: dict[int | None, list] = defaultdict(list)
     for site in captured.sites.values():
         by_block[captured.block_of(site.name)].append(site)
+    rewritten: dict[int | None, list] = defaultdict(list)  # block -> [(module, its terms)], in the order they run
+    for name, (config, spec) in sorted((rewrites or {}).items(), key=lambda kv: technique_for(kv[1][0]).order):
+        rewritten[captured.block_of(name + ".")].append((name, rewrite_bytes(captured, name, config, spec, tokens,
+                                                                             act_bytes)))
     first = by_block.get(0) or list(captured.sites.values())
     hidden = Counter(s.in_features for s in first).most_common(1)[0][0] if first else 0  # what the blocks pass on
     one = max(tokens, default=0) * hidden * act_bytes  # one batch's hidden states, as the blocks compute them
@@ -159,6 +275,7 @@ def onload_peak_bytes(captured, hessian_names, block_bytes: dict[str, int], rest
     if rest_bytes + acts + scores > best[0]:
         best = (rest_bytes + acts + scores, {"block": "outside the blocks", "phase": "OWL's outlier ratio (first sweep)",
                                              "parameters": rest_bytes, "statistics": scores, "activations": acts})
+    kept_scores = 0  # the first sweep's unit scores of the blocks so far (layerwise="global")
     for k, block in enumerate(captured.blocks):
         sites = by_block.get(k, [])
         params = block_bytes.get(block, 0)
@@ -173,25 +290,47 @@ def onload_peak_bytes(captured, hessian_names, block_bytes: dict[str, int], rest
             if s.name in group:
                 first.setdefault(group[s.name], j)
                 last[group[s.name]] = j
-        phases = [("collecting statistics", sum(size.values()) * hessian_bytes, acts + transient),
-                  ("computing its outputs", 0, 2 * acts + transient)]
+        mine = rewritten.get(k, [])
+        grows = sum(r.grows for _, r in mine)
+        # (phase, statistics, activations, parameters beyond the block's own)
+        phases = [("collecting statistics", sum(size.values()) * hessian_bytes, acts + transient, 0),
+                  ("computing its outputs", 0, 2 * acts + transient, grows)]
         observed = [s for s in sites if s.name in owl]
-        if observed:  # OWL's first sweep: its outputs are computed as in the second (the phase above)
-            phases += [("collecting OWL's statistics (first sweep)",
-                        len(batches) * sum(s.in_features for s in observed) * 8, acts + transient),
-                       ("OWL's outlier ratio (first sweep)", owl_score_bytes(observed), acts)]
+        sweep = [r for _, r in mine if r.scores]
+        if observed or sweep:  # a first sweep: its outputs are computed as in the second (the phase above)
+            held = len(batches) * sum(s.in_features for s in observed) * 8 + sum(r.sweep_held for r in sweep)
+            work = max((r.sweep_collect for r in sweep), default=0)
+            what = "OWL's statistics" if not sweep else "the global widths' statistics" if not observed else \
+                "OWL's and the global widths' statistics"
+            phases.append((f"collecting {what} (first sweep)", kept_scores + held + work, acts + transient, 0))
+        if observed:
+            phases.append(("OWL's outlier ratio (first sweep)", kept_scores + owl_score_bytes(observed), acts, 0))
+        for r in sweep:
+            kept_scores += r.scores
+            phases.append(("unit scores of the global widths (first sweep)", kept_scores + r.scoring, acts, 0))
         for j, s in enumerate(sites):
             if s.name not in group:
                 continue
-            mine = group[s.name]
-            others = sum(n * (hessian_bytes if first[g] > j else 4) for g, n in size.items() if g != mine and last[g] > j)
-            solve = max((hessian_bytes + 4) * size[mine] if first[mine] == j else 0,  # fp64 sums and fp32 H a moment
-                        3 * size[mine] * 4 + s.out_features * s.in_features * (4 + 1 + act_bytes))
-            phases.append((f"solving {s.name}", others + solve, acts))
-        for phase, stats, activations in phases:
-            if params + stats + activations > best[0]:
-                best = (params + stats + activations, {"block": block, "phase": phase, "block parameters": params,
-                                                       "statistics": stats, "activations": activations})
+            mine_h = group[s.name]
+            others = sum(n * (hessian_bytes if first[g] > j else 4) for g, n in size.items()
+                         if g != mine_h and last[g] > j)
+            solve = max((hessian_bytes + 4) * size[mine_h] if first[mine_h] == j else 0,  # fp64 sums and fp32 H a moment
+                        3 * size[mine_h] * 4 + s.out_features * s.in_features * (4 + 1 + act_bytes))
+            phases.append((f"solving {s.name}", others + solve, acts, 0))
+        held = sum(r.held for _, r in mine)
+        if held:
+            phases.append(("collecting the rewrites' statistics", held + max(r.collect for _, r in mine),
+                           acts + transient, 0))
+        made = 0
+        for name, r in mine:
+            made += r.new
+            if r.held or r.plan or r.new:
+                phases.append((f"rewriting {name}", held + r.plan, acts, made))
+        for phase, stats, activations, more in phases:
+            if params + more + stats + activations > best[0]:
+                best = (params + more + stats + activations, {"block": block, "phase": phase,
+                                                              "block parameters": params + more,
+                                                              "statistics": stats, "activations": activations})
     return best
 
 

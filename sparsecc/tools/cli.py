@@ -218,8 +218,10 @@ def _prune(args, recipe, budget, rank, model_dir) -> int:
         except WholeModelError as e:
             if budget is not None or args.activations != "memory" or args.device not in (None, "cpu"):
                 raise
-            if not rank:
-                print(f"sparsecc prune: loading the whole model ({e})", file=sys.stderr)
+            if not rank:  # the reason, less the advice to do what this does now
+                from ..io.lazy import WHOLE_MODEL
+                reason = str(e).removesuffix(WHOLE_MODEL).rstrip(":; ")
+                print(f"sparsecc prune: loading the whole model ({reason})", file=sys.stderr)
         else:
             return _done(args, report, Path(args.out)) if not rank else 0
     model, tok = load_local_model(args.model_dir, args.tokenizer)

@@ -7,13 +7,15 @@ import pytest
 import torch
 
 import sparsecc
-from sparsecc import GPTQConfig, MagnitudeConfig, SparseGPTConfig, WandaConfig
+from sparsecc import (AttentionSinkConfig, CATSConfig, GPTQConfig, MagnitudeConfig, MoEConfig, SlidingWindowConfig,
+                      SparseGPTConfig, StructuredConfig, WandaConfig)
 from sparsecc.graph.capture import capture
 from sparsecc.io import lazy as lazy_mod
 from sparsecc.io.checkpoint import META
 from sparsecc.io.lazy import LazyModel
 from sparsecc.io.onload import BlockFiles
 
+MLPS, ATTENTION = "re:.*mlp$", "re:.*self_attn$"
 RECIPES = {
     "sparsegpt": ({"default": SparseGPTConfig(sparsity=0.5)}, {}),
     "wanda-2:4": ({"default": WandaConfig(pattern="2:4"), "lm_head": None}, {}),
@@ -24,7 +26,26 @@ RECIPES = {
     "wanda-owl": ({"default": WandaConfig(sparsity=0.5, layerwise="owl"), "lm_head": None}, {}),
     "sparsegpt-owl-lm-head-compressed": ({"default": SparseGPTConfig(sparsity=0.5, layerwise="owl")}, {"compress": True}),
     "magnitude-owl": ({"default": MagnitudeConfig(sparsity=0.5, layerwise="owl"), "lm_head": None}, {}),
+    # module rewrites, block by block: each rewritten module written with its block (new tensors, new shapes)
+    "wanda-cats": ({"default": WandaConfig(sparsity=0.5), "lm_head": None, MLPS: CATSConfig(0.5)}, {}),
+    "wanda-cats-compressed": ({"default": WandaConfig(pattern="2:4"), "lm_head": None, MLPS: CATSConfig(0.7)},
+                              {"compress": True}),
+    "moe-fitted": ({MLPS: MoEConfig(num_experts=4, top_k=2)}, {}),  # experts and routers: tensors the source lacks
+    "moe-centroid-data-free": ({MLPS: MoEConfig(num_experts=4, top_k=2, router="centroid")}, {}),
+    "structured-mlp-flap-refit": ({MLPS: StructuredConfig(0.5, score="flap", update="refit")}, {}),  # + down biases
+    "structured-heads-wanda-sp": ({ATTENTION: StructuredConfig(0.5, score="wanda-sp")}, {}),  # uniform: a config
+    "structured-kv-groups-magnitude": ({ATTENTION: StructuredConfig(0.5, score="magnitude", unit="kv_group"),
+                                        r"re:.*mlp\..*": SparseGPTConfig(0.5)}, {}),
+    # the global widths: a first sweep scores every block on the dense model, the second shrinks and writes
+    "structured-flap-refit-global": ({MLPS: StructuredConfig(0.5, score="flap", update="refit", layerwise="global")},
+                                     {}),
+    "attention-sinks-sparsegpt": ({ATTENTION: AttentionSinkConfig(sinks=2, window=6), "default": SparseGPTConfig(0.5),
+                                   "lm_head": None}, {}),
+    "sliding-window-data-free": ({ATTENTION: SlidingWindowConfig(window=6)}, {}),
 }
+#: folders plain from_pretrained builds the pruned model from (no rewrite its config cannot say)
+PLAIN = {"sparsegpt", "wanda-2:4", "joint-int4", "magnitude-data-free", "wanda-owl", "magnitude-owl",
+         "structured-heads-wanda-sp"}
 
 
 def _folder(make_model, tmp_path, family="llama", layers=4, tie=False):
@@ -65,12 +86,18 @@ def test_onloaded_checkpoint_equals_whole_model_pruning(case, make_model, batche
     b, meta_b = _hashes(tmp_path / "whole")
     assert a == b  # every tensor of every file, bit for bit (masks, grids, compressed forms)
     assert _rows(meta_a) == _rows(meta_b) and [r["module"] for r in report.rows] == [r["module"] for r in meta_b["rows"]]
-    assert meta_a["format"] == 3 and len(next(iter(meta_a["files"].values()))) > 1  # split by block
-    loaded, _ = sparsecc.load_pruned(tmp_path / "onloaded")
-    assert all(torch.equal(x, whole.state_dict()[k]) for k, x in loaded.state_dict().items())
-    if not kw.get("compress"):  # a plain transformers folder too
+    index = json.loads((tmp_path / "onloaded" / "model.safetensors.index.json").read_text())
+    assert meta_a["format"] == 3 and len(set(index["weight_map"].values())) == 5  # split by block: 4 and the rest
+    assert all(len(files) > 1 for files in meta_a["files"].values())  # masks, grids: by block too
+    loaded, _ = sparsecc.load_pruned(tmp_path / "onloaded")  # rewrites restored from the rows
+    state = whole.state_dict()
+    assert loaded.state_dict().keys() == state.keys()
+    assert all(torch.equal(x, state[k]) for k, x in loaded.state_dict().items())
+    ids = batches[0]
+    assert torch.equal(loaded(ids).logits, whole(ids).logits)
+    assert (tmp_path / "onloaded" / "config.json").read_text() == (tmp_path / "whole" / "config.json").read_text()
+    if case in PLAIN:  # a plain transformers folder too
         plain = LlamaForCausalLM.from_pretrained(tmp_path / "onloaded").eval()
-        ids = batches[0]
         assert torch.equal(plain(ids).logits, whole(ids).logits)
     size = sparsecc.checkpoint_size(tmp_path / "onloaded")
     assert size == sparsecc.checkpoint_size(tmp_path / "whole")
@@ -86,6 +113,24 @@ def test_other_families_onload_to_the_same_checkpoint(family, make_model, batche
     whole = AutoModelForCausalLM.from_pretrained(src).eval()
     sparsecc.save_pruned(whole, tmp_path / "whole", sparsecc.sparsify_(whole, recipe, batches, progress=False))
     assert _hashes(tmp_path / "onloaded")[0] == _hashes(tmp_path / "whole")[0]
+
+
+@pytest.mark.filterwarnings("ignore:.*is tied to")
+@pytest.mark.parametrize("family, recipe", [
+    # OPT's MLP is its decoder layer (fc1/fc2 under the block itself): the rewrite's module is the block
+    ("opt", {r"re:.*layers\.\d+$": StructuredConfig(0.5, score="flap", update="refit"),
+             ATTENTION: StructuredConfig(0.5, score="wanda-sp")}),
+    ("mistral", {MLPS: CATSConfig(0.5), "default": SparseGPTConfig(0.5)})], ids=["opt-structured", "mistral-cats"])
+def test_other_families_onload_rewrites_to_the_same_checkpoint(family, recipe, make_model, batches, tmp_path):
+    """Tied embeddings written once, under the source folder's name, beside the rewritten blocks."""
+    from transformers import AutoModelForCausalLM
+    src = _folder(make_model, tmp_path, family, layers=3, tie=True)
+    sparsecc.prune_folder(src, recipe, batches, tmp_path / "onloaded", progress=False)
+    whole = AutoModelForCausalLM.from_pretrained(src).eval()
+    sparsecc.save_pruned(whole, tmp_path / "whole", sparsecc.sparsify_(whole, recipe, batches, progress=False))
+    assert _hashes(tmp_path / "onloaded")[0] == _hashes(tmp_path / "whole")[0]
+    loaded, _ = sparsecc.load_pruned(tmp_path / "onloaded")
+    assert torch.equal(loaded(batches[0]).logits, whole(batches[0]).logits)
 
 
 @pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
@@ -129,6 +174,58 @@ def test_one_block_in_memory_at_a_time_and_its_statistics_dropped(make_model, ba
     assert forgotten == [0, 0, 0, 0]  # nothing of a written block is held any more
 
 
+def test_rewritten_modules_are_written_and_freed_with_their_block(make_model, batches, tmp_path, monkeypatch):
+    """MoE experts and routers (new tensors) and shrunk attention linears (new shapes): after block k is
+    written every tensor under it is on meta, the rewritten modules' included, and the modules the
+    rewrites replaced are gone (freed when the block's passes end: no undo log keeps them); at most one
+    block is ever loaded, and nothing of a written block is held any more."""
+    import weakref
+
+    from sparsecc.passes.pipeline import PassContext
+    from sparsecc.techniques.moe import MoEMLP
+    from sparsecc.techniques.transaction import Transaction
+    src = _folder(make_model, tmp_path)
+    recipe = {MLPS: MoEConfig(num_experts=4, top_k=2), ATTENTION: StructuredConfig(0.5, score="flap", update="refit")}
+    replaced, seen, swap, load, done, forget = [], [], Transaction.swap, BlockFiles.load, BlockFiles.done, \
+        PassContext.forget
+
+    def spy_swap(self, name, module):
+        replaced.append((name, weakref.ref(self.model.get_submodule(name))))
+        swap(self, name, module)
+
+    def real(module):
+        return [n for n, t in (*module.named_parameters(), *module.named_buffers()) if not t.is_meta]
+
+    def spy_load(self, k, name):
+        assert self.loaded == []
+        load(self, k, name)
+        seen.append([b for b in self.blocks if real(self.lazy.model.get_submodule(b))])
+
+    def spy_done(self, k, name, rows):
+        done(self, k, name, rows)
+        block = self.lazy.model.get_submodule(name)
+        assert isinstance(block.mlp, MoEMLP) and block.self_attn.o_proj.bias is not None  # rewritten ...
+        assert real(block) == [] and self.loaded == []  # ... and on meta
+        assert [n for n, ref in replaced if ref() is not None] == []  # the replaced modules freed
+
+    forgotten = []
+
+    def spy_forget(ctx, holds, keep=frozenset()):
+        forget(ctx, holds, keep)
+        forgotten.append(sum(len(t) for t in ctx.stats.values()) + len(ctx.decisions))
+
+    monkeypatch.setattr(Transaction, "swap", spy_swap)
+    monkeypatch.setattr(BlockFiles, "load", spy_load)
+    monkeypatch.setattr(BlockFiles, "done", spy_done)
+    monkeypatch.setattr(PassContext, "forget", spy_forget)
+    sparsecc.prune_folder(src, recipe, batches, tmp_path / "out", progress=False)
+    assert seen == [[f"model.layers.{k}"] for k in range(4)] and forgotten == [0] * 4
+    assert len(replaced) == 4 * 3  # per block: the MLP, q and o (a query head of each key/value group goes)
+    written = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.layers.3.mlp.router_weight" in written and "model.layers.3.mlp.gate_proj.weight" not in written
+    assert "model.layers.3.self_attn.o_proj.bias" in written  # FLAP's bias compensation
+
+
 @pytest.mark.parametrize("activations", ["memory", "disk"])
 def test_owl_reads_every_block_twice_one_at_a_time_and_writes_only_in_the_second_sweep(activations, make_model, batches,
                                                                                        tmp_path, monkeypatch):
@@ -168,17 +265,20 @@ def test_owl_reads_every_block_twice_one_at_a_time_and_writes_only_in_the_second
     assert _hashes(tmp_path / "onloaded")[0] == _hashes(tmp_path / "whole")[0]
 
 
-def test_the_command_line_onloads_an_owl_recipe(tiny_zoo, tmp_path, capsys):
-    """`sparsecc prune` reads an OWL recipe's model block by block (no fallback to loading it whole),
-    and writes what --no-onload writes."""
+@pytest.mark.parametrize("recipe", ["default: {method: wanda, sparsity: 0.5, layerwise: owl}\nlm_head: null\n",
+                                    "'re:.*mlp$': {method: StructuredConfig, sparsity: 0.5, score: flap, update: refit, "
+                                    "layerwise: global}\n"], ids=["owl", "structured-flap-refit-global"])
+def test_the_command_line_onloads_whole_model_decisions_and_rewrites(recipe, tiny_zoo, tmp_path, capsys):
+    """`sparsecc prune` reads an OWL recipe's model, or a structured one's (first sweep, shrunk MLPs),
+    block by block (no fallback to loading it whole), and writes what --no-onload writes."""
     from sparsecc.tools import cli
     from sparsecc.zoo import load_tokens
     model, tok, _, _ = tiny_zoo
     model.save_pretrained(tmp_path / "tiny", max_shard_size="200KB")
     tok.save_pretrained(tmp_path / "tiny")
     (tmp_path / "calib.txt").write_text(tok.decode(load_tokens().train[:20_000].tolist()))
-    (tmp_path / "owl.yaml").write_text("default: {method: wanda, sparsity: 0.5, layerwise: owl}\nlm_head: null\n")
-    args = ["--recipe", tmp_path / "owl.yaml", "--calib", tmp_path / "calib.txt", "--nsamples", 4, "--seqlen", 64,
+    (tmp_path / "recipe.yaml").write_text(recipe)
+    args = ["--recipe", tmp_path / "recipe.yaml", "--calib", tmp_path / "calib.txt", "--nsamples", 4, "--seqlen", 64,
             "--quiet"]
     for out, extra in (("blocks", ["--activations", "disk"]), ("whole", ["--no-onload"])):
         code = cli.main([str(a) for a in ["prune", tmp_path / "tiny", "--out", tmp_path / out, *args, *extra]])
@@ -186,7 +286,8 @@ def test_the_command_line_onloads_an_owl_recipe(tiny_zoo, tmp_path, capsys):
         assert code == 0 and "loading the whole model" not in err, err
     (blocks, meta), (whole, whole_meta) = _hashes(tmp_path / "blocks"), _hashes(tmp_path / "whole")
     assert blocks == whole and (meta["format"], whole_meta["format"]) == (3, 2)  # split by block: onloaded
-    assert len({r["sparsity"] for r in meta["rows"]}) > 1
+    assert len({r["sparsity"] for r in meta["rows"]}) > 1  # per-block sparsities, per-module widths
+    assert (tmp_path / "blocks" / "config.json").read_text() == (tmp_path / "whole" / "config.json").read_text()
 
 
 def test_a_failure_in_owls_first_sweep_leaves_nothing(make_model, batches, tmp_path, monkeypatch):
@@ -256,18 +357,82 @@ def test_too_small_max_memory_is_refused_before_any_weight_is_read(make_model, b
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("recipe", [{"re:.*mlp$": sparsecc.CATSConfig()},
-                                    {"default": sparsecc.LayerDropConfig(n=1)},
-                                    {"re:.*mlp$": sparsecc.StructuredConfig(sparsity=0.5)},
-                                    {"default": WandaConfig(sparsity=0.5, layerwise="owl"), "re:.*mlp$": sparsecc.CATSConfig()}],
-                         ids=["cats", "layer-drop", "structured", "owl-and-cats"])
-def test_recipes_that_need_the_whole_model_are_refused_by_name(recipe, make_model, batches, tmp_path, monkeypatch):
+WHOLE = "load the model, call sparsify_ and save_pruned (sparsecc prune --no-onload)"
+
+
+@pytest.mark.parametrize("recipe, match", [
+    ({"model.layers": sparsecc.LayerDropConfig(n=1)}, r"LayerDropConfig \(collect_block_influence\) .*renumber"),
+    ({"model.layers": sparsecc.LayerDropConfig(n=1), "default": WandaConfig(0.5)}, r"LayerDropConfig .*renumbers"),
+    ({MLPS: StructuredConfig(0.5, score="bonsai", samples=4)},
+     r"StructuredConfig\(score='bonsai'\) \(collect_unit_relevance\) .*forwards of the whole model per sample"),
+    ({MLPS: StructuredConfig(0.5, score="bonsai", layerwise="global", samples=4)}, r"StructuredConfig\(score='bonsai'\)"),
+    ({MLPS: sparsecc.L0Config(0.5, steps=2), "default": WandaConfig(0.5, layerwise="owl")},
+     r"L0Config \(collect_unit_gates\) .*trains gates over the whole model")],
+    ids=["layer-drop", "layer-drop-and-wanda", "bonsai", "bonsai-global", "l0-and-owl"])
+def test_recipes_that_need_the_whole_model_are_refused_by_name(recipe, match, make_model, batches, tmp_path,
+                                                               monkeypatch):
     src = _folder(make_model, tmp_path)
     monkeypatch.setattr(lazy_mod, "safe_open", lambda *a, **k: pytest.fail("a weight was read"))
-    with pytest.raises(sparsecc.WholeModelError, match=r"(CATSConfig|LayerDropConfig|StructuredConfig) .*cannot run "
-                                                         r"block by block"):
+    with pytest.raises(sparsecc.WholeModelError, match=match) as e:
         sparsecc.prune_folder(src, recipe, batches, tmp_path / "out", progress=False)
+    assert "cannot run block by block" in str(e.value) and str(e.value).endswith(WHOLE) and "\n" not in str(e.value)
     assert list(tmp_path.iterdir()) == [src]
+
+
+def test_a_folder_whose_weights_transformers_converts_is_refused_by_name(make_model, batches, tmp_path, monkeypatch):
+    """Mixtral's folders store each expert's linears, which transformers stacks into 3-D tensors as it
+    loads them: onloading cannot read them under the model's names, and says so before reading any."""
+    src = _folder(make_model, tmp_path, "mixtral", layers=2)
+    monkeypatch.setattr(lazy_mod, "safe_open", lambda *a, **k: pytest.fail("a weight was read"))
+    with pytest.raises(sparsecc.WholeModelError, match=r"names MixtralForCausalLM does not have \(e\.g\. "
+                                                         r"model\.layers\.0\.block_sparse_moe\.experts"):
+        sparsecc.prune_folder(src, {MLPS: sparsecc.SparseMoEConfig()}, batches, tmp_path / "out", progress=False)
+    assert list(tmp_path.iterdir()) == [src]
+
+
+def test_a_rewrite_recipe_the_model_cannot_take_is_refused_before_any_weight_is_read(make_model, batches, tmp_path,
+                                                                                     monkeypatch):
+    src = _folder(make_model, tmp_path)
+    monkeypatch.setattr(lazy_mod, "safe_open", lambda *a, **k: pytest.fail("a weight was read"))
+    with pytest.raises(sparsecc.RecipeError, match=r"model\.layers\.0\.mlp: intermediate size 128 is not divisible "
+                                                     r"by num_experts=3"):
+        sparsecc.prune_folder(src, {MLPS: MoEConfig(num_experts=3, top_k=1)}, batches, tmp_path / "out", progress=False)
+    assert list(tmp_path.iterdir()) == [src]
+
+
+@pytest.mark.parametrize("recipe", [{"default": WandaConfig(sparsity=0.5), "lm_head": None, MLPS: CATSConfig(0.5)},
+                                    {MLPS: StructuredConfig(0.5, score="flap", update="refit", layerwise="global")}],
+                         ids=["cats", "structured-global"])
+def test_a_failure_in_a_rewrite_block_leaves_nothing(recipe, make_model, batches, tmp_path, monkeypatch):
+    """A rewrite failing in block 2, after blocks 0 and 1 were rewritten and written: no output folder
+    (an existing one kept), nothing left of the run's temporary folders."""
+    from sparsecc.techniques.configs import technique_for
+    src = _folder(make_model, tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    tech = type(technique_for(recipe[MLPS]))
+    plan, written, files = tech.plan, [], []
+    init = BlockFiles.__init__
+
+    def spy_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        files.append(self)
+
+    def failing(self, config, model, name, spec, stats):
+        if name == "model.layers.2.mlp":
+            written.append(sorted(p.name for p in files[0].tmp.glob("model-*.safetensors")))
+            raise RuntimeError("the solver went away")
+        return plan(self, config, model, name, spec, stats)
+
+    monkeypatch.setattr(tech, "plan", failing)
+    monkeypatch.setattr(BlockFiles, "__init__", spy_init)
+    with pytest.raises(RuntimeError, match="the solver went away"):
+        sparsecc.prune_folder(src, recipe, batches, out, overwrite=True, activations="disk",
+                              offload_folder=tmp_path / "offload", progress=False)
+    assert written == [["model-00001-of-00005.safetensors", "model-00002-of-00005.safetensors"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama-src", "offload", "out"]
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and list((tmp_path / "offload").iterdir()) == []
 
 
 @pytest.mark.parametrize("activations", ["memory", "disk"])
@@ -397,6 +562,56 @@ def test_the_estimate_covers_owls_first_sweep_and_a_refusal_names_it(make_model,
                                                         r"leave out layerwise='owl'"):
         sparsecc.prune_folder(src, {"default": WandaConfig(sparsity=0.5, layerwise="owl"), "lm_head": None}, batches,
                               tmp_path / "out", max_memory=(plain + owl) // 2, progress=False)
+    assert list(tmp_path.iterdir()) == [src]
+
+
+def test_the_estimate_counts_the_rewrites_statistics_and_new_modules(make_model, batches, tmp_path, monkeypatch):
+    """Each rewrite's statistics (CATS's gate samples, MoE's router sums, structured pruning's channel
+    sums and refit H, the global widths' first sweep) and the modules it builds beside the ones it
+    replaces; with few calibration tokens a rewrite is the run's peak, and a budget under it is refused
+    naming it, before any weight is read."""
+    from sparsecc.passes.analysis.gate_activations import MAX_SAMPLES
+    from sparsecc.passes.memory import onload_peak_bytes, rewrite_bytes
+    src = _folder(make_model, tmp_path)
+    lazy = LazyModel(src)
+    captured = capture(lazy.model, {"input_ids": batches[0].to("meta"), "use_cache": False})
+    mlp, attn = "model.layers.0.mlp", "model.layers.0.self_attn"
+    h, i, e, b, t = 64, 128, 4, len(batches), batches[0].numel()  # hidden, intermediate, experts, batches, tokens
+    tokens = [x.numel() for x in batches]
+
+    def terms(config, name=mlp):
+        spec = (captured.gated if name == mlp else captured.heads)[name]
+        return rewrite_bytes(captured, name, config, spec, tokens, 4)
+    cats = terms(CATSConfig(0.5))
+    assert cats.held == 4 * b * min(MAX_SAMPLES // b, t * i) and cats.new == cats.grows == 0
+    assert cats.collect == 8 * t * i + 12 * min(MAX_SAMPLES // b, t * i)
+    moe = terms(MoEConfig(num_experts=e, top_k=2))
+    assert moe.held == 8 * ((h + 1) ** 2 + (h + 1) * e + 2 * e) and moe.plan >= 24 * (h + 1) ** 2
+    assert moe.new == 3 * h * i * 4 and moe.grows == 4 * e * (h + 1)  # experts beside the MLP; the router stays
+    assert terms(MoEConfig(num_experts=e, top_k=2, router="centroid")).held == 0
+    refit = terms(StructuredConfig(0.5, score="flap", update="refit"))
+    assert refit.held == 16 * i * b + 8 * i * i and refit.collect == 16 * t * i + 12 * i * i
+    assert refit.plan >= 16 * i * i and refit.new == 3 * h * i * 4 and refit.grows == 0
+    assert terms(StructuredConfig(0.5, score="magnitude")).held == 0
+    heads = terms(StructuredConfig(0.5, score="wanda-sp"), attn)
+    assert heads.held == 16 * h * b and heads.new == (2 * h * h + 2 * (h // 2) * h) * 4  # q, o; k, v (2 kv heads)
+    wide = terms(StructuredConfig(0.5, score="flap", layerwise="global"))
+    assert (wide.sweep_held, wide.sweep_collect, wide.scores) == (16 * i * b, 16 * t * i, 8 * i)
+
+    blocks = {k: lazy.nbytes(k) for k in captured.blocks}
+    rest = lazy.nbytes(outside=tuple(captured.blocks))
+    few = [batches[0][:1, :4]]  # 4 tokens: the activations are small beside the statistics
+    plain, _ = onload_peak_bytes(captured, [], blocks, rest, few, 4)
+    recipe = {MLPS: MoEConfig(num_experts=e, top_k=2), ATTENTION: StructuredConfig(0.5, score="flap", update="refit")}
+    rewrites = {n: (recipe[MLPS], s) for n, s in captured.gated.items()} | \
+        {n: (recipe[ATTENTION], s) for n, s in captured.heads.items()}
+    need, parts = onload_peak_bytes(captured, [], blocks, rest, few, 4, rewrites=rewrites)
+    assert need > plain and parts["block"] == "model.layers.0" and parts["phase"].startswith("rewriting model.layers.0.")
+    assert parts["block parameters"] > blocks["model.layers.0"]  # the new modules beside the old ones
+    monkeypatch.setattr(lazy_mod, "safe_open", lambda *a, **k: pytest.fail("a weight was read"))
+    with pytest.raises(sparsecc.CalibrationError, match=r"needs ~[\d.]+ KiB at its peak \(model\.layers\.0, rewriting "
+                                                        r"model\.layers\.0\.(mlp|self_attn): block parameters"):
+        sparsecc.prune_folder(src, recipe, few, tmp_path / "out", max_memory=(plain + need) // 2, progress=False)
     assert list(tmp_path.iterdir()) == [src]
 
 

@@ -58,6 +58,7 @@ RECIPES = {
                   "lm_head": None},
 }
 EQUAL = ["sparsegpt", "wanda24", "calibrate", "owl", "cats", "flap", "bonsai", "moe", "drop_bi", "drop_loss"]
+ONLOADED = ["prune_folder", "prune_folder_flap"]  # prune_folder on the source folder: RECIPES sparsegpt, flap
 
 
 def _scenarios(rank: int):
@@ -119,16 +120,20 @@ def _scenarios(rank: int):
             agreed = str(e)
         return {"state": {"order": order}, "rows": [raised, agreed]}
 
-    def prune_folder():  # onloading on ranks: each loads every block, rank 0 alone writes
-        import tempfile
-        src, out = os.environ["SPARSECC_TEST_SOURCE"], os.path.join(tempfile.mkdtemp(), "out")
-        report = sparsecc.prune_folder(src, RECIPES["sparsegpt"], _batches(), out, progress=False)
-        written = os.path.exists(out)
-        state = sparsecc.load_pruned(out)[0].state_dict() if written else {}
-        return {"state": state, "rows": report.rows + [written], "setup": report.setup}
+    def prune_folder(recipe):  # onloading on ranks: each loads every block, rank 0 alone writes
+        def run():
+            import tempfile
+            src, out = os.environ["SPARSECC_TEST_SOURCE"], os.path.join(tempfile.mkdtemp(), "out")
+            report = sparsecc.prune_folder(src, RECIPES[recipe], _batches(), out, progress=False)
+            written = os.path.exists(out)
+            state = sparsecc.load_pruned(out)[0].state_dict() if written else {}
+            return {"state": state, "rows": report.rows + [written], "setup": report.setup}
+        return run
 
     return {**{name: sparsify(name) for name in RECIPES if name != "mixed"}, "cats": cats, "calibrate": calibrate,
-            "prune_folder": prune_folder,
+            "prune_folder": prune_folder("sparsegpt"),
+            # module rewrites block by block: FLAP's global widths (a first sweep), refit H, shrunk heads
+            "prune_folder_flap": prune_folder("flap"),
             "l0_blocks": l0({"model.layers": sparsecc.LayerDropConfig(n=1, score="l0", steps=2)}),
             "l0_units": l0({MLPS: sparsecc.L0Config(0.5, steps=2)}),
             "other_batches": other_batches, "comm": comm}
@@ -196,7 +201,7 @@ def reference(tmp_path_factory):
     torch.set_num_threads(1)
     try:
         for name, fn in _scenarios(0).items():
-            if name in EQUAL + ["prune_folder"]:
+            if name in EQUAL + ONLOADED:
                 _save(tmp, name, fn)
     finally:
         torch.set_num_threads(threads)
@@ -227,14 +232,18 @@ def test_ranks_equal_one_process_bitwise(ranks, reference, scenario):
         assert all(int(state[k]) == 6 * 32 - 5 for k in state if k.endswith("/count"))
 
 
-def test_onloading_on_ranks_writes_the_one_process_checkpoint_once(ranks, reference):
-    ref, ref_state = _load(reference, "prune_folder")
+@pytest.mark.parametrize("scenario", ONLOADED)
+def test_onloading_on_ranks_writes_the_one_process_checkpoint_once(ranks, reference, scenario):
+    ref, ref_state = _load(reference, scenario)
     assert "error" not in ref, ref
-    got, state = _load(f"{ranks[0]}/rank0", "prune_folder")
+    got, state = _load(f"{ranks[0]}/rank0", scenario)
     assert got["rows"] == ref["rows"] and got["rows"][-1] is True  # rank 0 wrote it
     assert state.keys() == ref_state.keys() and all(torch.equal(state[k], ref_state[k]) for k in state)
-    other, _ = _load(f"{ranks[0]}/rank1", "prune_folder")
+    other, _ = _load(f"{ranks[0]}/rank1", scenario)
     assert other["rows"][:-1] == ref["rows"][:-1] and other["rows"][-1] is False  # rank 1 wrote nothing
+    if scenario == "prune_folder_flap":  # shrunk, with FLAP's biases: the rewrites were written and restored
+        down = "model.layers.3.mlp.down_proj"
+        assert state[f"{down}.bias"].numel() == 64 and state[f"{down}.weight"].shape[1] < 128
 
 
 @pytest.mark.parametrize("scenario, message", [

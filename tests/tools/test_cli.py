@@ -357,11 +357,13 @@ def test_max_memory_refuses_the_whole_model_but_not_onloading(model_dir, texts, 
 
 
 def test_a_recipe_needing_the_whole_model_falls_back_to_loading_it(model_dir, texts, tmp_path, capsys):
-    (tmp_path / "cats.yaml").write_text('"re:.*mlp$": {method: cats, sparsity: 0.5}\n')
-    code, stdout, err = run(capsys, "prune", model_dir, "--recipe", tmp_path / "cats.yaml", "--calib",
+    (tmp_path / "bonsai.yaml").write_text('"re:.*mlp$": {method: StructuredConfig, sparsity: 0.5, score: bonsai, '
+                                          'samples: 4}\n')
+    code, stdout, err = run(capsys, "prune", model_dir, "--recipe", tmp_path / "bonsai.yaml", "--calib",
                             texts / "calib.txt", "--out", tmp_path / "out", "--nsamples", 2, "--quiet")
     assert code == 0, err
-    assert "loading the whole model (CATSConfig" in err and "wrote" in stdout
+    assert "loading the whole model (StructuredConfig(score='bonsai') (collect_unit_relevance) cannot run block by " \
+           "block (its relevance takes forwards of the whole model per sample))\n" in err and "wrote" in stdout
 
 
 def test_torchrun_two_processes_write_the_one_process_checkpoint(model_dir, texts, tmp_path):

@@ -155,6 +155,24 @@ def test_held_out_evaluation_before_and_after(make_model, batches, text):
     assert "held-out perplexity" in str(report)
 
 
+def _interrupted(model, text, step, monkeypatch, **kw):
+    """finetune_(model, text, **kw) stopped by a KeyboardInterrupt (Ctrl-C) in its `step`-th step."""
+    real, calls = loop._step_loss, []
+
+    def dies(*a, **k):
+        calls.append(1)
+        if len(calls) == step:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop, "_step_loss", dies)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            sparsecc.finetune_(model, text, progress=False, **kw)
+    finally:
+        monkeypatch.setattr(loop, "_step_loss", real)
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])  # gpt2: dropout 0.1, biases
 def test_a_resumed_run_ends_where_an_uninterrupted_one_does(make_model, batches, text, tmp_path, monkeypatch, family):
     base = _pruned(make_model, batches, family, sparsity=0.5)
@@ -162,19 +180,7 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(make_model, batches,
     sparsecc.finetune_(whole, text, steps=10, lr=3e-3, progress=False)
 
     model = copy.deepcopy(base)
-    real, calls = loop._step_loss, []
-
-    def dies_at_step_7(*a, **kw):
-        calls.append(1)
-        if len(calls) == 7:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(loop, "_step_loss", dies_at_step_7)
-    with pytest.raises(KeyboardInterrupt):
-        sparsecc.finetune_(model, text, steps=10, lr=3e-3, checkpoint_dir=tmp_path / "ck", save_every=4,
-                           progress=False)
-    monkeypatch.setattr(loop, "_step_loss", real)
+    _interrupted(model, text, 7, monkeypatch, steps=10, lr=3e-3, checkpoint_dir=tmp_path / "ck", save_every=4)
     assert list(model.state_dict()) == list(base.state_dict())  # the same order too
     for n, p in model.named_parameters():
         assert torch.equal(p, dict(base.named_parameters())[n])  # the interrupted call undid itself
@@ -228,19 +234,8 @@ def test_float16_scales_the_loss_skips_overflowing_steps_and_resumes_exactly(mak
     assert report.losses[-1] < report.losses[0]
     params = dict(whole.named_parameters())
     assert all(torch.equal(params[n] == 0, z) for n, z in zeros.items())
-    model, real, calls = copy.deepcopy(base), loop._step_loss, []
-
-    def dies_at_step_13(*a, **kw):
-        calls.append(1)
-        if len(calls) == 13:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(loop, "_step_loss", dies_at_step_13)
-    with pytest.raises(KeyboardInterrupt):
-        sparsecc.finetune_(model, text, steps=16, lr=3e-3, checkpoint_dir=tmp_path / "ck", save_every=12,
-                           progress=False)
-    monkeypatch.setattr(loop, "_step_loss", real)
+    model = copy.deepcopy(base)
+    _interrupted(model, text, 13, monkeypatch, steps=16, lr=3e-3, checkpoint_dir=tmp_path / "ck", save_every=12)
     resumed = sparsecc.finetune_(model, text, steps=16, lr=3e-3, checkpoint_dir=tmp_path / "ck", save_every=12,
                                  progress=False)
     assert resumed.resumed_from == 12 and resumed.skipped_steps == report.skipped_steps

@@ -65,7 +65,7 @@ from ..codegen.bitmask import pack_bits, packed_cols, unpack_bits
 from ..prune.quantize import QUANTIZED, QuantGrid, grid_of
 from ..techniques.rewrites import REWRITTEN, is_rewrite_row, restore_rewrites
 from ..techniques.structured import shrunk_config
-from ..prune.masks import parse_pattern
+from ..prune.masks import follows_nm, parse_pattern
 from .folders import check_output_dir, writing_folder
 from .layouts import (compress_weight, entry_error, expand_weight, float_dtype, getter, grid_fields, is_shape,
                       read_grid, weight_entry)
@@ -149,6 +149,8 @@ def checked_part(model: nn.Module, rows: list[dict], params: dict, compress: boo
     for row in rows:
         if is_rewrite_row(row):  # a module rewrite (CATS threshold, attention form): its row is the state
             _check_rewrite_row(row, model)
+            continue
+        if row.get("replaced_by"):  # pruned, then replaced by a rewrite (an MoE split): no parameter now
             continue
         _check_row(row, params)
         pruned[row["param"]] = row
@@ -234,7 +236,7 @@ def _check_row(row: dict, params: dict[str, nn.Parameter]) -> None:
     nm = parse_pattern((row.get("config") or {}).get("pattern"))
     if nm is not None:
         n, m = nm
-        if w.shape[1] % m or (w.numel() and int((w.reshape(w.shape[0], -1, m) != 0).sum(-1).max()) > n):
+        if not follows_nm(w, n, m):
             raise PlanError(f"report row {module!r} records {n}:{m} sparsity, but {name} is not {n}:{m}; {fix}")
 
 

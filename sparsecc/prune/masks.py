@@ -36,6 +36,11 @@ def check_nm_width(pattern: tuple[int, int], in_features: int, where: str = "wei
                           f"has {in_features} inputs; pick M dividing {in_features} or skip this module")
 
 
+def follows_nm(w: torch.Tensor, n: int, m: int) -> bool:
+    """Whether w [out, in] has at most n nonzeros in every group of m consecutive inputs of a row."""
+    return w.shape[1] % m == 0 and (not w.numel() or int((w.reshape(w.shape[0], -1, m) != 0).sum(-1).max()) <= n)
+
+
 def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool) -> torch.Tensor:
     """Prune the floor(sparsity * n) lowest scores of the layer (or of each row when per_row)."""
     keep = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)  # contiguous, even for a transposed view

@@ -110,3 +110,41 @@ def test_bad_input_leaves_the_model_as_it_was(make_model, batches, state_tools):
     assert same(model, snap) and model.model.layers[0].mlp.gate_proj.weight.shape == (128, 64)
     assert sparsecc.load_recipe({MLPS: {"method": "structured", "sparsity": 0.3, "score": "flap"}}) == {
         MLPS: sparsecc.StructuredConfig(0.3, score="flap")}
+
+
+@pytest.mark.parametrize("rewrite", ["structured", "moe"])
+def test_unstructured_pruning_then_a_rewrite_in_one_recipe_saves_what_it_reports(rewrite, make_model, batches,
+                                                                                  tmp_path):
+    """The rows pruning records for a module's linears follow its rewrite: a shrunk linear's new shape
+    and sparsity; the linears an MoE split replaced marked so; the checkpoint saves and loads."""
+    model = make_model("llama")
+    mlp = sparsecc.StructuredConfig(0.5) if rewrite == "structured" else sparsecc.MoEConfig(num_experts=4, top_k=2)
+    report = sparsecc.sparsify_(model, {"default": sparsecc.SparseGPTConfig(0.5), "lm_head": None, MLPS: mlp},
+                                batches, progress=False)
+    params = dict(model.named_parameters())
+    linears = [r for r in report.rows if r.get("param") and not r.get("replaced_by")]
+    assert len(linears) == (14 if rewrite == "structured" else 8)  # MoE: only the attention linears
+    replaced = [r["module"] for r in report.rows if r.get("replaced_by")]
+    assert replaced == ([] if rewrite == "structured" else
+                        [f"model.layers.{k}.mlp.{p}_proj" for k in (0, 1) for p in ("gate", "up", "down")])
+    for r in linears:
+        w = params[r["param"]].detach()
+        assert r["shape"] == list(w.shape) and r["sparsity"] == float((w == 0).float().mean())
+    if rewrite == "structured":
+        assert dict((r["module"], r["shape"]) for r in linears)["model.layers.0.mlp.down_proj"] == [64, 64]
+    sparsecc.save_pruned(model, tmp_path / "out", report)
+    loaded, _ = sparsecc.load_pruned(tmp_path / "out")
+    x = torch.randint(0, 128, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model(x).logits)
+
+
+def test_a_shrink_that_cuts_nm_groups_is_refused_and_leaves_the_model(make_model, batches):
+    model = make_model("llama")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(sparsecc.RecipeError, match=r"StructuredConfig on model.layers.0.mlp removed inputs of "
+                                                   r"model.layers.0.mlp.down_proj, pruned 2:4.*apply it first"):
+        sparsecc.sparsify_(model, {"default": sparsecc.WandaConfig(pattern="2:4"), "lm_head": None,
+                                   MLPS: sparsecc.StructuredConfig(0.3)}, batches, progress=False)
+    assert {n: p.shape for n, p in model.named_parameters()} == {n: p.shape for n, p in before.items()}
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import time
 
-from ...errors import CalibrationError
+from ...errors import CalibrationError, RecipeError
+from ...prune.masks import follows_nm, parse_pattern
 from ...techniques.configs import technique_for
 from ...techniques.rewrites import mark
 from ..base import TransformPass
@@ -42,6 +43,33 @@ class RewriteModules(TransformPass):
                 decision = tech.plan(config, ctx.model, name, spec, stats)
             row = tech.apply(config, ctx.model, name, spec, decision, ctx.tx)
             mark(ctx.model, name, config, ctx.tx)
+            _refresh_rows(ctx, name, config)
             ctx.decisions[name], ctx.configs[name], ctx.specs[name] = decision, config, spec
             ctx.rows.append({**row, "seconds": time.perf_counter() - t0})
         return bool(todo)
+
+
+def _refresh_rows(ctx, name: str, config) -> None:
+    """The rows pruning recorded for the linears inside module `name`, as its rewrite left them:
+    a shrunk linear's shape and sparsity (what it kept of its pruned weights); a linear the rewrite
+    replaced (an MoE split, whose experts' tensors carry its zeros) marked `replaced_by` it, kept in
+    the report but no parameter to save. An N:M pattern whose groups a shrink cut (inputs removed
+    from a consumer) is refused: prune N:M after it."""
+    params = dict(ctx.model.named_parameters())
+    rows = []
+    for r in ctx.rows:
+        if r["module"].startswith(name + ".") and r.get("param") and r.get("shape") is not None:
+            p = params.get(r["param"])
+            if p is None:
+                rows.append({**r, "replaced_by": name})
+                continue
+            w = p.detach().t() if r.get("transposed") else p.detach()
+            if list(w.shape) != list(r["shape"]):
+                nm = parse_pattern((r.get("config") or {}).get("pattern"))
+                if nm is not None and not follows_nm(w, *nm):
+                    raise RecipeError(f"{type(config).__name__} on {name} removed inputs of {r['module']}, pruned "
+                                      f"{nm[0]}:{nm[1]}, which breaks its groups: apply it first, then prune {nm[0]}:"
+                                      f"{nm[1]} (two sparsify_ calls)")
+                r = {**r, "shape": list(w.shape), "sparsity": float((w == 0).float().mean())}
+        rows.append(r)
+    ctx.rows[:] = rows

@@ -3,6 +3,7 @@
 memory budget that onloading meets, and 1 vs 2 processes (torch.distributed) on the same model.
 
     python benchmarks/scale.py [--quick] [--depths 8,16,32] [--workdir DIR] [--write-results]
+    python benchmarks/scale.py --depths 8 --methods sparsegpt,wanda,magnitude [--write-results]
 
 What it does and measures:
 - Writes random-weight Llama folders (hidden 1536, intermediate 4096, 12 query / 4 key-value heads of
@@ -31,6 +32,8 @@ What it does and measures:
   against 1 process, each rank with OMP_NUM_THREADS=1, and 1 process with 2 threads; the checkpoints'
   per-tensor sha256 tables (sparsecc.json) are compared. If the command line does not join a process
   group under torchrun, the row says "not available" with the reason.
+- `--methods M1,M2,...` runs instead one model (the first of --depths) once per pruning method at 50%
+  (estimate and its peak phase, peak, anon / file at peak, time): section "scale-methods".
 """
 from __future__ import annotations
 
@@ -287,10 +290,12 @@ def onload_estimate(folder: Path, recipe_file: Path, nsamples: int, seqlen: int,
     captured = capture(lazy.model, {"input_ids": batches[0].to("meta"), "use_cache": False})
     pipe = Pipeline.from_recipe(lazy.model, recipe, batches, progress=False, captured=captured)
     hessians = [n for n, c in pipe.targets.items() if "hessian" in technique_for(c).needs(c)]
+    pruned = {n: c for n, c in pipe.targets.items() if n not in hessians}
     blocks = captured.blocks
     act_bytes = max(p.dtype.itemsize for p in lazy.model.parameters() if p.is_floating_point())
     return onload_peak_bytes(captured, hessians, {b: lazy.nbytes(b) for b in blocks},
-                             lazy.nbytes(outside=tuple(blocks)), batches, act_bytes, activations=activations)
+                             lazy.nbytes(outside=tuple(blocks)), batches, act_bytes, activations=activations,
+                             pruned=pruned)
 
 
 def whole_estimate(config) -> int:
@@ -401,6 +406,30 @@ def procs_table(rows: list[tuple[str, dict]], reference: dict | None) -> str:
 ACTIVATIONS = ("bf16", "disk")  # the other ways to keep the hidden states, run on the shallowest model
 
 
+def compare_methods(folder: Path, work: Path, inputs: dict, methods: list[str], threads: int) -> str:
+    """`sparsecc prune` of `folder` with each method at 50% (every linear but lm_head): estimate, peak
+    and its anonymous / file-backed split, time."""
+    lines = ["| method | estimate MiB (onload_peak_bytes) | estimate's peak phase | peak MiB | peak / estimate "
+             "| anon / file MiB at peak | prune s | s per block |", "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for method in methods:
+        recipe = work / f"recipe-{method}.json"
+        recipe.write_text(json.dumps({"default": {"method": method, "sparsity": 0.5}, "lm_head": None}))
+        estimate, parts = onload_estimate(folder, recipe, inputs["nsamples"], inputs["seqlen"])
+        run = prune(folder, work / f"out-{method}", {**inputs, "recipe": recipe}, threads=threads)
+        shutil.rmtree(work / f"out-{method}", ignore_errors=True)
+        phase = f"{parts.get('block')}: {parts.get('phase')}"
+        if run["exit"] != 0 or not run.get("peak_bytes"):
+            lines.append(f"| {method} | {mib(estimate)} | {phase} | failed (exit {run['exit']}): "
+                         f"{one_line(run['stderr'])} |" + " |" * 4)
+            continue
+        top = run["at_peak"]
+        lines.append(f"| {method} | {mib(estimate)} | {phase} | {mib(run['peak_bytes'])} | "
+                     f"{run['peak_bytes'] / estimate:.2f} | {mib(top['RssAnon'])} / {mib(top['RssFile'])} | "
+                     f"{run['seconds']:.1f} | {run['block_seconds'] or 0:.2f} |")
+        print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
 def compare_activations(folder: Path, work: Path, inputs: dict, done: dict, threads: int) -> str:
     """`--activations bf16` and `disk` against the default run `done` on `folder`: estimate, peak,
     time, and how many tensors of the checkpoint differ."""
@@ -449,6 +478,37 @@ def compare_processes(folder: Path, work: Path, inputs: dict, done: dict, thread
     return procs_table(rows, single.get(1)), rows
 
 
+def run_methods(args, work: Path, layers: int, nsamples: int, seqlen: int, t_start: float, load: float) -> int:
+    """--methods: one model, one `sparsecc prune` per method; the "scale-methods" section."""
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    shape = SHAPES["quick" if args.quick else "full"]
+    try:
+        recipe, calib, tokenizer = write_inputs(work)
+        folder = work / f"llama-{layers}"
+        write_random_llama(folder, llama_config(shape, layers), tokenizer, args.seed)
+        text = compare_methods(folder, work, {"recipe": recipe, "calib": calib, "nsamples": nsamples,
+                                              "seqlen": seqlen}, methods, args.threads)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    total = time.perf_counter() - t_start
+    intro = (
+        f"`sparsecc prune` (sequential onloading) of one random-weight Llama folder as in the section above (hidden "
+        f"{shape['hidden_size']}, intermediate {shape['intermediate_size']}, {layers} layers, fp32) with each method at "
+        f"50% on every linear but lm_head; calibration {nsamples} windows of {seqlen} tokens. **peak**, **anon / file** "
+        "and the times are measured as above; **estimate** is `onload_peak_bytes` with its peak phase. Magnitude and "
+        "Wanda prune one linear at a time (its undo copy for the report's error, fp32 scores, the keep-mask, ranked a "
+        "chunk of rows at a time or, layer-wise, by a radix select: prune/masks.py); SparseGPT holds the block's "
+        f"Hessians. {args.threads} thread(s). Whole run {total / 60:.1f} min; 1-minute load average {load:.1f} at the "
+        f"start and {os.getloadavg()[0]:.1f} at the end on {os.cpu_count()} cores.")
+    command = " ".join(["python benchmarks/scale.py", *(["--quick"] if args.quick else []), f"--depths {layers}",
+                        *([f"--nsamples {nsamples}"] if args.nsamples else []),
+                        *([f"--seqlen {seqlen}"] if args.seqlen else []),
+                        *([f"--threads {args.threads}"] if args.threads != 2 else []),
+                        f"--methods {','.join(methods)}", "--write-results"])
+    report("scale-methods", "Scale: the onloading peak by pruning method", intro, text, command, args.write_results)
+    return 0
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
@@ -466,6 +526,9 @@ def main(argv=None) -> int:
                    help="also run --activations bf16 and disk on the shallowest model (default: yes)")
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the depth runs (default 2; 1 where "
                    "other jobs keep a core busy: 2 OpenMP threads then wait on each other, many times slower)")
+    p.add_argument("--methods", default=None, help="instead of the depth runs: prune the shallowest model with each "
+                   "of these comma-separated methods (e.g. sparsegpt,wanda,magnitude) and write the \"scale-methods\" "
+                   "section")
     p.add_argument("--workdir", default=None, help="where the model folders go (default: a temporary folder)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--write-results", action="store_true")
@@ -483,6 +546,8 @@ def main(argv=None) -> int:
     budget = parse_bytes(budget_text)
     t_start, load = time.perf_counter(), os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="sparsecc-scale-", dir=args.workdir))
+    if args.methods:
+        return run_methods(args, work, depths[0], nsamples, seqlen, t_start, load)
     rows, procs_text, acts_text, refusal, onload_under_budget = [], None, None, None, None
     try:
         recipe, calib, tokenizer = write_inputs(work)

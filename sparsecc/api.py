@@ -214,11 +214,13 @@ def prune_folder(model_dir, recipe, batches, out, *, tokenizer=None, compress: b
         raise WholeModelError(f"{type(model).__name__} has no decoder blocks to load one at a time: {whole}")
     hessians = [n for n, c in pipe.targets.items() if "hessian" in technique_for(c).needs(c)]
     outliers = [n for n, c in pipe.targets.items() if "layer_sparsity" in technique_for(c).needs(c)]  # OWL's
+    pruned = {n: c for n, c in pipe.targets.items() if n not in hessians}
     rewrites = {n: (c, p.specs[n]) for p in pipe.order if isinstance(p, RewriteModules) for n, c in p.targets.items()}
     act_bytes = max((p.dtype.itemsize for p in model.parameters() if p.is_floating_point()), default=4)
     need, parts = onload_peak_bytes(captured, hessians, {b: lazy.nbytes(b) for b in blocks},
                                     lazy.nbytes(outside=tuple(blocks)), batches_list, act_bytes,
-                                    activations=activations, outlier_names=outliers, rewrites=rewrites)
+                                    activations=activations, outlier_names=outliers, rewrites=rewrites,
+                                    pruned=pruned)
     if budget is not None and need > budget:
         detail = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in parts.items() if k not in ("block", "phase"))
         disk = "keep the activations on disk (activations='disk'; --activations disk)"

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..prune.masks import zero_share
 from ..prune.quantize import QUANTIZED, QuantGrid, grid_of, make_grid, quantize_codes
 from ..techniques.rewrites import REWRITTEN
 
@@ -91,7 +92,7 @@ def other_masks(model: nn.Module, targets: list[Target]) -> dict[str, torch.Tens
     skip = {id(t.module.weight) for t in targets}
     out = {}
     for name, p in model.named_parameters():
-        if p.dim() >= 2 and id(p) not in skip and float((p.detach() == 0).float().mean()) >= PRUNED_SHARE:
+        if p.dim() >= 2 and id(p) not in skip and zero_share(p.detach()) >= PRUNED_SHARE:
             out[name] = p.detach() != 0
     return out
 

@@ -65,7 +65,7 @@ from ..codegen.bitmask import pack_bits, packed_cols, unpack_bits
 from ..prune.quantize import QUANTIZED, QuantGrid, grid_of
 from ..techniques.rewrites import REWRITTEN, is_rewrite_row, restore_rewrites
 from ..techniques.structured import shrunk_config
-from ..prune.masks import follows_nm, parse_pattern
+from ..prune.masks import follows_nm, parse_pattern, zero_share
 from .folders import check_output_dir, writing_folder
 from .layouts import (compress_weight, entry_error, expand_weight, float_dtype, getter, grid_fields, is_shape,
                       read_grid, weight_entry)
@@ -229,7 +229,7 @@ def _check_row(row: dict, params: dict[str, nn.Parameter]) -> None:
     w = p.detach().t() if row.get("transposed") else p.detach()  # [out, in], as rows record shapes
     if list(w.shape) != list(row.get("shape") or []):
         raise PlanError(f"report row {module!r} records shape {row.get('shape')}, but {name} is {list(w.shape)}; {fix}")
-    zeros = int((w == 0).sum()) / max(w.numel(), 1)
+    zeros = zero_share(w)
     recorded = row.get("sparsity")
     if not isinstance(recorded, (int, float)) or abs(zeros - recorded) > 1e-3 + 1 / max(w.numel(), 1):
         raise PlanError(f"report row {module!r} records sparsity {recorded}, but {name} has {zeros:.4f}; {fix}")

@@ -15,6 +15,7 @@ import torch
 
 
 from ..errors import CalibrationError
+from ..prune.masks import CHUNK as MASK_CHUNK
 from ..prune.owl import CHUNK
 
 GiB = 2 ** 30
@@ -114,6 +115,21 @@ def owl_score_bytes(sites) -> int:
     """Peak bytes of OWL's outlier ratio over the linear `sites` (made one at a time), 0 for none."""
     sizes = [s.out_features * s.in_features for s in sites]
     return max((n * OWL_SCORE_BYTES + min(n, CHUNK) * OWL_COMPARE_BYTES for n in sizes), default=0)
+
+
+# A linear pruned (or quantized) without a Hessian, one at a time (passes/transform/prune.py): its
+# undo copy for the report's error (in the weights' dtype), then per weight: magnitude / Wanda, fp32
+# scores and the keep-mask (prune/masks.py ranks CHUNK of them at a time, MASK_WORK bytes each);
+# RTN (prune/quantize.py:rtn), fp32 temporaries of the rounding (x / s, its round, + z, clamp), its
+# codes and the new weight
+PLAN_BYTES = {"RTNConfig": 4 * 4 + 2 + 4}
+SCORE_BYTES = 4 + 1
+MASK_WORK = 24  # bytes a score of the chunk ranked at a time: its order keys, comparisons, topk (int64 indices)
+
+
+def plan_bytes(config, weights: int, act_bytes: int) -> int:
+    """Peak bytes of pruning one linear of `weights` weights with `config` (no Hessian)."""
+    return weights * (act_bytes + PLAN_BYTES.get(type(config).__name__, SCORE_BYTES)) + min(weights, MASK_CHUNK) * MASK_WORK
 
 
 @dataclass
@@ -219,7 +235,7 @@ def rewrite_bytes(captured, name: str, config, spec, tokens: list[int], act_byte
 
 def onload_peak_bytes(captured, hessian_names, block_bytes: dict[str, int], rest_bytes: int, batches: list,
                       act_bytes: int, hessian_bytes: int = 8, activations: str = "memory",
-                      outlier_names=(), rewrites: dict | None = None) -> tuple[int, dict]:
+                      outlier_names=(), rewrites: dict | None = None, pruned: dict | None = None) -> tuple[int, dict]:
     """Peak bytes of sequential onloading (api.prune_folder), known before any weight is read: the
     largest of its phases (the interpreter and its libraries not counted).
 
@@ -229,7 +245,8 @@ def onload_peak_bytes(captured, hessian_names, block_bytes: dict[str, int], rest
       calibration activations (the block's inputs; its outputs too while they are computed):
       collecting, its Hessians and one batch's transients; solving linear j, the Hessians not yet
       used (each goes once its linear is pruned) and j's solve (H in fp32, its damped inverse and
-      Cholesky factor, W's working copy, mask and undo copy);
+      Cholesky factor, W's working copy, mask and undo copy); pruning linear j without a Hessian
+      (`pruned`: {name: config}), the Hessians not yet used and j's `plan_bytes`;
     - module rewrites (`rewrites`: {module: (config, spec)}, CATS, MoE, structured; `rewrite_bytes`
       gives each one's terms), in block k on top of the same: collecting their statistics (the
       block's second forward, once its linears are pruned and their Hessians gone), every rewrite's
@@ -275,6 +292,11 @@ def onload_peak_bytes(captured, hessian_names, block_bytes: dict[str, int], rest
     if rest_bytes + acts + scores > best[0]:
         best = (rest_bytes + acts + scores, {"block": "outside the blocks", "phase": "OWL's outlier ratio (first sweep)",
                                              "parameters": rest_bytes, "statistics": scores, "activations": acts})
+    outside = [s for s in by_block.get(None, []) if s.name in (pruned or {})]  # lm_head, when the recipe prunes it
+    work = max((plan_bytes(pruned[s.name], s.out_features * s.in_features, act_bytes) for s in outside), default=0)
+    if work and rest_bytes + acts + work > best[0]:
+        best = (rest_bytes + acts + work, {"block": "outside the blocks", "phase": "pruning the linears outside the "
+                                           "blocks", "parameters": rest_bytes, "statistics": work, "activations": acts})
     kept_scores = 0  # the first sweep's unit scores of the blocks so far (layerwise="global")
     for k, block in enumerate(captured.blocks):
         sites = by_block.get(k, [])
@@ -309,11 +331,14 @@ def onload_peak_bytes(captured, hessian_names, block_bytes: dict[str, int], rest
             kept_scores += r.scores
             phases.append(("unit scores of the global widths (first sweep)", kept_scores + r.scoring, acts, 0))
         for j, s in enumerate(sites):
-            if s.name not in group:
-                continue
-            mine_h = group[s.name]
+            mine_h = group.get(s.name)
             others = sum(n * (hessian_bytes if first[g] > j else 4) for g, n in size.items()
                          if g != mine_h and last[g] > j)
+            if mine_h is None:
+                if s.name in (pruned or {}):
+                    phases.append((f"pruning {s.name}", others + plan_bytes(pruned[s.name], s.out_features *
+                                                                            s.in_features, act_bytes), acts, 0))
+                continue
             solve = max((hessian_bytes + 4) * size[mine_h] if first[mine_h] == j else 0,  # fp64 sums and fp32 H a moment
                         3 * size[mine_h] * 4 + s.out_features * s.in_features * (4 + 1 + act_bytes))
             phases.append((f"solving {s.name}", others + solve, acts, 0))

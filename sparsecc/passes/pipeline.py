@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from ..errors import CalibrationError, PipelineError
 from ..graph.calibration import describe, validate_batches
 from ..graph.capture import Captured, capture
+from ..prune.masks import zero_share
 from ..techniques.transaction import Transaction
 from .activations import Activations
 from .analysis import PRODUCERS
@@ -101,7 +102,7 @@ class PassContext:
         self.rows.append({"module": site.name, "param": site.param, "transposed": site.transposed,
                           "technique": type(config).__name__,
                           "config": config.to_dict(), "shape": [site.out_features, site.in_features],
-                          "sparsity": float((weight == 0).float().mean()), "error": error[0],
+                          "sparsity": zero_share(weight), "error": error[0],
                           "error_kind": error[1], "seconds": seconds})
 
 

@@ -42,7 +42,11 @@ def relative_error(weight: torch.Tensor, new_weight: torch.Tensor, xtx: torch.Te
         return (reconstruction_error(weight, new_weight, xtx) / base if base > 0 else 0.0), "hessian"
     if sumsq is not None:
         s = sumsq.detach().double().to(weight.device)
-        w, d = weight.detach().double(), weight.detach().double() - new_weight.detach().double()
-        base = float((w * w * s).sum())
-        return (float((d * d * s).sum()) / base if base > 0 else 0.0), "diagonal"
+        base = err = torch.zeros((), dtype=torch.float64, device=weight.device)
+        rows = max(1, 2 ** 18 // max(weight.shape[1], 1))  # fp64 bands of a few MiB, not 4 x [out, in]
+        for i in range(0, weight.shape[0], rows):
+            w = weight[i:i + rows].detach().double()
+            d = w - new_weight[i:i + rows].detach().double().to(weight.device)
+            base, err = base + (w * w * s).sum(), err + (d * d * s).sum()
+        return (float(err) / float(base) if base > 0 else 0.0), "diagonal"
     return None, None

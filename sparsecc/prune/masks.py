@@ -36,31 +36,83 @@ def check_nm_width(pattern: tuple[int, int], in_features: int, where: str = "wei
                           f"has {in_features} inputs; pick M dividing {in_features} or skip this module")
 
 
+def zero_share(t: torch.Tensor) -> float:
+    """The share of exact zeros in `t` (counted: a bool copy of t, no float one)."""
+    return int((t == 0).sum()) / max(t.numel(), 1)
+
+
 def follows_nm(w: torch.Tensor, n: int, m: int) -> bool:
     """Whether w [out, in] has at most n nonzeros in every group of m consecutive inputs of a row."""
     return w.shape[1] % m == 0 and (not w.numel() or int((w.reshape(w.shape[0], -1, m) != 0).sum(-1).max()) <= n)
 
 
+CHUNK = 1 << 18  # scores compared at a time: a layer's selection holds its keep-mask and this much work
+
+
+def row_chunks(rows: int, cols: int):
+    """Slices of consecutive rows of an [rows, cols] matrix holding about CHUNK elements (one row at least)."""
+    step = max(1, CHUNK // max(cols, 1))
+    return (slice(i, i + step) for i in range(0, rows, step))
+
+
 def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool) -> torch.Tensor:
-    """Prune the floor(sparsity * n) lowest scores of the layer (or of each row when per_row)."""
+    """Prune the floor(sparsity * n) lowest scores of the layer (or of each row when per_row).
+    Rows are ranked CHUNK scores at a time and a large layer of non-negative fp32 scores by
+    `lowest_k`, so the selection holds the mask and a few MiB beside the scores (a topk over the
+    whole layer: ~26 bytes a score)."""
     keep = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)  # contiguous, even for a transposed view
     if per_row:
         k = int(scores.shape[1] * sparsity)
         if k:
-            idx = torch.topk(scores, k, dim=1, largest=False).indices
-            keep.scatter_(1, idx, False)
-    else:
-        k = int(scores.numel() * sparsity)
-        if k:
-            idx = torch.topk(scores.flatten(), k, largest=False).indices
-            keep.view(-1)[idx] = False
+            for rows in row_chunks(*scores.shape):
+                keep[rows].scatter_(1, torch.topk(scores[rows], k, dim=1, largest=False).indices, False)
+        return keep
+    k = int(scores.numel() * sparsity)
+    if k and scores.dim() == 2 and scores.numel() > CHUNK and scores.dtype == torch.float32 and \
+            not any(bool((scores[r] < 0).any()) for r in row_chunks(*scores.shape)):
+        lowest_k(scores, k, keep)
+    elif k:
+        keep.view(-1)[torch.topk(scores.flatten(), k, largest=False).indices] = False
     return keep
 
 
+def lowest_k(scores: torch.Tensor, k: int, keep: torch.Tensor) -> None:
+    """Clear `keep` (bool, [rows, cols]) at the k lowest of the non-negative fp32 `scores` [rows, cols]
+    (any strides), CHUNK at a time. A radix select on the values' bits (for x >= 0, IEEE-754 bits
+    without the sign order as x does) finds the k-th lowest value t, 8 bits a pass (4 passes, each a
+    256-bin histogram of the keys that share the digits found so far); every score < t is pruned,
+    then the first of those equal to t (in row-major order) until k are."""
+    def keys(rows):
+        return scores[rows].contiguous().view(torch.int32) & 0x7FFFFFFF  # -0.0 as +0.0
+
+    chunks = list(row_chunks(*scores.shape))
+    prefix, rank = 0, k  # the key's digits found so far; t's rank among the keys sharing them (from 1)
+    for shift in (24, 16, 8, 0):
+        hist = torch.zeros(256, dtype=torch.int64, device=scores.device)
+        for rows in chunks:
+            key = keys(rows)
+            if shift < 24:
+                key = key[(key >> (shift + 8)) == (prefix >> (shift + 8))]
+            hist += torch.bincount(((key >> shift) & 255).flatten(), minlength=256)
+        below = torch.cumsum(hist, 0)
+        digit = int((below < rank).sum())  # the first bin whose count reaches the rank
+        rank -= int(below[digit - 1]) if digit else 0
+        prefix |= digit << shift
+    ties = rank  # of the scores equal to t (key == prefix), the first `ties` are pruned
+    for rows in chunks:
+        key = keys(rows)
+        drop = key < prefix
+        if ties:
+            equal = key == prefix
+            drop |= equal & (torch.cumsum(equal.flatten(), 0) <= ties).reshape(equal.shape)
+            ties -= min(ties, int(equal.sum()))
+        keep[rows] &= ~drop
+
+
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Keep the N highest scores in every group of M consecutive columns of each row."""
+    """Keep the N highest scores in every group of M consecutive columns of each row (CHUNK scores at a time)."""
     rows, cols = scores.shape
-    groups = scores.reshape(rows, cols // m, m)
-    idx = torch.topk(groups, n, dim=2).indices
-    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, idx, True)
+    keep = torch.zeros((rows, cols // m, m), dtype=torch.bool, device=scores.device)
+    for r in row_chunks(rows, cols):
+        keep[r].scatter_(2, torch.topk(scores[r].reshape(-1, cols // m, m), n, dim=2).indices, True)
     return keep.reshape(rows, cols)

@@ -24,7 +24,8 @@ def wanda_scores(weight: torch.Tensor, act_norm: torch.Tensor) -> torch.Tensor:
     if not torch.isfinite(act_norm).all() or (act_norm < 0).any():
         raise RecipeError("act_norm must be finite and non-negative (it is ||X_j||_2 per input column)")
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    return weight.detach().abs().to(dtype) * act_norm.detach().to(weight.device, dtype)
+    scores = weight.detach().abs().to(dtype)  # a new tensor: abs copies
+    return scores.mul_(act_norm.detach().to(weight.device, dtype))  # in place: one [out, in] at a time
 
 
 def wanda(weight: torch.Tensor, act_norm: torch.Tensor, sparsity: float = 0.5,

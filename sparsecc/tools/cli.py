@@ -352,11 +352,12 @@ def finetune(args) -> int:
         temperature=2.0 if args.temperature is None else args.temperature,
         eval_batches=list(held.split(args.batch_size)) if held is not None else None, merge=True,
         checkpoint_dir=args.checkpoint_dir, allow_dense=args.allow_dense, seed=args.seed, progress=not args.quiet)
+    from ..prune.masks import zero_share
     rows = [dict(r) for r in meta.get("rows", [])]
     params = dict(model.named_parameters())
     for r in rows:  # a quantized weight that rounded to zero adds a zero: the rows say what the weights are now
         if r.get("param") in params and r.get("shape"):
-            r["sparsity"] = float((params[r["param"]] == 0).float().mean())
+            r["sparsity"] = zero_share(params[r["param"]])
     result = {"finetune": report.to_dict(), "model": str(args.model_dir), "text": str(args.text),
               "eval_text": str(args.eval_text) if args.eval_text else ("last tenth of --text" if held is not None else None),
               "seqlen": seqlen, "batch_size": args.batch_size}

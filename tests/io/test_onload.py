@@ -558,10 +558,47 @@ def test_the_estimate_covers_owls_first_sweep_and_a_refusal_names_it(make_model,
     head = captured.sites["lm_head"].in_features * captured.sites["lm_head"].out_features
     assert parts["block"] == "outside the blocks" and parts["statistics"] == head * (OWL_SCORE_BYTES + OWL_COMPARE_BYTES)
     monkeypatch.setattr(lazy_mod, "safe_open", lambda *a, **k: pytest.fail("a weight was read"))
+    # Wanda's own pruning of that linear needs more than its outlier ratio (the next test): left out here
+    monkeypatch.setattr("sparsecc.passes.memory.plan_bytes", lambda *a: 0)
     with pytest.raises(sparsecc.CalibrationError, match=r"\(model\.layers\.0, OWL's outlier ratio \(first sweep\): .*"
                                                         r"leave out layerwise='owl'"):
         sparsecc.prune_folder(src, {"default": WandaConfig(sparsity=0.5, layerwise="owl"), "lm_head": None}, batches,
                               tmp_path / "out", max_memory=(plain + owl) // 2, progress=False)
+    assert list(tmp_path.iterdir()) == [src]
+
+
+def test_the_estimate_counts_pruning_without_a_hessian_and_a_refusal_names_it(make_model, batches, tmp_path,
+                                                                             monkeypatch):
+    """Magnitude / Wanda / RTN prune one linear at a time (its undo copy, fp32 scores and the keep-mask
+    or RTN's rounding temporaries: `plan_bytes`); with few calibration tokens the block's largest
+    linear is the run's peak, and a budget under it is refused naming it, before any weight is read."""
+    from sparsecc import RTNConfig
+    from sparsecc.passes.memory import MASK_CHUNK, MASK_WORK, onload_peak_bytes, plan_bytes
+    src = _folder(make_model, tmp_path)
+    lazy = LazyModel(src)
+    captured = capture(lazy.model, {"input_ids": batches[0].to("meta"), "use_cache": False})
+    blocks = {b: lazy.nbytes(b) for b in captured.blocks}
+    rest = lazy.nbytes(outside=tuple(captured.blocks))
+    few = [batches[0][:1, :4]]
+    names = [n for n in captured.sites if n != "lm_head"]
+    largest = max(names, key=lambda n: captured.sites[n].in_features * captured.sites[n].out_features)
+    n = captured.sites[largest].in_features * captured.sites[largest].out_features
+    plain, _ = onload_peak_bytes(captured, [], blocks, rest, few, 4)
+    for config, per_weight in ((WandaConfig(sparsity=0.5), 4 + 5), (RTNConfig(bits=4, group_size=32), 4 + 22)):
+        assert plan_bytes(config, n, 4) == n * per_weight + min(n, MASK_CHUNK) * MASK_WORK
+        need, parts = onload_peak_bytes(captured, [], blocks, rest, few, 4, pruned={k: config for k in names})
+        assert parts["phase"].startswith("pruning model.layers.0.")  # blocks alike: the first one's
+        assert parts["statistics"] == plan_bytes(config, n, 4) and need > plain
+    need, parts = onload_peak_bytes(captured, [], blocks, rest, few, 4, pruned={"lm_head": WandaConfig(0.5)})
+    head = captured.sites["lm_head"].in_features * captured.sites["lm_head"].out_features
+    assert parts == {"block": "outside the blocks", "phase": "pruning the linears outside the blocks",
+                     "parameters": rest, "statistics": plan_bytes(WandaConfig(0.5), head, 4), "activations": parts["activations"]}
+    monkeypatch.setattr(lazy_mod, "safe_open", lambda *a, **k: pytest.fail("a weight was read"))
+    wanda, _ = onload_peak_bytes(captured, [], blocks, rest, few, 4, pruned={k: WandaConfig(0.5) for k in names})
+    with pytest.raises(sparsecc.CalibrationError, match=r"\(model\.layers\.0, pruning model\.layers\.0\.\S+: block "
+                                                        r"parameters [\d.]+ KiB, statistics"):
+        sparsecc.prune_folder(src, {"default": WandaConfig(sparsity=0.5), "lm_head": None}, few, tmp_path / "out",
+                              max_memory=(plain + wanda) // 2, progress=False)
     assert list(tmp_path.iterdir()) == [src]
 
 

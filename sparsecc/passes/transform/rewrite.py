@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 from ...errors import CalibrationError, RecipeError
-from ...prune.masks import follows_nm, parse_pattern
+from ...prune.masks import follows_nm, parse_pattern, zero_share
 from ...techniques.configs import technique_for
 from ...techniques.rewrites import mark
 from ..base import TransformPass
@@ -70,6 +70,6 @@ def _refresh_rows(ctx, name: str, config) -> None:
                     raise RecipeError(f"{type(config).__name__} on {name} removed inputs of {r['module']}, pruned "
                                       f"{nm[0]}:{nm[1]}, which breaks its groups: apply it first, then prune {nm[0]}:"
                                       f"{nm[1]} (two sparsify_ calls)")
-                r = {**r, "shape": list(w.shape), "sparsity": float((w == 0).float().mean())}
+                r = {**r, "shape": list(w.shape), "sparsity": zero_share(w)}
         rows.append(r)
     ctx.rows[:] = rows

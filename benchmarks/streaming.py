@@ -63,7 +63,7 @@ def stream_one(model, ids: torch.Tensor, compiled: bool = False):
     for t in range(n - 1):
         if t == n // 2:  # time the second half: the cache is full and compilation done
             t0 = time.perf_counter()
-        logits = run(ids[None, t:t + 1], cache=cache, use_cache=True).logits[0, -1].float()
+        logits = run(ids[None, t:t + 1], **sparsecc.cache_kwargs(cache, model), use_cache=True).logits[0, -1].float()
         nll.append(F.cross_entropy(logits[None], ids[t + 1:t + 2]))
         if t + 1 in marks or t == n - 2:
             lengths[t + 1] = max(sparsecc.kv_cache_lengths(cache))

@@ -19,7 +19,7 @@ _SOURCES = {
     "LinearSite": ".graph.capture", "capture": ".graph.capture", "SparsityConfig": ".techniques.configs", "Technique": ".techniques.configs",
     "config_from_dict": ".techniques.configs", "register_technique": ".techniques.configs", "Plan": ".io.plan",
     "dump_recipe": ".io.recipes", "load_recipe": ".io.recipes", "Report": ".io.report",
-    "kv_cache_lengths": ".techniques.attention", "activation_sparsity": ".techniques.cats",
+    "kv_cache_lengths": ".techniques.attention", "cache_kwargs": ".techniques.attention", "activation_sparsity": ".techniques.cats",
     **dict.fromkeys(["CalibrationError", "CaptureError", "PipelineError", "PlanError", "RecipeError",
                      "SparseccError", "WholeModelError", "DistributedError", "FinetuneError"], ".errors"),
     **dict.fromkeys(["AnalysisPass", "ApplyRecipe", "CollectHessians", "CollectInputStats", "Pass", "Pipeline",
@@ -60,7 +60,7 @@ __all__ = [
     "CSRLinear", "CollectHessians", "GPTQConfig", "RTNConfig", "CollectInputStats", "L0Config", "LayerDropConfig", "LinearSite", "MagnitudeConfig", "MoEConfig", "MoEMLP", "SparseMoEConfig", "NMLinear", "OBSConfig", "Pass", "QuantLinear",
     "PruningConfig", "SparseGPTConfig", "StructuredConfig", "WandaConfig", "Pipeline",
     "PipelineError", "PipelineResult", "Plan", "PlanError", "RecipeError", "Report", "SparseccError", "WholeModelError", "DistributedError", "FinetuneError", "FinetuneReport",
-    "SparsityConfig", "Technique", "TransformPass", "calibrate", "activation_sparsity", "capture", "checkpoint_size", "compress_csr_", "compress_nm_", "config_from_dict", "dump_recipe", "kv_cache_lengths",
+    "SparsityConfig", "Technique", "TransformPass", "calibrate", "activation_sparsity", "capture", "checkpoint_size", "compress_csr_", "compress_nm_", "config_from_dict", "dump_recipe", "kv_cache_lengths", "cache_kwargs",
     "finetune_", "load_pruned", "load_recipe", "merge_adapters_", "moe_load_balance", "pack_", "prune", "prune_folder", "register_technique", "sample_batches", "save_pruned", "sparsecc_backend",
     "sparsify_",
 ]

@@ -327,6 +327,18 @@ class AttentionSinkTechnique(_AttentionRewrite):
     pass
 
 
+def cache_kwargs(cache, model=None) -> dict:
+    """The keyword a model's forward takes its key-value cache by: {"cache": cache} where it has that
+    argument (later transformers 5 releases), else {"past_key_values": cache} (earlier ones, 5.17
+    among them, take a `cache=` silently into **kwargs and run without the cache):
+    `model(ids, **sparsecc.cache_kwargs(cache, model), use_cache=True)`."""
+    import inspect
+
+    if model is None:
+        from transformers import LlamaModel as model
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+
+
 def kv_cache_lengths(cache) -> list[int]:
     """Positions held per layer of a transformers cache (what the rolling forms keep bounded)."""
     cache = getattr(cache, "self_attention_cache", cache)

@@ -246,8 +246,8 @@ def test_compiled_model_runs_the_attention_kernel(make_model, kernel_calls):
         compiled = torch.compile(model, backend="sparsecc", options={"kernels": "triton"})
         out = compiled(ids).logits
         cache = DynamicCache()
-        compiled(ids[:, :20], cache=cache, use_cache=True)
-        step = compiled(ids[:, 20:21], cache=cache, use_cache=True).logits
+        compiled(ids[:, :20], **sparsecc.cache_kwargs(cache), use_cache=True)
+        step = compiled(ids[:, 20:21], **sparsecc.cache_kwargs(cache), use_cache=True).logits
     assert len(calls) == 2 * 3  # 2 layers x (full forward, prefill, decode step)
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(step[:, -1], eager[:, 20], rtol=1e-4, atol=1e-4)

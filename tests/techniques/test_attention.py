@@ -24,7 +24,7 @@ def stream(model, ids, cache=None):
     logits, longest = [], 0
     with torch.no_grad():
         for t in range(ids.shape[1]):
-            logits.append(model(ids[:, t:t + 1], cache=cache, use_cache=True).logits)
+            logits.append(model(ids[:, t:t + 1], **sparsecc.cache_kwargs(cache), use_cache=True).logits)
             longest = max(longest, *sparsecc.kv_cache_lengths(cache))
     return torch.cat(logits, 1), longest
 
@@ -63,7 +63,7 @@ def test_streaming_with_the_rolling_cache_equals_the_masked_forward(make_model, 
     # a prefill chunk then token-by-token decode gives the same logits too
     cache = DynamicCache()
     with torch.no_grad():
-        head = model(ids[:, :17], cache=cache, use_cache=True).logits
+        head = model(ids[:, :17], **sparsecc.cache_kwargs(cache), use_cache=True).logits
     tail, _ = stream(model, ids[:, 17:], cache)
     torch.testing.assert_close(torch.cat([head, tail], 1), full, rtol=1e-4, atol=1e-4)
 
@@ -114,7 +114,7 @@ def test_compiled_model_streams_without_recompiling(make_model):
     cache, logits = DynamicCache(), []
     with torch.no_grad():
         for t in range(ids.shape[1]):
-            logits.append(compiled(ids[:, t:t + 1], cache=cache, use_cache=True).logits)
+            logits.append(compiled(ids[:, t:t + 1], **sparsecc.cache_kwargs(cache), use_cache=True).logits)
             if t == 15:  # the cache has been full for several steps
                 graphs = counters["stats"]["unique_graphs"]
     assert counters["stats"]["unique_graphs"] == graphs
@@ -201,13 +201,13 @@ def test_bad_use(make_model):
     with pytest.raises(ValueError, match="padded batches"):
         model(ids, attention_mask=torch.tensor([[0, 1, 1, 1, 1, 1], [1] * 6]))
     with pytest.raises(ValueError, match="pass a DynamicCache"):
-        model(ids, cache=StaticCache(config=model.config, max_cache_len=16), use_cache=True)
+        model(ids, **sparsecc.cache_kwargs(StaticCache(config=model.config, max_cache_len=16)), use_cache=True)
     filled = DynamicCache()
     plain = make_model("llama")
     with torch.no_grad():
-        plain(ids, cache=filled, use_cache=True)
+        plain(ids, **sparsecc.cache_kwargs(filled), use_cache=True)
     with pytest.raises(ValueError, match="start a new cache"):
-        model(ids, cache=filled, use_cache=True)
+        model(ids, **sparsecc.cache_kwargs(filled), use_cache=True)
 
 
 def test_a_second_rewrite_names_the_first(make_model):

@@ -15,7 +15,7 @@ import torch
 
 
 from ..errors import CalibrationError
-from ..prune.masks import CHUNK as MASK_CHUNK
+from ..prune.masks import LARGE as MASK_LARGE
 from ..prune.owl import CHUNK
 
 GiB = 2 ** 30
@@ -33,7 +33,11 @@ def return_freed_memory() -> None:
         pass
 
 
-MMAP_THRESHOLD = 16 * 2 ** 20  # 4 MiB: flat too, but ~10% slower (a Hessian update's bands are 4 + 8 MiB)
+# 4 MiB: a block's per-batch transients (MLP intermediates of 512 tokens x 4096: 8 MiB, attention
+# scores) are mapped too. With 16 MiB they stayed in the heap, pinned apart by the small per-batch
+# statistics kept until the block's reduction, and Wanda's peak on a 1536-wide Llama (16 x 512 tokens)
+# ranged 504-894 MiB from run to run; with 4 MiB, 360 (SparseGPT 565 -> 537), at about the same speed
+MMAP_THRESHOLD = 4 * 2 ** 20
 
 
 def map_large_allocations(threshold: int = MMAP_THRESHOLD) -> None:
@@ -42,7 +46,8 @@ def map_large_allocations(threshold: int = MMAP_THRESHOLD) -> None:
     threshold floats up to 32 MiB as large blocks are freed, and a block's Hessians, inverses and
     activations then land in the heap, whose free space fragments: the resident set creeps up block
     after block while what is live stays flat (8 blocks of a 1536-wide Llama: 737 -> 813 MiB; with
-    16 MiB: 560 -> 578 MiB). Process-wide and kept (glibc cannot restore the floating threshold);
+    16 MiB: 560 -> 578 MiB), and within a block the calibration forwards' transients pile up
+    (MMAP_THRESHOLD). Process-wide and kept (glibc cannot restore the floating threshold);
     large tensors then cost an mmap and page faults, ~4% of the time there."""
     try:
         ctypes.CDLL(None).mallopt(-3, int(threshold))  # M_MMAP_THRESHOLD
@@ -118,18 +123,20 @@ def owl_score_bytes(sites) -> int:
 
 
 # A linear pruned (or quantized) without a Hessian, one at a time (passes/transform/prune.py): its
-# undo copy for the report's error (in the weights' dtype), then per weight: magnitude / Wanda, fp32
-# scores and the keep-mask (prune/masks.py ranks CHUNK of them at a time, MASK_WORK bytes each);
-# RTN (prune/quantize.py:rtn), fp32 temporaries of the rounding (x / s, its round, + z, clamp), its
-# codes and the new weight
-PLAN_BYTES = {"RTNConfig": 4 * 4 + 2 + 4}
-SCORE_BYTES = 4 + 1
-MASK_WORK = 24  # bytes a score of the chunk ranked at a time: its order keys, comparisons, topk (int64 indices)
+# undo copy for the report's error (in the weights' dtype), then per weight: magnitude / Wanda, the
+# scores (fp32; Wanda's fp64 for an fp64 weight) and the keep-mask; RTN (prune/quantize.py:rtn),
+# fp32 temporaries of the rounding (x / s, its round, + z, clamp), its codes and the new weight.
+# The selection ranks at most LARGE scores at once (prune/masks.py), MASK_WORK bytes each at most.
+RTN_BYTES = 4 * 4 + 2 + 4
+MASK_WORK = 32  # a whole-layer topk's values, int64 indices and sort space, and slack; lowest_k's chunks need less
 
 
 def plan_bytes(config, weights: int, act_bytes: int) -> int:
     """Peak bytes of pruning one linear of `weights` weights with `config` (no Hessian)."""
-    return weights * (act_bytes + PLAN_BYTES.get(type(config).__name__, SCORE_BYTES)) + min(weights, MASK_CHUNK) * MASK_WORK
+    from ..techniques.quantization import RTNConfig
+
+    per_weight = RTN_BYTES if isinstance(config, RTNConfig) else (8 if act_bytes == 8 else 4) + 1
+    return weights * (act_bytes + per_weight) + min(weights, MASK_LARGE) * MASK_WORK
 
 
 @dataclass

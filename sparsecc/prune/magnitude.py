@@ -19,7 +19,7 @@ def magnitude(weight: torch.Tensor, sparsity: float = 0.5, pattern: str | None =
         raise RecipeError(f"magnitude pruning expects a 2-D weight [out, in], got shape {tuple(weight.shape)}")
     if group not in ("layer", "output"):
         raise RecipeError(f"group must be 'layer' or 'output', got {group!r}")
-    scores = weight.detach().abs().float()
+    scores = weight.detach().to(torch.float32, copy=True).abs_()  # one fp32 copy, whatever the dtype
     nm = parse_pattern(pattern)
     if nm is not None:
         check_nm_width(nm, weight.shape[1])

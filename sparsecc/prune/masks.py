@@ -46,7 +46,8 @@ def follows_nm(w: torch.Tensor, n: int, m: int) -> bool:
     return w.shape[1] % m == 0 and (not w.numel() or int((w.reshape(w.shape[0], -1, m) != 0).sum(-1).max()) <= n)
 
 
-CHUNK = 1 << 18  # scores compared at a time: a layer's selection holds its keep-mask and this much work
+CHUNK = 1 << 18  # scores ranked at a time (the per-row topk, lowest_k's passes)
+LARGE = 1 << 20  # a layer-wise selection over more scores than this uses lowest_k (a topk holds ~26 bytes a score)
 
 
 def row_chunks(rows: int, cols: int):
@@ -58,8 +59,7 @@ def row_chunks(rows: int, cols: int):
 def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool) -> torch.Tensor:
     """Prune the floor(sparsity * n) lowest scores of the layer (or of each row when per_row).
     Rows are ranked CHUNK scores at a time and a large layer of non-negative fp32 scores by
-    `lowest_k`, so the selection holds the mask and a few MiB beside the scores (a topk over the
-    whole layer: ~26 bytes a score)."""
+    `lowest_k`, so the selection holds the mask and a few MiB beside the scores."""
     keep = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)  # contiguous, even for a transposed view
     if per_row:
         k = int(scores.shape[1] * sparsity)
@@ -68,8 +68,8 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool) -> t
                 keep[rows].scatter_(1, torch.topk(scores[rows], k, dim=1, largest=False).indices, False)
         return keep
     k = int(scores.numel() * sparsity)
-    if k and scores.dim() == 2 and scores.numel() > CHUNK and scores.dtype == torch.float32 and \
-            not any(bool((scores[r] < 0).any()) for r in row_chunks(*scores.shape)):
+    if k and scores.dim() == 2 and scores.numel() > LARGE and scores.dtype == torch.float32 and \
+            bool(scores.amin() >= 0):
         lowest_k(scores, k, keep)
     elif k:
         keep.view(-1)[torch.topk(scores.flatten(), k, largest=False).indices] = False
@@ -80,8 +80,10 @@ def lowest_k(scores: torch.Tensor, k: int, keep: torch.Tensor) -> None:
     """Clear `keep` (bool, [rows, cols]) at the k lowest of the non-negative fp32 `scores` [rows, cols]
     (any strides), CHUNK at a time. A radix select on the values' bits (for x >= 0, IEEE-754 bits
     without the sign order as x does) finds the k-th lowest value t, 8 bits a pass (4 passes, each a
-    256-bin histogram of the keys that share the digits found so far); every score < t is pruned,
-    then the first of those equal to t (in row-major order) until k are."""
+    256-bin histogram of the keys that share the digits found so far). Every score < t is pruned, and
+    of the E scores equal to t the `ties` still needed, spread evenly in row-major order (the i-th
+    equal one, from 0, when floor((i+1)·ties/E) > floor(i·ties/E)): bf16 weights tie by the
+    thousands at the threshold, and taking the first ones would prune the top rows more."""
     def keys(rows):
         return scores[rows].contiguous().view(torch.int32) & 0x7FFFFFFF  # -0.0 as +0.0
 
@@ -98,15 +100,15 @@ def lowest_k(scores: torch.Tensor, k: int, keep: torch.Tensor) -> None:
         digit = int((below < rank).sum())  # the first bin whose count reaches the rank
         rank -= int(below[digit - 1]) if digit else 0
         prefix |= digit << shift
-    ties = rank  # of the scores equal to t (key == prefix), the first `ties` are pruned
+    ties, equal_total, seen = rank, int(hist[digit]), 0  # the last histogram counts the keys equal to t
     for rows in chunks:
         key = keys(rows)
         drop = key < prefix
-        if ties:
-            equal = key == prefix
-            drop |= equal & (torch.cumsum(equal.flatten(), 0) <= ties).reshape(equal.shape)
-            ties -= min(ties, int(equal.sum()))
+        where = (key == prefix).flatten().nonzero().flatten()  # the chunk's equal keys, in row-major order
+        i = torch.arange(seen, seen + len(where), device=key.device)  # their ordinals among all E
+        drop.view(-1)[where[(i + 1) * ties // equal_total > i * ties // equal_total]] = True
         keep[rows] &= ~drop
+        seen += len(where)
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -114,5 +116,6 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     rows, cols = scores.shape
     keep = torch.zeros((rows, cols // m, m), dtype=torch.bool, device=scores.device)
     for r in row_chunks(rows, cols):
-        keep[r].scatter_(2, torch.topk(scores[r].reshape(-1, cols // m, m), n, dim=2).indices, True)
+        part = scores[r].reshape(len(range(rows)[r]), cols // m, m)
+        keep[r].scatter_(2, torch.topk(part, n, dim=2).indices, True)
     return keep.reshape(rows, cols)

@@ -24,8 +24,8 @@ def wanda_scores(weight: torch.Tensor, act_norm: torch.Tensor) -> torch.Tensor:
     if not torch.isfinite(act_norm).all() or (act_norm < 0).any():
         raise RecipeError("act_norm must be finite and non-negative (it is ||X_j||_2 per input column)")
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    scores = weight.detach().abs().to(dtype)  # a new tensor: abs copies
-    return scores.mul_(act_norm.detach().to(weight.device, dtype))  # in place: one [out, in] at a time
+    scores = weight.detach().to(dtype, copy=True).abs_()  # one [out, in] copy, made and scored in place
+    return scores.mul_(act_norm.detach().to(weight.device, dtype))
 
 
 def wanda(weight: torch.Tensor, act_norm: torch.Tensor, sparsity: float = 0.5,

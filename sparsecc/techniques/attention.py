@@ -9,7 +9,7 @@ transformers' AttentionInterface ("sparsecc") that computes `torch.ops.sparsecc.
 cache the model is called with (any DynamicCache: the one `generate` makes, or one the user
 passes) a `RollingLayer` for each rewritten layer. That layer keeps the first `sinks` tokens and
 the last window, so the ordinary loop — `model.generate(...)`, or
-`model(ids, past_key_values=cache, use_cache=True)` token by token — streams text of any length
+`model(ids, **sparsecc.cache_kwargs(cache, model), use_cache=True)` token by token — streams text of any length
 with at most sinks + window cached positions per layer.
 
 - `SlidingWindowConfig(window, dilation=1, global_tokens=0)`: each token attends the last `window`
@@ -328,15 +328,22 @@ class AttentionSinkTechnique(_AttentionRewrite):
 
 
 def cache_kwargs(cache, model=None) -> dict:
-    """The keyword a model's forward takes its key-value cache by: {"cache": cache} where it has that
-    argument (later transformers 5 releases), else {"past_key_values": cache} (earlier ones, 5.17
-    among them, take a `cache=` silently into **kwargs and run without the cache):
+    """The keyword `model`'s forward takes its key-value cache by: {"cache": cache} or
+    {"past_key_values": cache}, whichever its signature names (torch.compile's and PEFT's wrappers
+    looked through); otherwise, and without a model, the installed transformers' convention, read
+    from LlamaModel.forward (the later 5.x releases take `cache=`; the earlier ones, 5.17 among them,
+    `past_key_values=`, and would take a `cache=` silently into **kwargs and run without the cache):
     `model(ids, **sparsecc.cache_kwargs(cache, model), use_cache=True)`."""
     import inspect
 
-    if model is None:
-        from transformers import LlamaModel as model
-    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+    inner = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # a PEFT model
+    named = inspect.signature(inner.forward).parameters if inner is not None else {}
+    for name in ("cache", "past_key_values"):
+        if name in named:
+            return {name: cache}
+    from transformers import LlamaModel
+    return {"cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values": cache}
 
 
 def kv_cache_lengths(cache) -> list[int]:

@@ -573,7 +573,7 @@ def test_the_estimate_counts_pruning_without_a_hessian_and_a_refusal_names_it(ma
     or RTN's rounding temporaries: `plan_bytes`); with few calibration tokens the block's largest
     linear is the run's peak, and a budget under it is refused naming it, before any weight is read."""
     from sparsecc import RTNConfig
-    from sparsecc.passes.memory import MASK_CHUNK, MASK_WORK, onload_peak_bytes, plan_bytes
+    from sparsecc.passes.memory import MASK_LARGE, MASK_WORK, onload_peak_bytes, plan_bytes
     src = _folder(make_model, tmp_path)
     lazy = LazyModel(src)
     captured = capture(lazy.model, {"input_ids": batches[0].to("meta"), "use_cache": False})
@@ -585,7 +585,7 @@ def test_the_estimate_counts_pruning_without_a_hessian_and_a_refusal_names_it(ma
     n = captured.sites[largest].in_features * captured.sites[largest].out_features
     plain, _ = onload_peak_bytes(captured, [], blocks, rest, few, 4)
     for config, per_weight in ((WandaConfig(sparsity=0.5), 4 + 5), (RTNConfig(bits=4, group_size=32), 4 + 22)):
-        assert plan_bytes(config, n, 4) == n * per_weight + min(n, MASK_CHUNK) * MASK_WORK
+        assert plan_bytes(config, n, 4) == n * per_weight + min(n, MASK_LARGE) * MASK_WORK
         need, parts = onload_peak_bytes(captured, [], blocks, rest, few, 4, pruned={k: config for k in names})
         assert parts["phase"].startswith("pruning model.layers.0.")  # blocks alike: the first one's
         assert parts["statistics"] == plan_bytes(config, n, 4) and need > plain

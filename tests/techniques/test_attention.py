@@ -261,3 +261,30 @@ def test_backend_refuses_what_needs_sparsify(make_model):
         torch._dynamo.reset()
         with pytest.raises(Exception, match=match):
             torch.compile(model, backend="sparsecc", options={"recipe": {"re:.*self_attn": cfg}})(ids)
+
+
+def test_cache_kwargs_names_the_keyword_the_forward_takes():
+    """Whichever transformers is installed, both spellings are met: a forward naming `cache`, one
+    naming `past_key_values`, the same behind torch.compile's wrapper; a model that names neither
+    (and no model) gets the installed transformers' own, read from LlamaModel.forward."""
+    import inspect
+
+    from transformers import LlamaModel
+
+    class New(torch.nn.Module):
+        def forward(self, ids, cache=None, **kwargs):
+            return ids
+
+    class Old(torch.nn.Module):
+        def forward(self, ids, past_key_values=None, **kwargs):
+            return ids
+
+    class Neither(torch.nn.Module):
+        def forward(self, ids, **kwargs):
+            return ids
+
+    c = DynamicCache()
+    assert sparsecc.cache_kwargs(c, New()) == {"cache": c} == sparsecc.cache_kwargs(c, torch.compile(New()))
+    assert sparsecc.cache_kwargs(c, Old()) == {"past_key_values": c} == sparsecc.cache_kwargs(c, torch.compile(Old()))
+    installed = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+    assert sparsecc.cache_kwargs(c, Neither()) == {installed: c} == sparsecc.cache_kwargs(c)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import RecipeError
+from .masks import row_chunks
 
 
 def reconstruction_error(weight: torch.Tensor, new_weight: torch.Tensor, hessian_xtx: torch.Tensor) -> float:
@@ -43,10 +44,9 @@ def relative_error(weight: torch.Tensor, new_weight: torch.Tensor, xtx: torch.Te
     if sumsq is not None:
         s = sumsq.detach().double().to(weight.device)
         base = err = torch.zeros((), dtype=torch.float64, device=weight.device)
-        rows = max(1, 2 ** 18 // max(weight.shape[1], 1))  # fp64 bands of a few MiB, not 4 x [out, in]
-        for i in range(0, weight.shape[0], rows):
-            w = weight[i:i + rows].detach().double()
-            d = w - new_weight[i:i + rows].detach().double().to(weight.device)
+        for rows in row_chunks(*weight.shape):  # fp64 bands of a few MiB, not 4 x [out, in]
+            w = weight[rows].detach().double()
+            d = w - new_weight[rows].detach().double().to(weight.device)
             base, err = base + (w * w * s).sum(), err + (d * d * s).sum()
         return (float(err) / float(base) if base > 0 else 0.0), "diagonal"
     return None, None

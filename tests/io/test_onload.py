@@ -144,6 +144,20 @@ def test_capture_on_the_meta_device_equals_a_real_capture(family, make_model, ba
     assert any(s.tied for s in meta.sites.values())  # the tied lm_head is seen as tied on meta too
 
 
+def _held_after_each_block(monkeypatch) -> list[int]:
+    """Filled as the run goes: how many statistics and decisions the run still holds as each block's
+    scope ends (PassContext.forget spied)."""
+    from sparsecc.passes.pipeline import PassContext
+    held, forget = [], PassContext.forget
+
+    def spy_forget(ctx, holds, keep=frozenset()):
+        forget(ctx, holds, keep)
+        held.append(sum(len(t) for t in ctx.stats.values()) + len(ctx.decisions))
+
+    monkeypatch.setattr(PassContext, "forget", spy_forget)
+    return held
+
+
 def test_one_block_in_memory_at_a_time_and_its_statistics_dropped(make_model, batches, tmp_path, monkeypatch):
     src = _folder(make_model, tmp_path)
     seen, load, done = [], BlockFiles.load, BlockFiles.done
@@ -158,17 +172,9 @@ def test_one_block_in_memory_at_a_time_and_its_statistics_dropped(make_model, ba
         done(self, k, name, rows)
         assert self.lazy.model.get_submodule(name).mlp.down_proj.weight.is_meta
 
-    forgotten = []
-    from sparsecc.passes.pipeline import PassContext
-    forget = PassContext.forget
-
-    def spy_forget(ctx, holds, keep=frozenset()):
-        forget(ctx, holds, keep)
-        forgotten.append(sum(len(t) for t in ctx.stats.values()) + len(ctx.decisions))
-
+    forgotten = _held_after_each_block(monkeypatch)
     monkeypatch.setattr(BlockFiles, "load", spy_load)
     monkeypatch.setattr(BlockFiles, "done", spy_done)
-    monkeypatch.setattr(PassContext, "forget", spy_forget)
     sparsecc.prune_folder(src, {"default": SparseGPTConfig(sparsity=0.5)}, batches, tmp_path / "out", progress=False)
     assert seen == [[f"model.layers.{k}"] for k in range(4)]
     assert forgotten == [0, 0, 0, 0]  # nothing of a written block is held any more
@@ -181,13 +187,11 @@ def test_rewritten_modules_are_written_and_freed_with_their_block(make_model, ba
     block is ever loaded, and nothing of a written block is held any more."""
     import weakref
 
-    from sparsecc.passes.pipeline import PassContext
     from sparsecc.techniques.moe import MoEMLP
     from sparsecc.techniques.transaction import Transaction
     src = _folder(make_model, tmp_path)
     recipe = {MLPS: MoEConfig(num_experts=4, top_k=2), ATTENTION: StructuredConfig(0.5, score="flap", update="refit")}
-    replaced, seen, swap, load, done, forget = [], [], Transaction.swap, BlockFiles.load, BlockFiles.done, \
-        PassContext.forget
+    replaced, seen, swap, load, done = [], [], Transaction.swap, BlockFiles.load, BlockFiles.done
 
     def spy_swap(self, name, module):
         replaced.append((name, weakref.ref(self.model.get_submodule(name))))
@@ -208,16 +212,10 @@ def test_rewritten_modules_are_written_and_freed_with_their_block(make_model, ba
         assert real(block) == [] and self.loaded == []  # ... and on meta
         assert [n for n, ref in replaced if ref() is not None] == []  # the replaced modules freed
 
-    forgotten = []
-
-    def spy_forget(ctx, holds, keep=frozenset()):
-        forget(ctx, holds, keep)
-        forgotten.append(sum(len(t) for t in ctx.stats.values()) + len(ctx.decisions))
-
+    forgotten = _held_after_each_block(monkeypatch)
     monkeypatch.setattr(Transaction, "swap", spy_swap)
     monkeypatch.setattr(BlockFiles, "load", spy_load)
     monkeypatch.setattr(BlockFiles, "done", spy_done)
-    monkeypatch.setattr(PassContext, "forget", spy_forget)
     sparsecc.prune_folder(src, recipe, batches, tmp_path / "out", progress=False)
     assert seen == [[f"model.layers.{k}"] for k in range(4)] and forgotten == [0] * 4
     assert len(replaced) == 4 * 3  # per block: the MLP, q and o (a query head of each key/value group goes)
